@@ -1,0 +1,158 @@
+"""The composition root: load the pieces, start receiving and delivering, stop cleanly.
+
+``App`` wires config -> store -> transport -> fan-out -> SMTP listener.  It is
+what ``listserv serve`` runs and what the tests start on 127.0.0.1:0.
+SIGTERM (or SIGINT) stops accepting connections, lets SMTP transactions in
+progress finish, lets batches on the wire finish, and closes the database;
+everything not yet delivered stays queued for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import weakref
+from typing import Any
+
+from aiosmtpd.smtp import SMTP
+
+from listserv import dkim
+from listserv.config import Config
+from listserv.dmarc import TxtResolver, dns_txt_resolver
+from listserv.errors import DuplicateError
+from listserv.fanout import Fanout
+from listserv.smtp_in import ListHandler, server_factory
+from listserv.store import Store
+from listserv.transport import Transport, make_transport
+
+__all__ = ["App", "run", "setup_logging", "load_or_create_key", "seed_lists"]
+
+log = logging.getLogger("listserv.app")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    # aiosmtpd logs every command at INFO; our own lines tell each message's story.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+def load_or_create_key(config: Config) -> dkim.DkimKey:
+    path = config.dkim.private_key
+    if not path.exists():
+        dkim.generate_key(path)
+        key = dkim.DkimKey.load(path, domain=config.server.domain, selector=config.dkim.selector)
+        log.warning(
+            "no DKIM key at %s: generated one; publish this DNS record:\n%s",
+            path, dkim.dns_txt_record(key.private_key, config.dkim.selector, config.server.domain),
+        )
+        return key
+    return dkim.DkimKey.load(path, domain=config.server.domain, selector=config.dkim.selector)
+
+
+async def seed_lists(store: Store, config: Config) -> None:
+    """Create the lists named in the config that do not exist yet."""
+    existing = await store.list_names()
+    for seed in config.lists:
+        if seed.name in existing:
+            continue
+        settings: dict[str, Any] = {"language": seed.language}
+        if seed.title:
+            settings["title"] = seed.title
+        if seed.description:
+            settings["description"] = seed.description
+        try:
+            await store.create_list(seed.name, settings, seed.owners)
+            log.info("created list %s from the config", seed.name)
+        except DuplicateError:  # created by a CLI at the same moment
+            pass
+
+
+class App:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        transport: Transport | None = None,
+        resolve_txt: TxtResolver | None = None,
+        retry_initial: float = 60.0,
+    ) -> None:
+        self.config = config
+        self._transport = transport
+        self._resolve_txt = resolve_txt
+        self._retry_initial = retry_initial
+        self.store: Store | None = None
+        self.fanout: Fanout | None = None
+        self.handler: ListHandler | None = None
+        self.port = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._fanout_task: asyncio.Task[None] | None = None
+        self._sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        config = self.config
+        config.server.state_dir.mkdir(parents=True, exist_ok=True)
+        key = load_or_create_key(config)
+        self.store = store = await Store.open(config.db_path)
+        await seed_lists(store, config)
+        transport = self._transport or make_transport(config.delivery, config.maildir_root, config.server.hostname)
+        resolve = self._resolve_txt
+        if resolve is None:
+            resolve = dns_txt_resolver()
+        self.fanout = Fanout(config, store, transport, key, resolve, retry_initial=self._retry_initial)
+        self.handler = ListHandler(config, store, on_stored=self.fanout.wake)
+        make = server_factory(config, self.handler)
+
+        def factory() -> SMTP:
+            session = make()
+            self._sessions.add(session)
+            return session
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(factory, host=config.server.listen.host,
+                                                port=config.server.listen.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._fanout_task = asyncio.create_task(self.fanout.run(), name="fanout")
+        log.info("listening on %s:%d (%s) for %s; delivery: %s", config.server.listen.host, self.port,
+                 config.server.protocol.upper(), config.server.domain,
+                 config.delivery.mode if config.delivery.mode == "maildir" else f"smtp via {config.delivery.relay}")
+
+    async def stop(self, grace: float = 30.0) -> None:
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.close()  # no new connections
+        assert self.handler is not None and self.fanout is not None and self.store is not None
+        try:  # transactions in DATA get their answer (and their commit)
+            await asyncio.wait_for(self.handler.idle.wait(), grace)
+        except TimeoutError:
+            log.warning("stopping with SMTP transactions still open; their senders will retry")
+        for session in list(self._sessions):
+            if session.transport is not None:
+                session.transport.close()
+        await self.fanout.stop(grace)
+        if self._fanout_task is not None:
+            self._fanout_task.cancel()
+            await asyncio.gather(self._fanout_task, return_exceptions=True)
+        await self.store.close()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def run_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        log.info("signal received: stopping")
+        await self.stop()
+
+
+def run(config: Config) -> None:
+    setup_logging(config.server.log_level)
+    asyncio.run(App(config).run_until_signalled())

@@ -1,0 +1,469 @@
+"""The administrator's command line (click).  Thin: parse, call the store, print.
+
+Every command takes ``--config`` (or ``$LISTSERV_CONFIG``).  Bad input -- an
+unknown list, a malformed address, a duplicate member, a wrong setting --
+prints one line on stderr and exits 1, with nothing half-done (each change is
+one transaction).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import functools
+import io
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from listserv import __version__, config as config_mod, dkim
+from listserv.errors import AddressError, ListservError, StoreError
+from listserv.fanout import bounces_address
+from listserv.message import normalize_address
+from listserv.notices import rejection_notice
+from listserv.settings import SETTINGS, ListSettings, effective_settings, parse_setting, storable
+from listserv.store import DELIVERY_STATES, ROLES, Store
+
+T = TypeVar("T")
+
+config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), envvar="LISTSERV_CONFIG",
+    help="Config file (default: $LISTSERV_CONFIG, else the embedded config.example.toml).",
+)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"listserv: error: {message}", err=True)
+    sys.exit(1)
+
+
+def _load(config_path: Path | None) -> config_mod.Config:
+    try:
+        return config_mod.load(config_path)
+    except ListservError as exc:
+        _fail(str(exc))
+        raise  # unreachable
+
+
+def with_store(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T | None]:
+    """Run an async command body with the config loaded and the store open."""
+
+    @config_option
+    @functools.wraps(fn)
+    def wrapper(config_path: Path | None, **kwargs: Any) -> T | None:
+        cfg = _load(config_path)
+
+        async def main() -> T:
+            store = await Store.open(cfg.db_path)
+            try:
+                return await fn(cfg, store, **kwargs)
+            finally:
+                await store.close()
+
+        try:
+            return asyncio.run(main())
+        except ListservError as exc:
+            _fail(str(exc))
+        return None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="listserv")
+def main() -> None:
+    """listserv: mailing-list discussion server."""
+
+
+# -- serve ------------------------------------------------------------------------
+
+
+@main.command()
+@config_option
+def serve(config_path: Path | None) -> None:
+    """Receive, decide, deliver: run the server until SIGTERM."""
+    from listserv import app
+
+    cfg = _load(config_path)
+    try:
+        app.run(cfg)
+    except ListservError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot start: {exc}")
+
+
+# -- lists ------------------------------------------------------------------------
+
+
+@main.command("lists")
+@with_store
+async def lists_cmd(cfg: config_mod.Config, store: Store) -> None:
+    """Show every list with its title and member count."""
+    counts = await store.list_counts()
+    for lst in await store.lists():
+        settings = effective_settings(cfg.list_defaults, lst.settings_json)
+        click.echo(f"{lst.name}@{cfg.server.domain}\t{counts.get(lst.name, 0)} members\t{settings.title}")
+
+
+@main.group("list")
+def list_group() -> None:
+    """Create, show, change and remove lists."""
+
+
+def _list_name(name: str) -> str:
+    if not config_mod._LIST_NAME.match(name):
+        raise click.BadParameter(f"{name!r} is not a valid list name (a-z, 0-9, '.', '_', '-')")
+    return name
+
+
+def _addresses(values: tuple[str, ...] | list[str]) -> list[str]:
+    out = []
+    for value in values:
+        try:
+            out.append(normalize_address(value))
+        except AddressError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return out
+
+
+@list_group.command("create")
+@click.argument("name")
+@click.option("--title", default="", help="Human name, e.g. 'Planowanie SEAP'.")
+@click.option("--description", default="", help="One paragraph about the list.")
+@click.option("--owner", "owners", multiple=True, help="Owner address (repeatable).")
+@click.option("--language", type=click.Choice(["pl", "en"]), default=None, help="Language of the list's texts.")
+@with_store
+async def list_create(cfg: config_mod.Config, store: Store, name: str, title: str, description: str,
+                      owners: tuple[str, ...], language: str | None) -> None:
+    """Create a list NAME."""
+    _list_name(name)
+    overrides: dict[str, Any] = {}
+    if title:
+        overrides["title"] = title
+    if description:
+        overrides["description"] = description
+    if language:
+        overrides["language"] = language
+    await store.create_list(name, overrides, _addresses(owners))
+    click.echo(f"created {name}@{cfg.server.domain}")
+
+
+@list_group.command("show")
+@click.argument("name")
+@with_store
+async def list_show(cfg: config_mod.Config, store: Store, name: str) -> None:
+    """Print every setting of a list (* marks the list's own values)."""
+    lst = await store.get_list(name)
+    own = json.loads(lst.settings_json or "{}")
+    settings = effective_settings(cfg.list_defaults, lst.settings_json)
+    click.echo(f"name = {lst.name}")
+    click.echo(f"address = {lst.name}@{cfg.server.domain}")
+    for key, value in settings.to_display().items():
+        click.echo(f"{key} = {value}{'  *' if key in own else ''}")
+
+
+@list_group.command("set")
+@click.argument("name")
+@click.argument("key")
+@click.argument("value")
+@with_store
+async def list_set(cfg: config_mod.Config, store: Store, name: str, key: str, value: str) -> None:
+    """Change one setting of a list (see `list show` for the keys)."""
+    parsed = parse_setting(key, value)
+    lst = await store.get_list(name)
+    own = json.loads(lst.settings_json or "{}")
+    own[key] = storable(parsed)
+    await store.set_list_settings(name, own)
+    click.echo(f"{name}: {key} = {SETTINGS[key].render(parsed)}")
+
+
+@list_group.command("remove")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@with_store
+async def list_remove(cfg: config_mod.Config, store: Store, name: str, yes: bool) -> None:
+    """Remove a list with its members (mail already accepted is still delivered)."""
+    await store.get_list(name)
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"Remove {name} and all its members?", abort=True)
+    await store.remove_list(name)
+    click.echo(f"removed {name}")
+
+
+# -- members ------------------------------------------------------------------------
+
+
+@main.group("members")
+def members_group() -> None:
+    """List, add, remove and change members."""
+
+
+@members_group.command("list")
+@click.argument("name")
+@with_store
+async def members_list(cfg: config_mod.Config, store: Store, name: str) -> None:
+    """One member per line: address, role, moderation flag, delivery status."""
+    for m in await store.members(name):
+        click.echo(f"{m.address}\t{m.role}\t{'moderated' if m.moderated else 'unmoderated'}\t{m.delivery}")
+
+
+def read_member_csv(path: Path) -> list[tuple[str, str, str]]:
+    """Rows `address[,display name[,organisation]]`; '#' comments and blank lines skipped."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        # Spreadsheets saved on Polish Windows come as windows-1250.
+        text = path.read_text(encoding="cp1250")
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}") from None
+    rows: list[tuple[str, str, str]] = []
+    reader = csv.reader(io.StringIO(text))
+    items = list(reader)
+    show = sys.stderr.isatty() and len(items) > 2000
+    with click.progressbar(items, label="reading members", file=sys.stderr if show else io.StringIO()) as bar:
+        for lineno, row in enumerate(bar, 1):
+            if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
+                continue
+            if lineno == 1 and row[0].strip().lower() in ("address", "email", "e-mail", "adres"):
+                continue
+            if len(row) > 3:
+                raise click.BadParameter(f"{path}:{lineno}: expected address[,name[,organisation]]")
+            try:
+                address = normalize_address(row[0])
+            except AddressError as exc:
+                raise click.BadParameter(f"{path}:{lineno}: {exc}") from None
+            name = row[1].strip() if len(row) > 1 else ""
+            org = row[2].strip() if len(row) > 2 else ""
+            rows.append((address, name, org))
+    return rows
+
+
+@members_group.command("add")
+@click.argument("name")
+@click.argument("emails", nargs=-1)
+@click.option("--file", "csv_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="CSV file: address[,display name[,organisation]] per line.")
+@click.option("--role", type=click.Choice(ROLES), default="member", show_default=True)
+@with_store
+async def members_add(cfg: config_mod.Config, store: Store, name: str, emails: tuple[str, ...],
+                      csv_file: Path | None, role: str) -> None:
+    """Add members (all or none)."""
+    rows = [(a, "", "") for a in _addresses(emails)]
+    if csv_file is not None:
+        rows.extend(read_member_csv(csv_file))
+    if not rows:
+        raise click.UsageError("give addresses or --file")
+    started = time.perf_counter()
+    count = await store.add_members(name, rows, role)
+    click.echo(f"added {count} {role}{'s' if count != 1 else ''} to {name} in {time.perf_counter() - started:.2f} s")
+
+
+@members_group.command("remove")
+@click.argument("name")
+@click.argument("emails", nargs=-1, required=True)
+@with_store
+async def members_remove(cfg: config_mod.Config, store: Store, name: str, emails: tuple[str, ...]) -> None:
+    """Remove members (all or none)."""
+    addresses = _addresses(emails)
+    await store.remove_members(name, addresses)
+    click.echo(f"removed {len(addresses)} from {name}")
+
+
+@members_group.command("set")
+@click.argument("name")
+@click.argument("email")
+@click.argument("key", type=click.Choice(["moderated", "role", "delivery", "display_name", "organisation"]))
+@click.argument("value")
+@with_store
+async def members_set(cfg: config_mod.Config, store: Store, name: str, email: str, key: str, value: str) -> None:
+    """Change one member: moderated true|false, role, delivery enabled|disabled|nomail, ..."""
+    address = _addresses([email])[0]
+    parsed: Any = value
+    if key == "moderated":
+        try:
+            parsed = int(SETTINGS["emergency_moderation"].parse(value))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    elif key == "role" and value not in ROLES:
+        raise click.BadParameter(f"role must be one of {', '.join(ROLES)}")
+    elif key == "delivery" and value not in DELIVERY_STATES:
+        raise click.BadParameter(f"delivery must be one of {', '.join(DELIVERY_STATES)}")
+    await store.set_member(name, address, key, parsed)
+    click.echo(f"{name}: {address} {key} = {value}")
+
+
+# -- bans -----------------------------------------------------------------------------
+
+
+@main.group("ban")
+def ban_group() -> None:
+    """Addresses (or globs like *@spam.example) that may not post; refused with 550."""
+
+
+def _pattern(pattern: str) -> str:
+    pattern = pattern.strip().lower()
+    if "@" not in pattern or any(c.isspace() for c in pattern):
+        raise click.BadParameter(f"{pattern!r} is not an address or a pattern like *@example.com")
+    return pattern
+
+
+@ban_group.command("add")
+@click.argument("pattern")
+@click.option("--list", "list_name", help="Only on this list (default: site-wide).")
+@with_store
+async def ban_add(cfg: config_mod.Config, store: Store, pattern: str, list_name: str | None) -> None:
+    await store.add_ban(_pattern(pattern), list_name)
+    click.echo(f"banned {pattern} {'on ' + list_name if list_name else 'site-wide'}")
+
+
+@ban_group.command("remove")
+@click.argument("pattern")
+@click.option("--list", "list_name", help="The list (default: site-wide).")
+@with_store
+async def ban_remove(cfg: config_mod.Config, store: Store, pattern: str, list_name: str | None) -> None:
+    await store.remove_ban(_pattern(pattern), list_name)
+    click.echo(f"unbanned {pattern}")
+
+
+@ban_group.command("list")
+@click.option("--list", "list_name", help="The list (default: site-wide).")
+@with_store
+async def ban_list(cfg: config_mod.Config, store: Store, list_name: str | None) -> None:
+    for pattern in await store.bans(list_name):
+        click.echo(pattern)
+
+
+# -- held posts ---------------------------------------------------------------------------
+
+
+@main.group("held")
+def held_group() -> None:
+    """Posts waiting for a moderator."""
+
+
+@held_group.command("list")
+@click.argument("name", required=False)
+@with_store
+async def held_list(cfg: config_mod.Config, store: Store, name: str | None) -> None:
+    """One line each: id, list, sender, subject, reason."""
+    for r in await store.held(name):
+        click.echo(f"{r.id}\t{r.list_name}\t{r.sender or '<>'}\t{r.subject or '(no subject)'}\t{r.reason}")
+
+
+@held_group.command("approve")
+@click.argument("held_id", type=int)
+@with_store
+async def held_approve(cfg: config_mod.Config, store: Store, held_id: int) -> None:
+    """Send a held post to the list."""
+    await store.set_incoming_status(held_id, "accepted", expect="held", reason="approved by a moderator")
+    click.echo(f"approved {held_id}: it goes out with the server's next pass")
+
+
+@held_group.command("discard")
+@click.argument("held_id", type=int)
+@with_store
+async def held_discard(cfg: config_mod.Config, store: Store, held_id: int) -> None:
+    """Drop a held post without telling the sender."""
+    await store.set_incoming_status(held_id, "discarded", expect="held", reason="discarded by a moderator")
+    click.echo(f"discarded {held_id}")
+
+
+@held_group.command("reject")
+@click.argument("held_id", type=int)
+@click.option("--reason", default="", help="Told to the sender.")
+@with_store
+async def held_reject(cfg: config_mod.Config, store: Store, held_id: int, reason: str) -> None:
+    """Refuse a held post and tell the sender why."""
+    record = await store.get_incoming(held_id)
+    if record.status != "held":
+        raise StoreError(f"message {held_id} is not held (it is {record.status})")
+    lst = await store.get_list_by_id(record.list_id)
+    settings = effective_settings(cfg.list_defaults, lst.settings_json)
+    key = dkim.DkimKey.load(cfg.dkim.private_key, domain=cfg.server.domain, selector=cfg.dkim.selector)
+    to = record.sender or record.mail_from
+    if not to:
+        raise StoreError(f"message {held_id} has no sender address to tell")
+    notice = rejection_notice(
+        list_name=lst.name, domain=cfg.server.domain, title=settings.title, language=settings.language, to=to,
+        subject=record.subject, reason=reason, in_reply_to=record.message_id,
+    )
+    await store.enqueue(
+        list_id=record.list_id, kind="notice", envelope_from=bounces_address(lst.name, cfg.server.domain),
+        data=dkim.sign_message(notice, key), recipients=[to], incoming_id=held_id, incoming_status="rejected",
+        incoming_expect="held",
+    )
+    click.echo(f"rejected {held_id}; {to} will be told")
+
+
+# -- queue --------------------------------------------------------------------------------
+
+
+@main.group("queue", invoke_without_command=True)
+@click.pass_context
+def queue_group(ctx: click.Context) -> None:
+    """What is waiting to be delivered."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(queue_show)
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+@queue_group.command("show")
+@with_store
+async def queue_show(cfg: config_mod.Config, store: Store) -> None:
+    """One line per message with copies still pending."""
+    rows = await store.queue_summary()
+    if not rows:
+        click.echo("queue is empty")
+    for r in rows:
+        click.echo(
+            f"{r['outbox_id']}\t{r['list']}\t{r['kind']}\tqueued {_when(r['queued_at'])}\tpending {r['pending']}"
+            f"\tsent {r['sent']}\tfailed {r['failed']}\tnext {_when(r['next_attempt_at'])}"
+            f"{chr(9) + r['last_reply'] if r['last_reply'] else ''}"
+        )
+
+
+@queue_group.command("retry")
+@with_store
+async def queue_retry(cfg: config_mod.Config, store: Store) -> None:
+    """Make every pending copy due now."""
+    count = await store.retry_now()
+    click.echo(f"{count} pending copies will be tried at once")
+
+
+# -- dkim -----------------------------------------------------------------------------------
+
+
+@main.group("dkim")
+def dkim_group() -> None:
+    """The list domain's DKIM key."""
+
+
+@dkim_group.command("keygen")
+@config_option
+@click.option("--force", is_flag=True, help="Replace an existing key (mail signed with it stops verifying).")
+def dkim_keygen(config_path: Path | None, force: bool) -> None:
+    """Write an RSA-2048 key to [dkim] private_key and print the DNS record to publish."""
+    cfg = _load(config_path)
+    try:
+        key = dkim.generate_key(cfg.dkim.private_key, force=force)
+    except FileExistsError:
+        _fail(f"{cfg.dkim.private_key} exists; use --force to replace it")
+        return
+    except OSError as exc:
+        _fail(f"cannot write {cfg.dkim.private_key}: {exc.strerror}")
+        return
+    click.echo(f"wrote {cfg.dkim.private_key}; publish this record:", err=True)
+    click.echo(dkim.dns_txt_record(key, cfg.dkim.selector, cfg.server.domain))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,378 @@
+"""The server config: one TOML file, loaded once into frozen, validated dataclasses.
+
+``load(path)`` is called at start-up and its result is passed explicitly to
+whatever needs it; nothing reads a global.  A wrong key, type or value raises
+``ConfigError`` with a message that names the key (``[delivery] relay: ...``),
+so the server stops before it accepts any mail.  Relative paths are resolved
+against the directory of the config file; for the embedded default
+(``config.example.toml`` shipped inside the package) against the current
+working directory, so ``listserv serve`` with no config keeps its state in
+``./state``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+from listserv.errors import ConfigError, SettingError
+from listserv.settings import ListSettings, validate_overrides
+
+__all__ = [
+    "Config",
+    "DeliveryConfig",
+    "DkimConfig",
+    "SeedList",
+    "ServerConfig",
+    "ArchiveConfig",
+    "load",
+    "default_config_path",
+]
+
+ENV_VAR = "LISTSERV_CONFIG"
+_LIST_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    domain: str
+    listen: HostPort
+    protocol: str  # "smtp" | "lmtp"
+    state_dir: Path
+    max_message_size: int
+    hostname: str
+    timeout: int  # seconds an idle client may keep a session open
+    log_level: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    mode: str  # "smtp" | "maildir"
+    relay: HostPort
+    starttls: bool
+    username: str
+    password_file: Path | None
+    max_recipients: int
+    connections: int
+    retry_period: int  # seconds before a temporary failure becomes permanent
+    timeout: int
+
+
+@dataclass(frozen=True, slots=True)
+class DkimConfig:
+    selector: str
+    private_key: Path
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveConfig:
+    dir: Path
+    base_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class SeedList:
+    """A list the server creates on start-up if it does not exist yet."""
+
+    name: str
+    title: str
+    description: str
+    owners: tuple[str, ...]
+    language: str
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    delivery: DeliveryConfig
+    dkim: DkimConfig
+    archive: ArchiveConfig
+    list_defaults: ListSettings
+    lists: tuple[SeedList, ...] = field(default=())
+    source: Path | None = None
+
+    @property
+    def db_path(self) -> Path:
+        return self.server.state_dir / "listserv.sqlite3"
+
+    @property
+    def maildir_root(self) -> Path:
+        return self.server.state_dir / "maildir"
+
+
+# -- helpers --------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class _Section:
+    """Reads one TOML table, remembering which keys were used."""
+
+    def __init__(self, name: str, table: Any) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{name}] must be a table")
+        self.name = name
+        self.table: dict[str, Any] = table
+        self.used: set[str] = set()
+
+    def get(self, key: str, parse: Callable[[Any], T], default: Any) -> T:
+        self.used.add(key)
+        value = self.table.get(key, default)
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise ConfigError(f"[{self.name}] {key}: {exc}") from None
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise ConfigError(
+                f"[{self.name}] unknown key {unknown[0]!r}; known keys: {', '.join(sorted(self.used))}"
+            )
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _positive(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a whole number of at least 1, got {value!r}")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+        return str(value)
+
+    return parse
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(value: Any) -> int:
+    """Seconds, as a number or as a string like "30s", "15m", "12h", "5d"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m and int(m.group(1)) > 0:
+            return int(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f'expected a duration like 300, "15m", "12h" or "5d"; got {value!r}')
+
+
+def _size(value: Any) -> int:
+    """Bytes, as a number or a string like "10MB", "512KB"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        m = re.match(r"^\s*(\d+)\s*(B|KB|MB|GB)?\s*$", value, re.IGNORECASE)
+        if m and int(m.group(1)) > 0:
+            mult = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}[(m.group(2) or "").upper()]
+            return int(m.group(1)) * mult
+    raise ValueError(f'expected a size in bytes, or like "10MB"; got {value!r}')
+
+
+def _host_port(value: Any) -> HostPort:
+    text = _str(value).strip()
+    m = re.match(r"^\[([0-9a-fA-F:.]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]+):(\d+)$", text)
+    if not m:
+        raise ValueError(f'expected "host:port" (IPv6 as "[::1]:port"), got {text!r}')
+    port = int(m.group(2))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range")
+    return HostPort(m.group(1), port)
+
+
+def _domain(value: Any) -> str:
+    text = _str(value).strip().lower().rstrip(".")
+    if not _DOMAIN.match(text):
+        raise ValueError(f"{text!r} is not a domain name")
+    return text
+
+
+def _base_url(value: Any) -> str:
+    text = _str(value).strip()
+    if text and not re.match(r"^https?://[^\s/]+(/\S*)?$", text):
+        raise ValueError(f"expected an http(s) URL, got {text!r}")
+    if text and not text.endswith("/"):
+        text += "/"
+    return text
+
+
+def default_config_path() -> Path:
+    """The embedded default config, shipped inside the package.
+
+    In a checkout (or an editable install) it is the file at the top level.
+    """
+    packaged = Path(str(resources.files("listserv").joinpath("config.example.toml")))
+    if packaged.exists():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "config.example.toml"
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def resolve_path(path: str | os.PathLike[str] | None) -> tuple[Path, bool]:
+    """Which config file to read: the argument, then $LISTSERV_CONFIG, then the default.
+
+    Returns the path and whether it is the embedded default.
+    """
+    if path:
+        return Path(path), False
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env), False
+    return default_config_path(), True
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate the config; raise ConfigError naming the key on any problem."""
+    cfg_path, embedded = resolve_path(path)
+    data = _read(cfg_path)
+    base = Path.cwd() if embedded else cfg_path.resolve().parent
+    return from_mapping(data, base=base, source=cfg_path)
+
+
+def from_mapping(data: Mapping[str, Any], *, base: Path, source: Path | None = None) -> Config:
+    """Validate an already-parsed TOML document (tests build configs this way)."""
+    known = {"server", "delivery", "dkim", "archive", "list_defaults", "lists"}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"unknown section [{key}]; known sections: {', '.join(sorted(known))}")
+
+    def path_of(value: Any) -> Path:
+        p = Path(_str(value)).expanduser()
+        return p if p.is_absolute() else (base / p)
+
+    s = _Section("server", data.get("server", {}))
+    server = ServerConfig(
+        domain=s.get("domain", _domain, "lists.example.org"),
+        listen=s.get("listen", _host_port, "127.0.0.1:8025"),
+        protocol=s.get("protocol", _choice("smtp", "lmtp"), "smtp"),
+        state_dir=s.get("state_dir", path_of, "state"),
+        max_message_size=s.get("max_message_size", _size, 10 * 1024 * 1024),
+        hostname=s.get("hostname", _str, ""),
+        timeout=s.get("timeout", _duration, 300),
+        log_level=s.get("log_level", _choice("debug", "info", "warning", "error"), "info"),
+    )
+    s.finish()
+    if not server.hostname:
+        server = _replace(server, hostname=server.domain)
+
+    d = _Section("delivery", data.get("delivery", {}))
+    password_file = d.get("password_file", _str, "")
+    delivery = DeliveryConfig(
+        mode=d.get("mode", _choice("smtp", "maildir"), "maildir"),
+        relay=d.get("relay", _host_port, "127.0.0.1:25"),
+        starttls=d.get("starttls", _bool, False),
+        username=d.get("username", _str, ""),
+        password_file=path_of(password_file) if password_file else None,
+        # Postfix accepts 1,000 RCPTs per transaction by default
+        # (smtpd_recipient_limit); RFC 5321 §4.5.3.1.8 asks servers for >= 100.
+        max_recipients=d.get("max_recipients", _positive, 500),
+        connections=d.get("connections", _positive, 4),
+        retry_period=d.get("retry_period", _duration, 5 * 86400),
+        timeout=d.get("timeout", _duration, 60),
+    )
+    d.finish()
+    if delivery.username and delivery.password_file is None:
+        raise ConfigError("[delivery] password_file: required when username is set")
+    if delivery.password_file is not None and not delivery.username:
+        raise ConfigError("[delivery] username: required when password_file is set")
+
+    k = _Section("dkim", data.get("dkim", {}))
+    dkim = DkimConfig(
+        selector=k.get("selector", _str, "listserv"),
+        private_key=k.get("private_key", path_of, "state/dkim.key"),
+    )
+    k.finish()
+    if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$", dkim.selector):
+        raise ConfigError(f"[dkim] selector: {dkim.selector!r} is not a valid DKIM selector")
+
+    a = _Section("archive", data.get("archive", {}))
+    archive = ArchiveConfig(
+        dir=a.get("dir", path_of, "state/archive"),
+        base_url=a.get("base_url", _base_url, ""),
+    )
+    a.finish()
+
+    raw_defaults = data.get("list_defaults", {})
+    if not isinstance(raw_defaults, dict):
+        raise ConfigError("[list_defaults] must be a table")
+    try:
+        list_defaults = ListSettings(**validate_overrides(raw_defaults))
+    except SettingError as exc:
+        raise ConfigError(f"[list_defaults] {exc}") from None
+
+    seeds = []
+    raw_lists = data.get("lists", [])
+    if not isinstance(raw_lists, list):
+        raise ConfigError("[[lists]] must be an array of tables")
+    for i, item in enumerate(raw_lists):
+        t = _Section(f"lists #{i + 1}", item)
+        name = t.get("name", _str, "")
+        if not _LIST_NAME.match(name):
+            raise ConfigError(f"[[lists]] #{i + 1} name: {name!r} is not a valid list name (a-z, 0-9, . _ -)")
+        owners = t.get("owners", _str_list, [])
+        seeds.append(
+            SeedList(
+                name=name,
+                title=t.get("title", _str, ""),
+                description=t.get("description", _str, ""),
+                owners=tuple(owners),
+                language=t.get("language", _choice("pl", "en"), list_defaults.language),
+            )
+        )
+        t.finish()
+    return Config(server, delivery, dkim, archive, list_defaults, tuple(seeds), source)
+
+
+def _str_list(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and "@" in v for v in value):
+        raise ValueError("expected a list of e-mail addresses")
+    return [v.strip().lower() for v in value]
+
+
+def _replace(obj: T, **changes: Any) -> T:
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)  # type: ignore[type-var]

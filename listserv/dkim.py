@@ -1,0 +1,495 @@
+"""DKIM-sign every copy the list sends (RFC 6376), with the list domain's key.
+
+Signing is the last step of delivery, after every transform, on the final bytes
+of each copy.  The format and the header canonicalization come from dkimpy
+(its ``rfc822_parse``, relaxed canonicalization and ``hash_headers``, the same
+code its verifier runs), so our signatures are byte-compatible with it; only
+the RSA step goes through ``cryptography`` (OpenSSL), because dkimpy does
+RSA in pure Python at about 7 ms a signature.
+
+What a signature covers, and why:
+
+* ``a=rsa-sha256``, RSA-2048 (RFC 8301 §3.1, §3.2).
+* ``c=relaxed/simple``: relaxed headers survive MTAs that refold or respace
+  them (§3.4.2); the simple body is cheap to hash once per post and to extend
+  per recipient (§3.4.3, see ``BodyHasher``).
+* ``h=`` is ``SIGNED_HEADERS``, always the same list.  A listed header that the
+  copy lacks is signed as null (§5.4), which is intended: nobody can add it
+  later without breaking the signature.  ``from`` is listed twice
+  ("oversigned", §5.4.2), so a second From added above ours also breaks it.
+* ``t=`` is the signing time; no ``l=`` (body length limits let anyone append
+  content, §8.2), no ``i=`` (it defaults to ``@d``, §3.5), no ``x=``.
+
+The body hash (``bh=``) can be computed once per post with ``body_hash`` or a
+``BodyHasher`` and passed to ``sign``, which then reads only the header block
+of each copy.  For personalized copies hash the shared body prefix once, then
+``copy()`` the hasher per member and ``update()`` it with that member's
+footer.
+
+Line endings: messages may use LF or CRLF.  The header ``sign`` returns uses
+the message's own line ending (that of its first line), so ``sign_message``
+never mixes the two; the SMTP sender converts to CRLF on the wire, and both
+forms verify the same (canonicalization works on CRLF lines, §3.4).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import dkim  # type: ignore[import-untyped]
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+from listserv.errors import ListservError
+
+__all__ = [
+    "KEY_BITS",
+    "SIGNED_HEADERS",
+    "BodyHasher",
+    "DkimError",
+    "DkimKey",
+    "DkimKeyError",
+    "DkimMessageError",
+    "body_hash",
+    "dns_txt_record",
+    "dns_txt_value",
+    "generate_key",
+    "sign",
+    "sign_message",
+    "split_message",
+]
+
+#: Size of the keys ``generate_key`` makes (RFC 8301 §3.2: signers SHOULD use 2048).
+KEY_BITS: Final = 2048
+# RFC 8301 §3.2: signers MUST use at least 1024 bits; refuse to load less.
+_MIN_KEY_BITS: Final = 1024
+
+#: The h= list, lowercase, in this order; ``from`` twice to oversign it (§5.4.2).
+SIGNED_HEADERS: Final[tuple[bytes, ...]] = (
+    b"from",
+    b"from",
+    b"to",
+    b"cc",
+    b"subject",
+    b"date",
+    b"message-id",
+    b"reply-to",
+    b"mime-version",
+    b"content-type",
+    b"list-id",
+    b"list-post",
+    b"list-unsubscribe",
+    b"list-unsubscribe-post",
+    b"list-archive",
+    b"archived-at",
+)
+
+_HEADER_NAME: Final = b"DKIM-Signature"
+# RFC 5322 §2.1.1: lines SHOULD be at most 78 characters, CRLF excluded.
+_LINE_MAX: Final = 78
+# Selector and domain labels (§3.1 sub-domain; "_" is allowed because DNS TXT
+# owner names accept it and config.py's selector check does too).  Anything
+# else (";", "=", spaces, non-ASCII) would corrupt the tag list or the lookup.
+_LABEL: Final = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_DNS_NAME: Final = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z")
+# The blank line that ends the header block (either line ending).
+_HEADER_END: Final = re.compile(rb"\n\r?\n")
+# A DNS TXT character-string holds at most 255 octets (RFC 1035 §3.3.14).
+_TXT_CHUNK: Final = 255
+
+
+class DkimError(ListservError):
+    """Base class for DKIM signing failures."""
+
+
+class DkimKeyError(DkimError):
+    """The private key file is missing, unreadable or not a usable RSA key,
+    or the selector/domain it is meant for is malformed."""
+
+
+class DkimMessageError(DkimError):
+    """The message cannot be signed: its header block is malformed or it has no From."""
+
+
+# --- keys --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DkimKey:
+    """A private key and the DNS name (``selector._domainkey.domain``) of its public half."""
+
+    domain: str
+    selector: str
+    private_key: rsa.RSAPrivateKey = field(repr=False)
+
+    def __post_init__(self) -> None:
+        for what, value in (("domain", self.domain), ("selector", self.selector)):
+            if not _DNS_NAME.match(value) or len(value) > 253:
+                raise DkimKeyError(f"DKIM {what} {value!r} is not a valid DNS name")
+        if not isinstance(self.private_key, rsa.RSAPrivateKey):
+            raise DkimKeyError("DKIM key must be an RSA private key")
+        if self.private_key.key_size < _MIN_KEY_BITS:
+            raise DkimKeyError(
+                f"DKIM key has {self.private_key.key_size} bits; "
+                f"RFC 8301 requires at least {_MIN_KEY_BITS}"
+            )
+
+    @classmethod
+    def load(cls, path: Path | str, *, domain: str, selector: str) -> DkimKey:
+        """Read an unencrypted PEM private key (PKCS#8 or PKCS#1) from ``path``."""
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise DkimKeyError(f"cannot read DKIM key {path}: {exc.strerror or exc}") from exc
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            # TypeError: the key is encrypted; ValueError: not PEM or corrupt.
+            raise DkimKeyError(
+                f"DKIM key {path} is not an unencrypted PEM private key: {exc}"
+            ) from exc
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise DkimKeyError(
+                f"DKIM key {path} is a {type(key).__name__}, not an RSA private key"
+            )
+        try:
+            return cls(domain=domain, selector=selector, private_key=key)
+        except DkimKeyError as exc:
+            raise DkimKeyError(f"DKIM key {path}: {exc}") from exc
+
+
+def generate_key(path: Path | str, *, force: bool = False) -> rsa.RSAPrivateKey:
+    """Make a new RSA-2048 key and write it to ``path`` as PKCS#8 PEM, mode 0600.
+
+    The file appears atomically (temporary file, fsync, then link or rename),
+    so a crash never leaves a half-written key.  An existing file is kept and
+    ``FileExistsError`` raised unless ``force``: replacing a published key
+    breaks every signature until DNS is updated.
+    """
+    path = Path(path)
+    if not force and path.exists():
+        raise FileExistsError(
+            f"DKIM key {path} already exists; refusing to overwrite it (use force to replace it)"
+        )
+    key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write_secret(path, pem, replace=force)
+    return key
+
+
+def _write_secret(path: Path, data: bytes, *, replace: bool) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # Created 0600 from the start: the key is never readable by others, not
+    # even for a moment; fchmod because the umask could remove owner bits.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with open(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                # link() fails if the name exists, so a key created between
+                # our check and now is never clobbered (rename would).
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(
+                    f"DKIM key {path} already exists; refusing to overwrite it "
+                    "(use force to replace it)"
+                ) from None
+            os.unlink(tmp)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    # Make the new directory entry durable too.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def dns_txt_value(key: rsa.RSAPrivateKey | rsa.RSAPublicKey | DkimKey) -> str:
+    """The TXT record value publishing ``key``: ``v=DKIM1; k=rsa; p=...`` (RFC 6376 §3.6.1).
+
+    ``p=`` is the base64 DER SubjectPublicKeyInfo, the form dkimpy, Mail::DKIM
+    and OpenDKIM all read.
+    """
+    if isinstance(key, DkimKey):
+        key = key.private_key
+    public = key.public_key() if isinstance(key, rsa.RSAPrivateKey) else key
+    der = public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode("ascii")
+
+
+def dns_txt_record(
+    key: rsa.RSAPrivateKey | rsa.RSAPublicKey | DkimKey, selector: str, domain: str
+) -> str:
+    """The zone-file record to publish, e.g.::
+
+        listserv._domainkey.example.org. IN TXT ( "v=DKIM1; k=rsa; "
+            "p=MIIBIjANBgkqh...(at most 255 characters)"
+            "...rest of p=" )
+
+    A 2048-bit ``p=`` is longer than one TXT string may be (255 octets), so it
+    is split; resolvers concatenate the strings (RFC 6376 §3.6.2.2).
+    """
+    value = dns_txt_value(key)
+    head, p = value.split("p=", 1)
+    p = "p=" + p
+    strings = [head] + [p[i : i + _TXT_CHUNK] for i in range(0, len(p), _TXT_CHUNK)]
+    name = f"{selector}._domainkey.{domain.rstrip('.')}."
+    body = "\n    ".join(f'"{s}"' for s in strings)
+    return f"{name} IN TXT ( {body} )"
+
+
+# --- body hash ---------------------------------------------------------------
+
+
+class BodyHasher:
+    """Incremental SHA-256 of a body in "simple" canonical form (RFC 6376 §3.4.3).
+
+    Simple canonicalization turns every line ending into CRLF (bare LF is
+    accepted, as dkimpy and Mail::DKIM accept it), drops the empty lines at the
+    end of the body, and makes the body end in exactly one CRLF (an empty body
+    becomes a single CRLF).  Whether a CRLF is "trailing" is only known when
+    the body ends, so a run of CRLFs at the end of the data so far is held back
+    and hashed only once more content follows; a CR at the very end of a chunk
+    is held too, since the next chunk may start with its LF.
+
+    ``copy()`` forks the state, so a shared prefix is hashed once and each
+    copy extended with a different suffix.  ``digest()`` does not consume the
+    state; ``update()`` may follow it.
+    """
+
+    __slots__ = ("_hash", "_crlfs", "_cr")
+
+    def __init__(self, data: bytes = b"") -> None:
+        self._hash = hashlib.sha256()
+        self._crlfs = 0  # CRLF pairs held back at the end of the data so far
+        self._cr = False  # the raw data so far ends with a CR not yet known to be a line end
+        if data:
+            self.update(data)
+
+    def update(self, data: bytes) -> None:
+        """Append the next ``data`` of the body (any split, LF or CRLF line endings)."""
+        if self._cr:
+            data = b"\r" + data
+            self._cr = False
+        if data.endswith(b"\r"):
+            self._cr = True
+            data = data[:-1]
+        if not data:
+            return
+        # CRLF -> LF -> CRLF leaves CRLF alone, turns bare LF into CRLF and
+        # leaves bare CR alone, exactly as dkimpy's re.split(b"\r?\n") does.
+        data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        # Now every LF has its CR.  The held-back CRLF run is what follows the
+        # last content byte; a bare CR is content.  Data ending in CR (the CR
+        # before the held one) has no such run; otherwise the line-ending
+        # characters at the end are bare CRs followed by CRLF pairs, and the
+        # pairs start after the last "\r\r".
+        if data.endswith(b"\r"):
+            start = len(data)
+        else:
+            start = len(data.rstrip(b"\r\n"))
+            lone_cr = data.rfind(b"\r\r", start)
+            if lone_cr >= 0:
+                start = lone_cr + 1
+        if start == 0:
+            self._crlfs += len(data) // 2
+            return
+        if self._crlfs:
+            # They were empty lines inside the body after all.
+            self._hash.update(b"\r\n" * self._crlfs)
+        self._hash.update(data[:start])
+        self._crlfs = (len(data) - start) // 2
+
+    def copy(self) -> BodyHasher:
+        """An independent hasher in the same state."""
+        other = BodyHasher.__new__(BodyHasher)
+        other._hash = self._hash.copy()
+        other._crlfs = self._crlfs
+        other._cr = self._cr
+        return other
+
+    def digest(self) -> bytes:
+        """The SHA-256 of the canonical body seen so far."""
+        h = self._hash.copy()
+        if self._cr:
+            # A CR still held ends the body: it is content, not a line end,
+            # so the CRLFs before it were not trailing either.
+            h.update(b"\r\n" * self._crlfs + b"\r")
+        # The trailing empty lines are dropped and one CRLF ends the body,
+        # whether the body ended in CRLFs, in content, or was empty.
+        h.update(b"\r\n")
+        return h.digest()
+
+    def b64digest(self) -> str:
+        """The ``bh=`` value: base64 of ``digest()`` (RFC 6376 §3.5)."""
+        return base64.b64encode(self.digest()).decode("ascii")
+
+
+def body_hash(body: bytes) -> str:
+    """The ``bh=`` value of ``body`` (the bytes after the header block).
+
+    Pass it as ``sign(body_hash=...)`` for every copy with this body.
+    """
+    return BodyHasher(body).b64digest()
+
+
+# --- signing -----------------------------------------------------------------
+
+
+def split_message(message: bytes) -> tuple[bytes, bytes]:
+    """Split at the first empty line: ``(header block with its last line ending, body)``.
+
+    The empty line itself belongs to neither.  A message without an empty
+    line is all header and has an empty body.
+    """
+    if message.startswith((b"\n", b"\r\n")):
+        return b"", message[message.index(b"\n") + 1 :]
+    m = _HEADER_END.search(message)
+    if m is None:
+        return message, b""
+    return message[: m.start() + 1], message[m.end() :]
+
+
+def sign(
+    message: bytes,
+    key: DkimKey,
+    *,
+    body_hash: str | None = None,
+    timestamp: int | None = None,
+) -> bytes:
+    """The ``DKIM-Signature`` header field for ``message``, folded and line-ending-terminated.
+
+    Prepend it to the message (``sign_message`` does).  With ``body_hash``
+    (the value ``body_hash()`` or ``BodyHasher.b64digest()`` gave for this
+    message's body) the body is not read at all; the caller vouches that the
+    hash matches, or the signature will not verify.  ``timestamp`` is ``t=``
+    (default: now).  Raises ``DkimMessageError`` for a malformed header block
+    or a message without From.
+    """
+    header_block, body = split_message(message)
+    headers = _parse_headers(header_block)
+    if not any(name.lower().rstrip() == b"from" for name, _ in headers):
+        # RFC 6376 §5.4: the From header field MUST be signed.
+        raise DkimMessageError("message has no From header field; it cannot be DKIM-signed")
+    if body_hash is None:
+        body_hash = BodyHasher(body).b64digest()
+    if timestamp is None:
+        timestamp = int(time.time())
+
+    tags = [
+        b"v=1",
+        b"a=rsa-sha256",
+        b"c=relaxed/simple",
+        b"d=" + key.domain.encode("ascii"),
+        b"s=" + key.selector.encode("ascii"),
+        b"t=%d" % timestamp,
+        # " : " as dkimpy writes it: FWS around ":" is allowed (§3.5) and
+        # gives the folding below places to break.
+        b"h=" + b" : ".join(SIGNED_HEADERS),
+        b"bh=" + body_hash.encode("ascii"),
+    ]
+    lines = _fold_words(b" ".join(tag + b";" for tag in tags).split(b" "))
+    # b= starts its own line and is signed empty (§3.5 "b=", §3.7): the hashed
+    # form is the header exactly as written, minus the b= value, so the
+    # verifier's relaxed canonicalization gives the same bytes.
+    unsigned = b"\r\n".join(lines) + b"\r\n b="
+    value = unsigned[len(_HEADER_NAME) + 1 :]
+
+    hasher = hashlib.sha256()
+    # §3.7: the signed header fields (bottom-up for repeats, absent ones as
+    # null, §5.4.2), then the DKIM-Signature itself without its final CRLF.
+    # dkimpy's own routine, so that what we hash is what dkimpy verifies.
+    dkim.hash_headers(
+        hasher,
+        dkim.RelaxedCanonicalization,
+        dkim.RelaxedCanonicalization.canonicalize_headers(headers),
+        SIGNED_HEADERS,
+        (_HEADER_NAME, value),
+        None,
+    )
+    signature = key.private_key.sign(
+        hasher.digest(), padding.PKCS1v15(), Prehashed(hashes.SHA256())
+    )
+    b64 = base64.b64encode(signature)
+    # Fold b= too (FWS is allowed inside it, §3.5); verifiers strip it with the value.
+    first = _LINE_MAX - len(b" b=")
+    chunks = [b64[:first]] + [
+        b64[i : i + _LINE_MAX - 1] for i in range(first, len(b64), _LINE_MAX - 1)
+    ]
+    header = unsigned + b"\r\n ".join(chunks) + b"\r\n"
+    if not _uses_crlf(message):
+        header = header.replace(b"\r\n", b"\n")
+    return header
+
+
+def sign_message(
+    message: bytes,
+    key: DkimKey,
+    *,
+    body_hash: str | None = None,
+    timestamp: int | None = None,
+) -> bytes:
+    """``message`` with its ``DKIM-Signature`` prepended (see ``sign``)."""
+    return sign(message, key, body_hash=body_hash, timestamp=timestamp) + message
+
+
+def _parse_headers(header_block: bytes) -> list[tuple[bytes, bytes]]:
+    # dkimpy's parser, so that headers are split and unfolded exactly as its
+    # verifier will split them.
+    try:
+        headers, _ = dkim.rfc822_parse(header_block)
+    except dkim.MessageFormatError as exc:
+        raise DkimMessageError(f"malformed header block: {exc}") from exc
+    except IndexError:
+        # A continuation line before any header field.
+        raise DkimMessageError(
+            "malformed header block: it starts with a continuation line"
+        ) from None
+    return [(bytes(name), bytes(value)) for name, value in headers]
+
+
+def _fold_words(words: list[bytes]) -> list[bytes]:
+    """Pack words into ``DKIM-Signature:`` lines of at most 78 characters.
+
+    Breaks only where there was a space (replaced by CRLF + space), so
+    unfolding restores the text exactly (RFC 5322 §2.2.3).
+    """
+    lines = [_HEADER_NAME + b":"]
+    for word in words:
+        if len(lines[-1]) + 1 + len(word) > _LINE_MAX:
+            lines.append(b" " + word)
+        else:
+            lines[-1] += b" " + word
+    return lines
+
+
+def _uses_crlf(message: bytes) -> bool:
+    end = message.find(b"\n")
+    return end < 0 or message[end - 1 : end] == b"\r"

@@ -1,0 +1,342 @@
+"""Deliver: turn accepted posts into signed copies and fan them out, durably and in batches.
+
+The worker does two things in a loop.
+
+1. *Prepare*: each accepted post (oldest first) is rewritten once for its list,
+   signed once (DKIM comes last, on the final bytes), and queued for every
+   member with delivery enabled, in one transaction that also marks the post
+   ``queued``.  Held posts get one notice to the owners and moderators; mail
+   to ``LIST-owner`` is forwarded to the owners.
+2. *Deliver*: due copies are grouped into batches of up to
+   ``max_recipients`` RCPTs per transaction (``plan_batches``) and sent over
+   ``connections`` parallel connections.  Each batch's outcome is stored in
+   one transaction: 2xx -> sent, 5xx -> failed (recorded against that
+   recipient), 4xx or a network failure -> retried with exponential backoff
+   and jitter until ``retry_period`` has passed.
+
+Nothing is marked "in flight" in the database: after a crash every copy not
+recorded as sent is still pending, so delivery resumes where it stopped and
+only the recipients of the batches that were on the wire can get a copy twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from listserv import dkim
+from listserv.config import Config
+from listserv.dmarc import TxtResolver, is_strict
+from listserv.notices import held_notice
+from listserv.rewrite import ListContext, rewrite
+from listserv.settings import ListSettings, effective_settings
+from listserv.store import DueDelivery, IncomingRecord, Outcome, Store
+from listserv.transport import Transport
+
+
+__all__ = ["Batch", "Fanout", "bounces_address", "plan_batches", "retry_delay"]
+
+log = logging.getLogger("listserv.fanout")
+
+MAX_BACKOFF = 4 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    outbox_id: int
+    deliveries: tuple[DueDelivery, ...]
+
+
+def plan_batches(due: Sequence[DueDelivery], max_recipients: int) -> list[Batch]:
+    """Group due copies by message and cut them into transactions of at most max_recipients."""
+    batches: list[Batch] = []
+    current: list[DueDelivery] = []
+    for item in due:
+        if current and (item.outbox_id != current[0].outbox_id or len(current) >= max_recipients):
+            batches.append(Batch(current[0].outbox_id, tuple(current)))
+            current = []
+        current.append(item)
+    if current:
+        batches.append(Batch(current[0].outbox_id, tuple(current)))
+    return batches
+
+
+def bounces_address(list_name: str, domain: str, recipient: str | None = None) -> str:
+    """The envelope sender of a copy.  (VERP per recipient comes with bounce handling.)"""
+    return f"{list_name}-bounces@{domain}"
+
+
+def retry_delay(attempts: int, initial: float, rng: Callable[[], float] = random.random) -> float:
+    """Exponential backoff with ±20 % jitter, so retries of many copies spread out."""
+    base = min(initial * (2 ** max(attempts - 1, 0)), MAX_BACKOFF)
+    return base * (0.8 + 0.4 * rng())
+
+
+def generated_message_id(record: IncomingRecord, domain: str) -> str:
+    # Derived from the stored message, so a post prepared twice (after a
+    # crash) gets the same Message-ID and the same Archived-At.
+    digest = hashlib.sha1(record.data).hexdigest()[:20]
+    return f"listserv.{record.id}.{digest}@{domain}"
+
+
+class Fanout:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        transport: Transport,
+        key: dkim.DkimKey,
+        resolve_txt: TxtResolver | None = None,
+        retry_initial: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.transport = transport
+        self.key = key
+        self.resolve_txt = resolve_txt
+        self.retry_initial = retry_initial
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._inflight: set[int] = set()
+        self._finished: list[int] = []
+        self._batches: asyncio.Queue[Batch] = asyncio.Queue()
+        self._queued_batches = 0
+        self._messages: OrderedDict[int, tuple[str, bytes]] = OrderedDict()
+        self._senders: list[asyncio.Task[None]] = []
+        self._busy_senders = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- main loop -------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._senders = [
+            asyncio.create_task(self._sender(i), name=f"fanout-sender-{i}")
+            for i in range(self.config.delivery.connections)
+        ]
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                await self.prepare()
+                await self.schedule()
+                timeout = await self._sleep_for()
+            except Exception:  # noqa: BLE001 - the worker must survive anything
+                log.exception("fan-out step failed; retrying shortly")
+                timeout = 1.0
+            if self._stopping:
+                break
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _sleep_for(self) -> float:
+        # Poll at least every second: the CLI (another process) approves held
+        # posts and queues notices by writing to the database.
+        nxt = await self.store.next_attempt_at()
+        if nxt is None:
+            return 1.0
+        return max(0.0, min(1.0, nxt - self.clock()))
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop taking new work; let batches on the wire finish (up to grace seconds).
+
+        Batches not yet started stay pending in the database and go out
+        after the restart.
+        """
+        self._stopping = True
+        self._wake.set()
+        while not self._batches.empty():
+            self._batches.get_nowait()
+            self._batches.task_done()
+        deadline = time.monotonic() + grace
+        while self._busy_senders and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for task in self._senders:
+            task.cancel()
+        await asyncio.gather(*self._senders, return_exceptions=True)
+        await self.transport.close()
+
+    async def drain(self, timeout: float = 60.0) -> None:
+        """Wait until nothing is due or in flight (tests and benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.wake()
+            await asyncio.sleep(0.02)
+            if self._queued_batches or self._busy_senders:
+                continue
+            if await self.store.incoming_with("post", "accepted", limit=1):
+                continue
+            nxt = await self.store.next_attempt_at()
+            if nxt is None or nxt > self.clock():
+                return
+        raise TimeoutError("fan-out did not drain")
+
+    # -- prepare ---------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        for record in await self.store.incoming_with("post", "accepted", limit=20):
+            await self._prepare_post(record)
+        for record in await self.store.incoming_with("post", "held", limit=20, unnotified=True):
+            await self._notify_held(record)
+        for record in await self.store.incoming_with("owner", "new", limit=20):
+            await self._forward_owner_mail(record)
+
+    async def _settings(self, list_id: int) -> tuple[str, ListSettings]:
+        lst = await self.store.get_list_by_id(list_id)
+        return lst.name, effective_settings(self.config.list_defaults, lst.settings_json)
+
+    async def _munge_from(self, settings: ListSettings, author: str) -> bool:
+        if settings.dmarc_mitigation == "always":
+            return True
+        if settings.dmarc_mitigation == "never" or "@" not in author:
+            return False
+        if self.resolve_txt is None:
+            return True
+        return await is_strict(author.rpartition("@")[2], self.resolve_txt)
+
+    def _sign(self, data: bytes) -> bytes:
+        return dkim.sign_message(data, self.key)
+
+    async def _prepare_post(self, record: IncomingRecord) -> None:
+        domain = self.config.server.domain
+        try:
+            name, settings = await self._settings(record.list_id)
+            message_id = record.message_id or generated_message_id(record, domain)
+            ctx = ListContext(name=name, domain=domain, settings=settings,
+                              archive_base_url=self.config.archive.base_url)
+            munge = await self._munge_from(settings, record.sender)
+            rewritten = rewrite(record.data, ctx, message_id=message_id, munge_from=munge)
+            signed = self._sign(rewritten.data)
+            recipients = await self.store.recipients(record.list_id)
+        except Exception as exc:  # noqa: BLE001 - a post we cannot prepare goes to a person
+            log.exception("cannot prepare post %s", record.id)
+            await self.store.set_incoming_status(
+                record.id, "held", expect="accepted", reason=f"could not be prepared for the list: {exc!r}"[:500]
+            )
+            return
+        outbox_id = await self.store.enqueue(
+            list_id=record.list_id, kind="post", envelope_from=bounces_address(name, domain), data=signed,
+            recipients=recipients, incoming_id=record.id, incoming_status="queued", incoming_expect="accepted",
+        )
+        if rewritten.stripped:
+            log.info("stripped list=%s message_id=%s types=%s", name, message_id, ",".join(rewritten.stripped))
+        log.info("queued list=%s message_id=%s outbox=%s recipients=%d", name, message_id, outbox_id,
+                 len(recipients))
+
+    async def _notify_held(self, record: IncomingRecord) -> None:
+        domain = self.config.server.domain
+        name, settings = await self._settings(record.list_id)
+        staff = await self.store.staff(record.list_id)
+        if not staff:
+            log.warning("held list=%s id=%s: the list has no owner or moderator to notify", name, record.id)
+            await self.store.set_incoming_status(record.id, "held", notified=True)
+            return
+        notice = held_notice(
+            list_name=name, domain=domain, title=settings.title, language=settings.language, staff=staff,
+            held_id=record.id, sender=record.sender, subject=record.subject, reason=record.reason,
+            original=record.data,
+        )
+        await self.store.enqueue(
+            list_id=record.list_id, kind="notice", envelope_from=bounces_address(name, domain),
+            data=self._sign(notice), recipients=staff, incoming_id=record.id, mark_notified=True,
+        )
+        log.info("notified list=%s held=%s staff=%d", name, record.id, len(staff))
+
+    async def _forward_owner_mail(self, record: IncomingRecord) -> None:
+        domain = self.config.server.domain
+        name, _ = await self._settings(record.list_id)
+        owners = await self.store.owners(record.list_id)
+        await self.store.enqueue(
+            list_id=record.list_id, kind="owner", envelope_from=bounces_address(name, domain),
+            data=self._sign(record.data), recipients=owners, incoming_id=record.id, incoming_status="done",
+            incoming_expect="new",
+        )
+        log.info("forwarded list=%s owner-mail=%s owners=%d", name, record.id, len(owners))
+
+    # -- deliver ---------------------------------------------------------------
+
+    async def schedule(self) -> None:
+        """Claim due copies and hand them to the senders as batches."""
+        per_batch = self.config.delivery.max_recipients
+        # Keep about two batches per connection waiting: enough to keep every
+        # connection busy, few enough that a new post is not stuck behind a
+        # long queue kept only in memory.
+        room = 2 * self.config.delivery.connections - self._queued_batches
+        if room <= 0 or self._stopping:
+            return
+        # Copies whose outcome is committed leave the in-flight set only now,
+        # before the query: a query that started before that commit would
+        # still see them pending and send them again.
+        self._inflight.difference_update(self._finished)
+        self._finished.clear()
+        due = await self.store.due_deliveries(self.clock(), room * per_batch, self._inflight)
+        for batch in plan_batches(due, per_batch):
+            self._inflight.update(d.id for d in batch.deliveries)
+            self._queued_batches += 1
+            self._batches.put_nowait(batch)
+
+    async def _message(self, outbox_id: int) -> tuple[str, bytes]:
+        cached = self._messages.get(outbox_id)
+        if cached is None:
+            cached = await self.store.outbox_message(outbox_id)
+            self._messages[outbox_id] = cached
+            while len(self._messages) > 32:
+                self._messages.popitem(last=False)
+        return cached
+
+    async def _sender(self, number: int) -> None:
+        while True:
+            batch = await self._batches.get()
+            self._queued_batches -= 1
+            self._busy_senders += 1
+            try:
+                await self._send_batch(batch)
+            except Exception:  # noqa: BLE001 - never lose the sender task
+                log.exception("batch for outbox %s failed; it stays pending", batch.outbox_id)
+            finally:
+                self._busy_senders -= 1
+                self._finished.extend(d.id for d in batch.deliveries)
+                self._batches.task_done()
+                self.wake()
+
+    async def _send_batch(self, batch: Batch) -> None:
+        envelope_from, data = await self._message(batch.outbox_id)
+        recipients = [d.recipient for d in batch.deliveries]
+        refused = await self.transport.send(envelope_from, recipients, data)
+        now = self.clock()
+        outcomes = []
+        sent = failed = deferred = 0
+        for d in batch.deliveries:
+            reply = refused.get(d.recipient)
+            if reply is None:
+                outcomes.append(Outcome(d.id, "sent", "250 accepted by relay", now))
+                sent += 1
+            elif reply.permanent:
+                outcomes.append(Outcome(d.id, "failed", str(reply), now))
+                failed += 1
+                log.info("bounced outbox=%s rcpt=%s reply=%r", batch.outbox_id, d.recipient, str(reply))
+            elif now - d.first_attempt_at >= self.config.delivery.retry_period:
+                outcomes.append(Outcome(d.id, "failed", f"gave up after retry period: {reply}", now))
+                failed += 1
+                log.info("bounced outbox=%s rcpt=%s reply=%r (retry period over)", batch.outbox_id,
+                         d.recipient, str(reply))
+            else:
+                outcomes.append(
+                    Outcome(d.id, "pending", str(reply), now + retry_delay(d.attempts + 1, self.retry_initial))
+                )
+                deferred += 1
+        await self.store.record_outcomes(outcomes)
+        log.info("delivered outbox=%s sent=%d failed=%d deferred=%d%s", batch.outbox_id, sent, failed, deferred,
+                 f" reply={next(iter(refused.values()))}" if deferred else "")
+
+

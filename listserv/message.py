@@ -1,0 +1,148 @@
+"""Bytes to the frozen records the posting rules read; address helpers.  No I/O.
+
+Parsing here is deliberately minimal (headers, plus the leaf content types for
+the attachment rule) and never raises on broken mail: a header that cannot be
+decoded is read with replacement characters, a missing one is empty.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from email import policy
+from email.header import decode_header, make_header
+from email.message import Message
+from email.parser import BytesHeaderParser
+from email.utils import getaddresses
+from typing import Any
+
+from listserv.errors import AddressError
+
+__all__ = [
+    "Membership",
+    "ParsedMessage",
+    "Post",
+    "decode_header_text",
+    "normalize_address",
+    "parse",
+]
+
+# Deliberately permissive: real members have addresses like o'brien@ and
+# jan.kowalski+lista@; we only refuse what cannot be routed.
+_ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"\\]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\.[A-Za-z0-9-]{2,}$")
+
+
+def normalize_address(text: str) -> str:
+    """Lower-case and validate one bare e-mail address; raise AddressError."""
+    address = text.strip().strip("<>").strip()
+    if not _ADDRESS.match(address) or ".." in address:
+        raise AddressError(f"{text.strip()!r} is not a valid e-mail address")
+    local, _, domain = address.rpartition("@")
+    # Local parts are case-sensitive by RFC 5321 §2.4, but no provider our
+    # members use treats them so; folding case avoids duplicate members.
+    return f"{local.lower()}@{domain.lower()}"
+
+
+def _header_str(value: Any) -> str:
+    """A header value as text; 8-bit bytes in it are read as UTF-8 with replacement."""
+    text = str(value)
+    if any("\udc80" <= ch <= "\udcff" for ch in text):
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return text
+
+
+def decode_header_text(value: Any) -> str:
+    """Decode RFC 2047 encoded-words (RFC 2047 §6); never raises."""
+    text = _header_str(value)
+    if "=?" not in text:
+        return " ".join(text.split())
+    try:
+        return " ".join(str(make_header(decode_header(text))).split())
+    except (LookupError, UnicodeError, ValueError, AssertionError):
+        return " ".join(text.split())
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedMessage:
+    """What the rules need from the message itself, parsed once at DATA."""
+
+    from_addresses: tuple[str, ...]
+    subject: str
+    message_id: str  # without angle brackets; "" if absent
+    list_ids: tuple[str, ...]  # the list-label of each List-Id (RFC 2919)
+    auto_submitted: str
+    precedence: str
+    header_recipient_count: int
+    attachment_types: tuple[str, ...]
+
+
+def _addresses(msg: Message, *names: str) -> list[str]:
+    values: list[str] = []
+    for name in names:
+        values.extend(_header_str(v) for v in msg.get_all(name, []))
+    out = []
+    for _, addr in getaddresses(values):
+        try:
+            out.append(normalize_address(addr))
+        except AddressError:
+            continue
+    return out
+
+
+def parse(raw: bytes) -> ParsedMessage:
+    """Read the headers the rules need; never raises on broken input."""
+    from listserv.rewrite import attachment_types
+
+    msg = BytesHeaderParser(policy=policy.compat32).parsebytes(raw)
+    msgid = _header_str(msg.get("Message-ID", "")).strip()
+    m = re.search(r"<([^<>\s]+)>", msgid)
+    msgid = m.group(1) if m else msgid.strip("<> \t")
+    list_ids = []
+    for value in msg.get_all("List-Id", []):
+        m = re.search(r"<([^<>]+)>", _header_str(value))
+        list_ids.append((m.group(1) if m else _header_str(value)).strip().lower())
+    return ParsedMessage(
+        from_addresses=tuple(_addresses(msg, "From")),
+        subject=decode_header_text(msg.get("Subject", "")),
+        message_id=msgid,
+        list_ids=tuple(list_ids),
+        auto_submitted=_header_str(msg.get("Auto-Submitted", "")).strip().lower(),
+        precedence=_header_str(msg.get("Precedence", "")).strip().lower(),
+        header_recipient_count=len(_addresses(msg, "To", "Cc")),
+        attachment_types=attachment_types(raw),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """The sender's standing on one list, read from the store at DATA time."""
+
+    role: str  # "member" | "moderator" | "owner"
+    moderated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Post:
+    """One message to one list's posting address, as the rules see it."""
+
+    list_name: str
+    list_label: str  # "seap-planning.lists.example.org", our own List-Id
+    mail_from: str  # envelope sender; "" for a null reverse-path
+    sender: str  # the address membership is checked for (From:, else envelope)
+    message: ParsedMessage
+    membership: Membership | None
+    banned: bool
+
+
+def sender_of(mail_from: str, message: ParsedMessage) -> str:
+    """The author address used for the membership check.
+
+    Mailman checks From: first, as members post from their own address while
+    the envelope may be a provider's bounce address (SRS, VERP).
+    """
+    if message.from_addresses:
+        return message.from_addresses[0]
+    try:
+        return normalize_address(mail_from)
+    except AddressError:
+        return ""

@@ -1,0 +1,732 @@
+"""All state, and all SQL: lists, members, bans, received mail, the delivery queue.
+
+SQLite in WAL mode through aiosqlite.  The schema is versioned with ``PRAGMA
+user_version``; ``MIGRATIONS[i]`` takes the database from version i to i+1.
+
+Two connections: a writer, whose transactions are serialised by a lock (one
+aiosqlite connection cannot hold two transactions at once), and a reader for
+the lookups made while an SMTP client waits, so that a lookup never queues
+behind a commit.  Received mail goes through ``submit_incoming``, a group
+commit: sessions that finish DATA at the same moment share one transaction and
+one fsync (``synchronous=FULL``), and each is answered only after that commit.
+
+The handoff between the stages is in the tables:
+``incoming`` (what arrived; posts carry a status: accepted, held, discarded,
+rejected, queued) -> ``outbox`` (one rewritten, signed message) ->
+``deliveries`` (one row per recipient of that message: pending, sent, failed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from listserv.errors import DuplicateError, StoreError, UnknownList
+
+__all__ = ["Store"]
+
+MIGRATIONS: tuple[str, ...] = (
+    # 0 -> 1: the core pipeline.
+    """
+    CREATE TABLE lists (
+        id          INTEGER PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        settings    TEXT NOT NULL DEFAULT '{}',   -- JSON: this list's overrides
+        created_at  REAL NOT NULL
+    );
+    CREATE TABLE members (
+        id            INTEGER PRIMARY KEY,
+        list_id       INTEGER NOT NULL REFERENCES lists(id) ON DELETE CASCADE,
+        address       TEXT NOT NULL,
+        display_name  TEXT NOT NULL DEFAULT '',
+        organisation  TEXT NOT NULL DEFAULT '',
+        role          TEXT NOT NULL DEFAULT 'member',   -- member | moderator | owner
+        moderated     INTEGER NOT NULL DEFAULT 0,
+        delivery      TEXT NOT NULL DEFAULT 'enabled',  -- enabled | disabled | nomail
+        created_at    REAL NOT NULL,
+        UNIQUE (list_id, address)
+    );
+    CREATE INDEX members_by_address ON members(address);
+    CREATE TABLE bans (
+        id          INTEGER PRIMARY KEY,
+        list_id     INTEGER NOT NULL DEFAULT 0,  -- 0: site-wide
+        pattern     TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        UNIQUE (list_id, pattern)
+    );
+    CREATE TABLE incoming (
+        id           INTEGER PRIMARY KEY,
+        list_id      INTEGER NOT NULL,
+        kind         TEXT NOT NULL,   -- post | request | join | leave | confirm | owner | bounces
+        detail       TEXT NOT NULL DEFAULT '',  -- the +suffix of the address (token, VERP)
+        mail_from    TEXT NOT NULL,
+        rcpt         TEXT NOT NULL,
+        peer         TEXT NOT NULL DEFAULT '',
+        received_at  REAL NOT NULL,
+        message_id   TEXT NOT NULL DEFAULT '',
+        sender       TEXT NOT NULL DEFAULT '',
+        subject      TEXT NOT NULL DEFAULT '',
+        status       TEXT NOT NULL,
+        reason       TEXT NOT NULL DEFAULT '',
+        notified     INTEGER NOT NULL DEFAULT 0,
+        updated_at   REAL NOT NULL,
+        data         BLOB NOT NULL
+    );
+    CREATE INDEX incoming_by_status ON incoming(status, id);
+    CREATE TABLE outbox (
+        id             INTEGER PRIMARY KEY,
+        list_id        INTEGER NOT NULL,
+        incoming_id    INTEGER,          -- the post or owner mail this copy is for
+        kind           TEXT NOT NULL,    -- post | owner | notice
+        envelope_from  TEXT NOT NULL,
+        created_at     REAL NOT NULL,
+        data           BLOB NOT NULL
+    );
+    CREATE TABLE deliveries (
+        id               INTEGER PRIMARY KEY,
+        outbox_id        INTEGER NOT NULL REFERENCES outbox(id) ON DELETE CASCADE,
+        recipient        TEXT NOT NULL,
+        status           TEXT NOT NULL DEFAULT 'pending',  -- pending | sent | failed
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at  REAL NOT NULL,
+        last_reply       TEXT NOT NULL DEFAULT '',
+        updated_at       REAL NOT NULL
+    );
+    CREATE INDEX deliveries_pending ON deliveries(outbox_id, id) WHERE status = 'pending';
+    CREATE INDEX deliveries_by_outbox ON deliveries(outbox_id, status);
+    """,
+)
+
+ROLES = ("member", "moderator", "owner")
+DELIVERY_STATES = ("enabled", "disabled", "nomail")
+
+
+@dataclass(frozen=True, slots=True)
+class ListRecord:
+    id: int
+    name: str
+    settings_json: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRecord:
+    address: str
+    display_name: str
+    organisation: str
+    role: str
+    moderated: bool
+    delivery: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySnapshot:
+    """What the posting rules need from the store, read in one query."""
+
+    list_id: int
+    settings_json: str
+    role: str | None
+    moderated: bool
+    ban_patterns: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingRow:
+    list_id: int
+    kind: str
+    detail: str
+    mail_from: str
+    rcpt: str
+    peer: str
+    message_id: str
+    sender: str
+    subject: str
+    status: str
+    reason: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingRecord:
+    id: int
+    list_id: int
+    list_name: str
+    kind: str
+    detail: str
+    mail_from: str
+    rcpt: str
+    received_at: float
+    message_id: str
+    sender: str
+    subject: str
+    status: str
+    reason: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DueDelivery:
+    id: int
+    outbox_id: int
+    recipient: str
+    attempts: int
+    first_attempt_at: float  # when the copy was queued (for the retry period)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one delivery attempt."""
+
+    delivery_id: int
+    status: str  # "sent" | "failed" | "pending" (retry later)
+    reply: str
+    next_attempt_at: float = 0.0
+
+
+def _now() -> float:
+    return time.time()
+
+
+class Store:
+    """The state database.  Open with ``await Store.open(path)``."""
+
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, path: Path) -> None:
+        self.path = path
+        self._writer = writer
+        self._reader = reader
+        self._lock = asyncio.Lock()
+        self._pending: list[tuple[Sequence[IncomingRow], asyncio.Future[None]]] = []
+        self._commit_wakeup = asyncio.Event()
+        self._committer: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            writer = await _connect(path)
+            reader = await _connect(path)
+        except Exception as exc:
+            raise StoreError(f"cannot open the state database {path}: {exc}") from exc
+        store = cls(writer, reader, path)
+        await store._migrate()
+        return store
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._committer is not None:
+            # Let any waiting group commit finish first: those clients are
+            # still owed an answer.
+            self._commit_wakeup.set()
+            self._committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._committer
+        for _, fut in self._pending:
+            if not fut.done():
+                fut.set_exception(StoreError("store closed"))
+        await self._reader.close()
+        await self._writer.close()
+
+    async def _migrate(self) -> None:
+        async with self._lock:
+            async with self._writer.execute("PRAGMA user_version") as cur:
+                row = await cur.fetchone()
+            version = int(row[0]) if row else 0
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"{self.path} has schema version {version}, newer than this listserv "
+                    f"knows ({len(MIGRATIONS)}); upgrade listserv"
+                )
+            for target in range(version, len(MIGRATIONS)):
+                await self._writer.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in _split_sql(MIGRATIONS[target]):
+                        await self._writer.execute(statement)
+                    await self._writer.execute(f"PRAGMA user_version = {target + 1}")
+                    await self._writer.commit()
+                except BaseException:
+                    await self._writer.rollback()
+                    raise
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction; commits on success, rolls back on error."""
+        async with self._lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._writer
+            except BaseException:
+                await self._writer.rollback()
+                raise
+            await self._writer.commit()
+
+    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+        async with self._reader.execute(sql, params) as cur:
+            return list(await cur.fetchall())
+
+    async def _fetchone(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
+        async with self._reader.execute(sql, params) as cur:
+            row: aiosqlite.Row | None = await cur.fetchone()
+            return row
+
+    # -- lists ---------------------------------------------------------------
+
+    async def create_list(self, name: str, settings: dict[str, Any], owners: Iterable[str]) -> int:
+        async with self.transaction() as db:
+            async with db.execute("SELECT 1 FROM lists WHERE name = ?", (name,)) as cur:
+                if await cur.fetchone():
+                    raise DuplicateError(f"list {name!r} exists already")
+            cur2 = await db.execute(
+                "INSERT INTO lists (name, settings, created_at) VALUES (?, ?, ?)",
+                (name, json.dumps(settings, ensure_ascii=False), _now()),
+            )
+            list_id = cur2.lastrowid
+            assert list_id is not None
+            await db.executemany(
+                "INSERT INTO members (list_id, address, role, created_at) VALUES (?, ?, 'owner', ?)",
+                [(list_id, owner, _now()) for owner in dict.fromkeys(owners)],
+            )
+            return list_id
+
+    async def get_list(self, name: str) -> ListRecord:
+        row = await self._fetchone("SELECT id, name, settings, created_at FROM lists WHERE name = ?", (name,))
+        if row is None:
+            raise UnknownList(f"no list named {name!r}")
+        return ListRecord(row[0], row[1], row[2], row[3])
+
+    async def get_list_by_id(self, list_id: int) -> ListRecord:
+        row = await self._fetchone("SELECT id, name, settings, created_at FROM lists WHERE id = ?", (list_id,))
+        if row is None:
+            raise UnknownList(f"no list with id {list_id}")
+        return ListRecord(row[0], row[1], row[2], row[3])
+
+    async def lists(self) -> list[ListRecord]:
+        rows = await self._fetchall("SELECT id, name, settings, created_at FROM lists ORDER BY name")
+        return [ListRecord(r[0], r[1], r[2], r[3]) for r in rows]
+
+    async def list_names(self) -> set[str]:
+        return {r[0] for r in await self._fetchall("SELECT name FROM lists")}
+
+    async def list_counts(self) -> dict[str, int]:
+        rows = await self._fetchall(
+            "SELECT l.name, count(m.id) FROM lists l LEFT JOIN members m ON m.list_id = l.id GROUP BY l.id"
+        )
+        return {r[0]: r[1] for r in rows}
+
+    async def remove_list(self, name: str) -> None:
+        async with self.transaction() as db:
+            cur = await db.execute("SELECT id FROM lists WHERE name = ?", (name,))
+            row = await cur.fetchone()
+            if row is None:
+                raise UnknownList(f"no list named {name!r}")
+            list_id = row[0]
+            # Mail already accepted for the list is still delivered; only its
+            # definition, members and bans go.
+            await db.execute("DELETE FROM members WHERE list_id = ?", (list_id,))
+            await db.execute("DELETE FROM bans WHERE list_id = ?", (list_id,))
+            await db.execute("DELETE FROM lists WHERE id = ?", (list_id,))
+
+    async def set_list_settings(self, name: str, overrides: dict[str, Any]) -> None:
+        """Replace a list's stored overrides (already validated by the caller)."""
+        async with self.transaction() as db:
+            cur = await db.execute(
+                "UPDATE lists SET settings = ? WHERE name = ?",
+                (json.dumps(overrides, ensure_ascii=False), name),
+            )
+            if cur.rowcount == 0:
+                raise UnknownList(f"no list named {name!r}")
+
+    # -- members -------------------------------------------------------------
+
+    async def add_members(
+        self, list_name: str, members: Sequence[tuple[str, str, str]], role: str = "member"
+    ) -> int:
+        """Add (address, display name, organisation) rows; all or nothing."""
+        if role not in ROLES:
+            raise StoreError(f"role must be one of {', '.join(ROLES)}")
+        lst = await self.get_list(list_name)
+        seen: set[str] = set()
+        for address, _, _ in members:
+            if address in seen:
+                raise DuplicateError(f"{address} is given twice")
+            seen.add(address)
+        async with self.transaction() as db:
+            existing: set[str] = set()
+            async with db.execute("SELECT address FROM members WHERE list_id = ?", (lst.id,)) as cur:
+                async for row in cur:
+                    existing.add(row[0])
+            dupes = sorted(seen & existing)
+            if dupes:
+                more = f" (and {len(dupes) - 1} more)" if len(dupes) > 1 else ""
+                raise DuplicateError(f"{dupes[0]} is already a member of {list_name}{more}")
+            now = _now()
+            await db.executemany(
+                "INSERT INTO members (list_id, address, display_name, organisation, role, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(lst.id, a, n, o, role, now) for a, n, o in members],
+            )
+        return len(members)
+
+    async def remove_members(self, list_name: str, addresses: Sequence[str]) -> None:
+        lst = await self.get_list(list_name)
+        async with self.transaction() as db:
+            for address in addresses:
+                cur = await db.execute(
+                    "DELETE FROM members WHERE list_id = ? AND address = ?", (lst.id, address)
+                )
+                if cur.rowcount == 0:
+                    raise StoreError(f"{address} is not a member of {list_name}")
+
+    async def members(self, list_name: str) -> list[MemberRecord]:
+        lst = await self.get_list(list_name)
+        rows = await self._fetchall(
+            "SELECT address, display_name, organisation, role, moderated, delivery, created_at"
+            " FROM members WHERE list_id = ? ORDER BY address",
+            (lst.id,),
+        )
+        return [MemberRecord(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6]) for r in rows]
+
+    async def set_member(self, list_name: str, address: str, key: str, value: Any) -> None:
+        columns = {"role": "role", "moderated": "moderated", "delivery": "delivery",
+                   "display_name": "display_name", "organisation": "organisation"}
+        if key not in columns:
+            raise StoreError(f"unknown member setting {key!r}; known: {', '.join(columns)}")
+        lst = await self.get_list(list_name)
+        async with self.transaction() as db:
+            cur = await db.execute(
+                f"UPDATE members SET {columns[key]} = ? WHERE list_id = ? AND address = ?",
+                (value, lst.id, address),
+            )
+            if cur.rowcount == 0:
+                raise StoreError(f"{address} is not a member of {list_name}")
+
+    async def recipients(self, list_id: int) -> list[str]:
+        rows = await self._fetchall(
+            "SELECT address FROM members WHERE list_id = ? AND delivery = 'enabled' ORDER BY address",
+            (list_id,),
+        )
+        return [r[0] for r in rows]
+
+    async def staff(self, list_id: int) -> list[str]:
+        """Owners and moderators: who is told about held posts."""
+        rows = await self._fetchall(
+            "SELECT address FROM members WHERE list_id = ? AND role IN ('owner', 'moderator') ORDER BY address",
+            (list_id,),
+        )
+        return [r[0] for r in rows]
+
+    async def owners(self, list_id: int) -> list[str]:
+        rows = await self._fetchall(
+            "SELECT address FROM members WHERE list_id = ? AND role = 'owner' ORDER BY address", (list_id,)
+        )
+        return [r[0] for r in rows]
+
+    # -- bans ----------------------------------------------------------------
+
+    async def _list_id_or_site(self, list_name: str | None) -> int:
+        return 0 if list_name is None else (await self.get_list(list_name)).id
+
+    async def add_ban(self, pattern: str, list_name: str | None) -> None:
+        list_id = await self._list_id_or_site(list_name)
+        async with self.transaction() as db:
+            try:
+                await db.execute(
+                    "INSERT INTO bans (list_id, pattern, created_at) VALUES (?, ?, ?)",
+                    (list_id, pattern, _now()),
+                )
+            except aiosqlite.IntegrityError:
+                raise DuplicateError(f"{pattern} is banned already") from None
+
+    async def remove_ban(self, pattern: str, list_name: str | None) -> None:
+        list_id = await self._list_id_or_site(list_name)
+        async with self.transaction() as db:
+            cur = await db.execute("DELETE FROM bans WHERE list_id = ? AND pattern = ?", (list_id, pattern))
+            if cur.rowcount == 0:
+                raise StoreError(f"{pattern} is not banned {'site-wide' if list_name is None else 'on ' + list_name}")
+
+    async def bans(self, list_name: str | None) -> list[str]:
+        list_id = await self._list_id_or_site(list_name)
+        rows = await self._fetchall("SELECT pattern FROM bans WHERE list_id = ? ORDER BY pattern", (list_id,))
+        return [r[0] for r in rows]
+
+    # -- receiving -------------------------------------------------------------
+
+    async def policy_snapshot(self, list_name: str, sender: str) -> PolicySnapshot | None:
+        """The list, the sender's membership and the ban patterns, in one read."""
+        row = await self._fetchone(
+            "SELECT l.id, l.settings, m.role, m.moderated,"
+            " (SELECT group_concat(pattern, char(10)) FROM bans b WHERE b.list_id IN (0, l.id))"
+            " FROM lists l LEFT JOIN members m ON m.list_id = l.id AND m.address = ?"
+            " WHERE l.name = ?",
+            (sender, list_name),
+        )
+        if row is None:
+            return None
+        return PolicySnapshot(
+            list_id=row[0],
+            settings_json=row[1],
+            role=row[2],
+            moderated=bool(row[3]),
+            ban_patterns=tuple(row[4].split("\n")) if row[4] else (),
+        )
+
+    async def submit_incoming(self, rows: Sequence[IncomingRow]) -> None:
+        """Store received mail durably; returns only after the commit.
+
+        Concurrent callers are committed together (group commit), so many
+        sessions share one transaction and one fsync.
+        """
+        if self._closed:
+            raise StoreError("store closed")
+        if self._committer is None:
+            self._committer = asyncio.create_task(self._commit_loop(), name="store-group-commit")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((rows, fut))
+        self._commit_wakeup.set()
+        await fut
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._commit_wakeup.wait()
+            self._commit_wakeup.clear()
+            batch, self._pending = self._pending, []
+            if not batch:
+                continue
+            now = _now()
+            params = [
+                (r.list_id, r.kind, r.detail, r.mail_from, r.rcpt, r.peer, now, r.message_id, r.sender,
+                 r.subject, r.status, r.reason, now, r.data)
+                for rows, _ in batch
+                for r in rows
+            ]
+            try:
+                async with self.transaction() as db:
+                    await db.executemany(
+                        "INSERT INTO incoming (list_id, kind, detail, mail_from, rcpt, peer, received_at,"
+                        " message_id, sender, subject, status, reason, updated_at, data)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        params,
+                    )
+            except Exception as exc:  # every waiting client gets a 451
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
+
+    # -- the worker's view of incoming mail -------------------------------------
+
+    _INCOMING_COLS = (
+        "i.id, i.list_id, coalesce(l.name, ''), i.kind, i.detail, i.mail_from, i.rcpt, i.received_at,"
+        " i.message_id, i.sender, i.subject, i.status, i.reason, i.data"
+    )
+
+    def _incoming(self, r: aiosqlite.Row) -> IncomingRecord:
+        return IncomingRecord(*r)
+
+    async def incoming_with(self, kind: str, status: str, limit: int = 50, unnotified: bool = False) -> list[IncomingRecord]:
+        rows = await self._fetchall(
+            f"SELECT {self._INCOMING_COLS} FROM incoming i LEFT JOIN lists l ON l.id = i.list_id"
+            f" WHERE i.status = ? AND i.kind = ? {'AND i.notified = 0' if unnotified else ''}"
+            " ORDER BY i.id LIMIT ?",
+            (status, kind, limit),
+        )
+        return [self._incoming(r) for r in rows]
+
+    async def get_incoming(self, incoming_id: int) -> IncomingRecord:
+        row = await self._fetchone(
+            f"SELECT {self._INCOMING_COLS} FROM incoming i LEFT JOIN lists l ON l.id = i.list_id WHERE i.id = ?",
+            (incoming_id,),
+        )
+        if row is None:
+            raise StoreError(f"no message with id {incoming_id}")
+        return self._incoming(row)
+
+    async def held(self, list_name: str | None = None) -> list[IncomingRecord]:
+        sql = (
+            f"SELECT {self._INCOMING_COLS} FROM incoming i LEFT JOIN lists l ON l.id = i.list_id"
+            " WHERE i.kind = 'post' AND i.status = 'held'"
+        )
+        params: tuple[Any, ...] = ()
+        if list_name is not None:
+            await self.get_list(list_name)
+            sql += " AND l.name = ?"
+            params = (list_name,)
+        return [self._incoming(r) for r in await self._fetchall(sql + " ORDER BY i.id", params)]
+
+    async def set_incoming_status(
+        self, incoming_id: int, status: str, *, expect: str | None = None, reason: str | None = None,
+        notified: bool | None = None,
+    ) -> None:
+        async with self.transaction() as db:
+            await self._set_status(db, incoming_id, status, expect=expect, reason=reason, notified=notified)
+
+    async def _set_status(
+        self, db: aiosqlite.Connection, incoming_id: int, status: str, *, expect: str | None = None,
+        reason: str | None = None, notified: bool | None = None,
+    ) -> None:
+        sets = ["status = ?", "updated_at = ?"]
+        params: list[Any] = [status, _now()]
+        if reason is not None:
+            sets.append("reason = ?")
+            params.append(reason)
+        if notified is not None:
+            sets.append("notified = ?")
+            params.append(int(notified))
+        sql = f"UPDATE incoming SET {', '.join(sets)} WHERE id = ?"
+        params.append(incoming_id)
+        if expect is not None:
+            sql += " AND status = ?"
+            params.append(expect)
+        cur = await db.execute(sql, params)
+        if cur.rowcount == 0:
+            raise StoreError(
+                f"message {incoming_id} is not {expect}" if expect else f"no message with id {incoming_id}"
+            )
+
+    # -- the outbox and the delivery queue ----------------------------------------
+
+    async def enqueue(
+        self,
+        *,
+        list_id: int,
+        kind: str,
+        envelope_from: str,
+        data: bytes,
+        recipients: Sequence[str],
+        incoming_id: int | None = None,
+        incoming_status: str | None = None,
+        incoming_expect: str | None = None,
+        mark_notified: bool = False,
+    ) -> int:
+        """Queue one message for its recipients, and move its source along, atomically.
+
+        Either the copy is queued and the incoming row has its new status, or
+        neither happened; so a crash between the two cannot send a post twice
+        or lose it.
+        """
+        async with self.transaction() as db:
+            now = _now()
+            cur = await db.execute(
+                "INSERT INTO outbox (list_id, incoming_id, kind, envelope_from, created_at, data)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (list_id, incoming_id, kind, envelope_from, now, data),
+            )
+            outbox_id = cur.lastrowid
+            assert outbox_id is not None
+            await db.executemany(
+                "INSERT INTO deliveries (outbox_id, recipient, next_attempt_at, updated_at) VALUES (?, ?, ?, ?)",
+                [(outbox_id, rcpt, now, now) for rcpt in dict.fromkeys(recipients)],
+            )
+            if incoming_id is not None and (incoming_status is not None or mark_notified):
+                row = await (await db.execute("SELECT status FROM incoming WHERE id = ?", (incoming_id,))).fetchone()
+                if row is None:
+                    raise StoreError(f"no message with id {incoming_id}")
+                await self._set_status(
+                    db, incoming_id, incoming_status or row[0], expect=incoming_expect,
+                    notified=True if mark_notified else None,
+                )
+            return outbox_id
+
+    async def due_deliveries(self, now: float, limit: int, exclude: set[int]) -> list[DueDelivery]:
+        """Pending copies whose time has come, oldest message first."""
+        rows = await self._fetchall(
+            "SELECT d.id, d.outbox_id, d.recipient, d.attempts, o.created_at"
+            " FROM deliveries d JOIN outbox o ON o.id = d.outbox_id"
+            " WHERE d.status = 'pending' AND d.next_attempt_at <= ?"
+            " ORDER BY d.outbox_id, d.id LIMIT ?",
+            (now, limit + len(exclude)),
+        )
+        out = [DueDelivery(r[0], r[1], r[2], r[3], r[4]) for r in rows if r[0] not in exclude]
+        return out[:limit]
+
+    async def next_attempt_at(self) -> float | None:
+        row = await self._fetchone("SELECT min(next_attempt_at) FROM deliveries WHERE status = 'pending'")
+        return float(row[0]) if row and row[0] is not None else None
+
+    async def outbox_message(self, outbox_id: int) -> tuple[str, bytes]:
+        row = await self._fetchone("SELECT envelope_from, data FROM outbox WHERE id = ?", (outbox_id,))
+        if row is None:
+            raise StoreError(f"no outbox message {outbox_id}")
+        return row[0], bytes(row[1])
+
+    async def record_outcomes(self, outcomes: Sequence[Outcome]) -> None:
+        """Store the results of one batch in one transaction."""
+        now = _now()
+        async with self.transaction() as db:
+            await db.executemany(
+                "UPDATE deliveries SET status = ?, last_reply = ?, updated_at = ?,"
+                " attempts = attempts + 1, next_attempt_at = ? WHERE id = ?",
+                [(o.status, o.reply, now, o.next_attempt_at, o.delivery_id) for o in outcomes],
+            )
+
+    async def retry_now(self) -> int:
+        async with self.transaction() as db:
+            cur = await db.execute(
+                "UPDATE deliveries SET next_attempt_at = 0 WHERE status = 'pending'"
+            )
+            return cur.rowcount
+
+    async def queue_summary(self) -> list[dict[str, Any]]:
+        """Per queued message: list, kind, counts by status, oldest pending, last reply."""
+        rows = await self._fetchall(
+            "SELECT o.id, coalesce(l.name, ''), o.kind, o.created_at,"
+            " sum(d.status = 'pending'), sum(d.status = 'sent'), sum(d.status = 'failed'),"
+            " min(CASE WHEN d.status = 'pending' THEN d.next_attempt_at END),"
+            " max(CASE WHEN d.status = 'pending' AND d.attempts > 0 THEN d.last_reply END)"
+            " FROM outbox o JOIN deliveries d ON d.outbox_id = o.id LEFT JOIN lists l ON l.id = o.list_id"
+            " GROUP BY o.id HAVING sum(d.status = 'pending') > 0 ORDER BY o.id"
+        )
+        return [
+            {
+                "outbox_id": r[0], "list": r[1], "kind": r[2], "queued_at": r[3], "pending": r[4],
+                "sent": r[5], "failed": r[6], "next_attempt_at": r[7], "last_reply": r[8] or "",
+            }
+            for r in rows
+        ]
+
+    async def delivery_counts(self, outbox_id: int | None = None) -> dict[str, int]:
+        sql = "SELECT status, count(*) FROM deliveries"
+        params: tuple[Any, ...] = ()
+        if outbox_id is not None:
+            sql += " WHERE outbox_id = ?"
+            params = (outbox_id,)
+        rows = await self._fetchall(sql + " GROUP BY status", params)
+        return {r[0]: r[1] for r in rows}
+
+    async def deliveries_for(self, outbox_id: int) -> list[tuple[str, str, str]]:
+        rows = await self._fetchall(
+            "SELECT recipient, status, last_reply FROM deliveries WHERE outbox_id = ? ORDER BY id", (outbox_id,)
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+
+async def _connect(path: Path) -> aiosqlite.Connection:
+    conn = await aiosqlite.connect(path, isolation_level=None)
+    await conn.execute("PRAGMA journal_mode = WAL")
+    # FULL: in WAL mode each commit is fsynced, so a post answered 250 survives
+    # a power cut, not only a crash of this process.
+    await conn.execute("PRAGMA synchronous = FULL")
+    await conn.execute("PRAGMA foreign_keys = ON")
+    # The CLI writes while the server runs; wait for the lock instead of failing.
+    await conn.execute("PRAGMA busy_timeout = 10000")
+    return conn
+
+
+def _split_sql(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]

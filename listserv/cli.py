@@ -43,6 +43,11 @@ def _fail(message: str) -> None:
 
 
 def _load(config_path: Path | None) -> config_mod.Config:
+    if config_path is None:
+        # `listserv --config F COMMAND` works as well as `listserv COMMAND --config F`.
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:
+            config_path = ctx.find_root().params.get("config_path")
     try:
         return config_mod.load(config_path)
     except ListservError as exc:
@@ -76,7 +81,8 @@ def with_store(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T | N
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="listserv")
-def main() -> None:
+@config_option
+def main(config_path: Path | None) -> None:
     """listserv: mailing-list discussion server."""
 
 

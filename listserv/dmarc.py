@@ -76,6 +76,6 @@ def dns_txt_resolver(timeout: float = 5.0) -> TxtResolver:
             answer = await resolver.resolve(name, "TXT")
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return []
-        return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]  # type: ignore[attr-defined]
+        return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
 
     return resolve

@@ -74,7 +74,7 @@ def bounces_address(list_name: str, domain: str, recipient: str | None = None) -
 
 def retry_delay(attempts: int, initial: float, rng: Callable[[], float] = random.random) -> float:
     """Exponential backoff with ±20 % jitter, so retries of many copies spread out."""
-    base = min(initial * (2 ** max(attempts - 1, 0)), MAX_BACKOFF)
+    base = min(initial * 2.0 ** max(attempts - 1, 0), MAX_BACKOFF)
     return base * (0.8 + 0.4 * rng())
 
 

@@ -352,7 +352,12 @@ def rewrite(
         ]
         body = _encode_text(top_note, "utf-8", "quoted-printable")
 
-    fields = [f for f in fields if f.key not in REMOVED_HEADERS]
+    # An empty Message-ID or Date is as good as none: ours replace them.
+    fields = [
+        f
+        for f in fields
+        if f.key not in REMOVED_HEADERS and not (f.key in ("message-id", "date") and not f.text)
+    ]
     fields = _set_subject(fields, ctx)
     if munge_from:
         fields = _munge_from(fields, ctx)
@@ -540,8 +545,10 @@ def _decode_rfc2047(text: str) -> str:
 def _decode_word(encoding: str, payload: str) -> bytes | None:
     try:
         if encoding in "bB":
-            cleaned = re.sub(r"[^A-Za-z0-9+/]", "", payload)
-            if len(cleaned) % 4 == 1:
+            if re.search(r"[^A-Za-z0-9+/=]", payload):
+                return None
+            cleaned = payload.rstrip("=")  # padding is often wrong: redo it
+            if len(cleaned) % 4 == 1 or "=" in cleaned:
                 return None
             return base64.b64decode(cleaned + "=" * (-len(cleaned) % 4))
         return binascii.a2b_qp(payload.encode("ascii", "replace"), header=True)

@@ -145,30 +145,33 @@ class MaildirTransport:
         self.root = root
         self._counter = 0
 
-    def _deliver(self, recipient: str, data: bytes) -> None:
+    def _deliver(self, recipient: str, data: bytes, sender: str) -> None:
         folder = self.root / (_UNSAFE.sub("_", recipient.lower()).lstrip(".") or "_")
         for sub in ("tmp", "new", "cur"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         self._counter += 1
         name = f"{time.time_ns()}.P{os.getpid()}Q{self._counter}.{socket.gethostname()}"
         tmp = folder / "tmp" / name
+        # What a local delivery agent adds (RFC 5321 §4.4 Return-Path), so the
+        # Maildir copy shows the envelope as a mailbox would.
+        trace = f"Return-Path: <{sender}>\nDelivered-To: {recipient}\n".encode("utf-8", "replace")
         with open(tmp, "wb") as fh:
-            fh.write(data.replace(b"\r\n", b"\n"))
+            fh.write(trace + data.replace(b"\r\n", b"\n"))
             fh.flush()
             os.fsync(fh.fileno())
         os.rename(tmp, folder / "new" / name)
 
-    def _deliver_all(self, recipients: Sequence[str], data: bytes) -> dict[str, Reply]:
+    def _deliver_all(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Reply]:
         refused = {}
         for rcpt in recipients:
             try:
-                self._deliver(rcpt, data)
+                self._deliver(rcpt, data, sender)
             except OSError as exc:
                 refused[rcpt] = Reply(451, "4.3.0", f"cannot write Maildir: {exc.strerror}")
         return refused
 
     async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Reply]:
-        return await asyncio.to_thread(self._deliver_all, recipients, data)
+        return await asyncio.to_thread(self._deliver_all, sender, recipients, data)
 
     async def close(self) -> None:
         return None

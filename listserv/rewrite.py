@@ -832,9 +832,14 @@ def _walk(
                 return
         elif info.ctype == "message/rfc822" and info.cte in ("", "7bit", "8bit", "binary"):
             # A forwarded message: its own leaves count.  If it is a single
-            # part, removing it removes the whole message/rfc822 part.
+            # part, removing it removes the whole message/rfc822 part.  Some
+            # mailers (Apple Mail) keep the mbox "From " line in front of it.
+            inner = body_start
+            if data.startswith(b"From ", inner):
+                eol = data.find(b"\r\n", inner, end)
+                inner = end if eol < 0 else eol + 2
             yield from _walk(
-                data, body_start, end, default="text/plain", replace_from=replace_from, top=top, depth=depth + 1
+                data, inner, end, default="text/plain", replace_from=replace_from, top=top, depth=depth + 1
             )
             return
     yield _Leaf(replace_from, end, info.ctype, info.filename, top)

@@ -308,3 +308,90 @@ def test_relay_down_then_back(tmp_path: Path, start_server) -> None:  # type: ig
         wait_for(lambda: len(handler.recipients()) == len(MEMBERS) + 1, timeout=30)
     finally:
         controller.stop()
+
+
+def test_maildir_mode_writes_a_signed_copy_per_member(tmp_path: Path, start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(make_config(tmp_path))  # no relay: the newcomer's mode
+    server.call(server.store.create_list(LIST, {}, [OWNER]))
+    server.call(server.store.add_members(LIST, [(m, "", "") for m in MEMBERS]))
+    send(server.port, MEMBERS[0], [POST_ADDR], POLISH_POST)
+    server.drain()
+    for rcpt in MEMBERS + [OWNER]:
+        files = list((server.config.maildir_root / rcpt / "new").iterdir())
+        assert len(files) == 1, rcpt
+        data = files[0].read_bytes()
+        assert data.startswith(f"Return-Path: <{LIST}-bounces@{DOMAIN}>\nDelivered-To: {rcpt}\n".encode())
+        assert dkimpy.verify(data.split(b"\n", 2)[2], dnsfunc=dkim_dnsfunc(server.key))
+
+
+def _txt_resolver(records: dict[str, list[str]]):  # type: ignore[no-untyped-def]
+    async def resolve(name: str) -> list[str]:
+        return records.get(name, [])
+
+    return resolve
+
+
+def test_dmarc_when_strict_rewrites_only_strict_domains(tmp_path: Path, sink, start_server) -> None:  # type: ignore[no-untyped-def]
+    handler, port = sink
+    resolver = _txt_resolver({
+        "_dmarc.gmina-wieliczka.pl": ["v=DMARC1; p=reject; rua=mailto:d@gmina-wieliczka.pl"],
+        "_dmarc.krakow.pl": ["v=DMARC1; p=none"],  # um.krakow.pl falls back to its organizational domain
+    })
+    server = start_server(make_config(tmp_path, port), resolve_txt=resolver)
+    server.call(server.store.create_list(LIST, {"dmarc_mitigation": "when_strict"}, [OWNER]))
+    server.call(server.store.add_members(LIST, [(m, "", "") for m in MEMBERS]))
+    send(server.port, MEMBERS[0], [POST_ADDR], POLISH_POST)
+    lukasz = POLISH_POST.replace(b"anna.kowalska@gmina-wieliczka.pl", MEMBERS[1].encode()).replace(
+        b"<seap-1@", b"<seap-2@")
+    send(server.port, MEMBERS[1], [POST_ADDR], lukasz)
+    server.drain()
+    froms = {}
+    for m in handler.messages:
+        msg = email.message_from_bytes(m.data, policy=email.policy.default)
+        froms[msg["Message-ID"]] = (str(msg["From"]), msg["Reply-To"])
+    assert POST_ADDR in froms["<seap-1@gmina-wieliczka.pl>"][0]  # p=reject: rewritten
+    assert froms["<seap-2@gmina-wieliczka.pl>"][0].endswith(f"<{MEMBERS[1]}>")  # p=none: left alone
+    assert froms["<seap-2@gmina-wieliczka.pl>"][1] is None
+
+
+def test_held_post_approved_then_delivered_and_rejected_one_told(running) -> None:  # type: ignore[no-untyped-def]
+    server, sink = running
+    stranger = "radny@powiat-example.pl"
+    post = POLISH_POST.replace(b"anna.kowalska@gmina-wieliczka.pl", stranger.encode())
+    send(server.port, stranger, [POST_ADDR], post)
+    send(server.port, stranger, [POST_ADDR], post.replace(b"<seap-1@", b"<seap-9@"))
+    server.drain()
+    first, second = server.call(server.store.held(LIST))
+    server.call(server.store.set_incoming_status(first.id, "accepted", expect="held"))  # what `held approve` does
+    server.drain()
+    wait_for(lambda: all(sink.copies_for(m) for m in MEMBERS))
+    # Rejecting goes through the CLI, which tells the sender (the one mail we send for a held post).
+    from click.testing import CliRunner
+
+    from listserv.cli import main
+
+    cfg = server.config  # the CLI reads a config file: one naming the same state and key
+    tmp_cfg = cfg.server.state_dir.parent / "cli.toml"
+    tmp_cfg.write_text(
+        f'[server]\ndomain = "{DOMAIN}"\nstate_dir = "{cfg.server.state_dir}"\n'
+        f'[dkim]\nselector = "{cfg.dkim.selector}"\nprivate_key = "{cfg.dkim.private_key}"\n'
+    )
+    result = CliRunner().invoke(main, ["held", "reject", str(second.id), "--reason", "Proszę o krótszy wpis",
+                                       "--config", str(tmp_cfg)])
+    assert result.exit_code == 0, result.output
+    wait_for(lambda: bool(sink.copies_for(stranger)))
+    notice = email.message_from_bytes(sink.copies_for(stranger)[0].data, policy=email.policy.default)
+    assert notice["Auto-Submitted"] == "auto-replied"
+    assert "Proszę o krótszy wpis" in notice.get_content()
+    assert dkimpy.verify(sink.copies_for(stranger)[0].data, dnsfunc=dkim_dnsfunc(server.key))
+    assert server.call(server.store.held(LIST)) == []
+
+
+def test_idle_client_is_disconnected(tmp_path: Path, start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(make_config(tmp_path, server={"timeout": 1}))
+    with smtplib.SMTP("127.0.0.1", server.port) as client:
+        client.ehlo("idle.example")
+        time.sleep(1.5)
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            client.noop()
+            client.noop()

@@ -54,8 +54,11 @@ def load_or_create_key(config: Config) -> dkim.DkimKey:
 
 
 async def seed_lists(store: Store, config: Config) -> None:
-    """Create the lists named in the config that do not exist yet."""
-    existing = await store.list_names()
+    """Create the lists named in the config that were never created before.
+
+    A seeded list that the administrator removed stays removed.
+    """
+    existing = await store.list_names() | await store.seeded_names()
     for seed in config.lists:
         if seed.name in existing:
             continue
@@ -65,7 +68,7 @@ async def seed_lists(store: Store, config: Config) -> None:
         if seed.description:
             settings["description"] = seed.description
         try:
-            await store.create_list(seed.name, settings, seed.owners)
+            await store.create_list(seed.name, settings, seed.owners, seeded=True)
             log.info("created list %s from the config", seed.name)
         except DuplicateError:  # created by a CLI at the same moment
             pass

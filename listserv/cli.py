@@ -64,8 +64,12 @@ def with_store(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T | N
         cfg = _load(config_path)
 
         async def main() -> T:
+            from listserv.app import seed_lists
+
             store = await Store.open(cfg.db_path)
             try:
+                # The config's [[lists]] exist for the CLI too, even before the first `serve`.
+                await seed_lists(store, cfg)
                 return await fn(cfg, store, **kwargs)
             finally:
                 await store.close()

@@ -211,7 +211,8 @@ _PINNED_EXTENSIONS = {
 _MAX_DEPTH = 30  # deeper MIME nesting is treated as one opaque leaf
 _MAX_LINE = 78  # RFC 5322 §2.1.1 "SHOULD" limit for the header lines we write
 
-_HEADER_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+):")
+# RFC 5322 §3.6.8 field name; §4.5 obsolete syntax allows blanks before the colon.
+_HEADER_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?\s]*)\?=")
 _EOL = re.compile(rb"\r\n|\r|\n")
 _C1_BYTES = re.compile(rb"[\x80-\x9f]")
@@ -412,7 +413,7 @@ def _normalize(raw: bytes) -> bytes:
     §2.7/§2.8 does not allow them outside CRLF in 7bit or 8bit data anyway.
     """
     data = _EOL.sub(b"\r\n", raw)
-    if data.startswith(b"From "):
+    if data.startswith(b"From ") and not _HEADER_NAME.match(data):  # but "From : x" is a field
         eol = data.find(b"\r\n")
         data = b"" if eol < 0 else data[eol + 2 :]
     return data
@@ -423,7 +424,8 @@ def _parse_headers(data: bytes) -> tuple[list[_Field], int]:
 
     Like ``email.feedparser``: the block ends at the first empty line or at the
     first line that is neither a field nor a continuation, which then starts
-    the body.  A continuation line with nothing to continue is dropped.
+    the body.  A continuation line with nothing to continue is dropped.  Unlike
+    it, "Name :" is a field (RFC 5322 §4.5), written back as "Name:".
     """
     fields: list[_Field] = []
     pos = 0
@@ -441,8 +443,19 @@ def _parse_headers(data: bytes) -> tuple[list[_Field], int]:
         else:
             match = _HEADER_NAME.match(line)
             if match is None:
+                if line.startswith(b"From "):
+                    # A stray mbox envelope line: skipped, as email.feedparser does.
+                    pos = line_end
+                    continue
                 return fields, pos
-            fields.append(_Field(match.group(1).decode("ascii"), line))
+            name = match.group(1)
+            if match.end() != len(name) + 1:
+                # "Subject :" is read as a field here (RFC 5322 §4.5) but as
+                # the start of the body by the email package; written without
+                # the blank, every reader agrees.  RFC 5322 §4: never generate
+                # the obsolete form.
+                line = name + line[match.end() - 1 :]
+            fields.append(_Field(name.decode("ascii"), line))
         pos = line_end
     if fields and not fields[-1].raw.endswith(b"\r\n"):
         fields[-1] = _Field(fields[-1].name, fields[-1].raw + b"\r\n")

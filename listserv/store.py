@@ -103,6 +103,15 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX deliveries_pending ON deliveries(outbox_id, id) WHERE status = 'pending';
     CREATE INDEX deliveries_by_outbox ON deliveries(outbox_id, status);
     """,
+    # 1 -> 2: remember which of the config's [[lists]] were created, so a list
+    # the administrator removed is not brought back at the next start.
+    """
+    CREATE TABLE seeded_lists (
+        name        TEXT PRIMARY KEY,
+        created_at  REAL NOT NULL
+    );
+    INSERT INTO seeded_lists (name, created_at) SELECT name, created_at FROM lists;
+    """,
 )
 
 ROLES = ("member", "moderator", "owner")
@@ -284,7 +293,12 @@ class Store:
 
     # -- lists ---------------------------------------------------------------
 
-    async def create_list(self, name: str, settings: dict[str, Any], owners: Iterable[str]) -> int:
+    async def seeded_names(self) -> set[str]:
+        return {r[0] for r in await self._fetchall("SELECT name FROM seeded_lists")}
+
+    async def create_list(
+        self, name: str, settings: dict[str, Any], owners: Iterable[str], *, seeded: bool = False
+    ) -> int:
         async with self.transaction() as db:
             async with db.execute("SELECT 1 FROM lists WHERE name = ?", (name,)) as cur:
                 if await cur.fetchone():
@@ -295,6 +309,10 @@ class Store:
             )
             list_id = cur2.lastrowid
             assert list_id is not None
+            if seeded:
+                await db.execute(
+                    "INSERT OR IGNORE INTO seeded_lists (name, created_at) VALUES (?, ?)", (name, _now())
+                )
             await db.executemany(
                 "INSERT INTO members (list_id, address, role, created_at) VALUES (?, ?, 'owner', ?)",
                 [(list_id, owner, _now()) for owner in dict.fromkeys(owners)],

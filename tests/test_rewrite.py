@@ -186,6 +186,24 @@ def test_headers_removed_and_kept() -> None:
     assert b"tajne-haslo" not in data
 
 
+def test_obsolete_blank_before_colon_is_a_field() -> None:
+    # RFC 5322 §4.5 "Subject :": a field, written back without the blank so
+    # that the email package (which would start the body there) agrees.
+    raw = b"From: a@example.org\r\nSubject : Odp: x\r\nX-Tag\t: 1\r\n\r\nbody\r\n"
+    data = run(raw).data
+    msg = parse(data)
+    assert msg["Subject"] == "[seap-planning] Re: x"
+    assert raw_headers(data, "X-Tag") == [b" 1\r\n"]
+    assert msg["List-Id"] and content(msg).startswith("body\n")
+
+
+def test_stray_envelope_line_in_headers_is_skipped() -> None:
+    raw = b"From: a@example.org\r\nFrom b@example.org Mon Jan  1 00:00:00 2025\r\nSubject: x\r\n\r\nbody\r\n"
+    data = run(raw).data
+    assert b"From b@example.org" not in data
+    assert parse(data)["Subject"] == "[seap-planning] x"
+
+
 def test_message_id_and_date_kept_when_present() -> None:
     data = run(load("utf8_8bit.eml"), mid="<20250303.1@gmina-przyklad.pl>").data
     msg = parse(data)

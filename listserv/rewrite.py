@@ -258,7 +258,8 @@ def list_headers(ctx: ListContext, message_id: str) -> list[tuple[str, str]]:
         if permalink:
             headers.append(("Archived-At", f"<{permalink}>"))
     headers.append(("List-Owner", f"<mailto:{ctx.owner_address}>"))
-    # RFC 3834 §3.1.8 / common practice: tells auto-responders not to answer.
+    # Not standardised, but vacation programs and out-of-office replies honour
+    # it and stay quiet, and Mailman sends it too.
     headers.append(("Precedence", "list"))
     return headers
 

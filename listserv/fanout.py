@@ -27,16 +27,17 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from listserv import dkim
 from listserv.config import Config
 from listserv.dmarc import TxtResolver, is_strict
 from listserv.notices import held_notice
-from listserv.rewrite import ListContext, rewrite
+from listserv.message import archiving_refused
+from listserv.rewrite import ListContext, message_id_hash, rewrite
 from listserv.settings import ListSettings, effective_settings
-from listserv.store import DueDelivery, IncomingRecord, Outcome, Store
+from listserv.store import ArchiveEntry, DueDelivery, IncomingRecord, Outcome, Store
 from listserv.transport import Transport
 
 
@@ -95,6 +96,7 @@ class Fanout:
         resolve_txt: TxtResolver | None = None,
         retry_initial: float = 60.0,
         clock: Callable[[], float] = time.time,
+        on_archived: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -103,6 +105,9 @@ class Fanout:
         self.resolve_txt = resolve_txt
         self.retry_initial = retry_initial
         self.clock = clock
+        # Called with (list name, Message-ID-Hash) once a post is stored for
+        # the archive; the archive stage updates its pages in the background.
+        self.on_archived = on_archived
         self._wake = asyncio.Event()
         self._stopping = False
         self._inflight: set[int] = set()
@@ -218,6 +223,11 @@ class Fanout:
             rewritten = rewrite(record.data, ctx, message_id=message_id, munge_from=munge)
             signed = self._sign(rewritten.data)
             recipients = await self.store.recipients(record.list_id)
+            archive = None
+            if not archiving_refused(record.data):
+                # The archive keeps the post as its author wrote it (the
+                # DMARC From rewrite is for delivery only), with its id.
+                archive = ArchiveEntry(message_id, message_id_hash(message_id), record.data)
         except Exception as exc:  # noqa: BLE001 - a post we cannot prepare goes to a person
             log.exception("cannot prepare post %s", record.id)
             await self.store.set_incoming_status(
@@ -227,7 +237,13 @@ class Fanout:
         outbox_id = await self.store.enqueue(
             list_id=record.list_id, kind="post", envelope_from=bounces_address(name, domain), data=signed,
             recipients=recipients, incoming_id=record.id, incoming_status="queued", incoming_expect="accepted",
+            archive=archive,
         )
+        if archive is not None and self.on_archived is not None:
+            try:
+                await self.on_archived(name, archive.msgid_hash)
+            except Exception:  # noqa: BLE001 - the archive is derived: rebuildable, never blocks delivery
+                log.exception("archive update failed for %s; `listserv archive build` repairs it", message_id)
         if rewritten.stripped:
             log.info("stripped list=%s message_id=%s types=%s", name, message_id, ",".join(rewritten.stripped))
         log.info("queued list=%s message_id=%s outbox=%s recipients=%d", name, message_id, outbox_id,

@@ -146,3 +146,16 @@ def sender_of(mail_from: str, message: ParsedMessage) -> str:
         return normalize_address(mail_from)
     except AddressError:
         return ""
+
+
+def archiving_refused(raw: bytes) -> bool:
+    """True if the author asked not to be archived.
+
+    ``X-No-Archive: yes`` (the Usenet convention most archives honour) and
+    ``Archive: no`` (RFC 2369 §3.6 lists Archive among list-related fields;
+    the value "no" is what Mailman and HyperKitty check).
+    """
+    msg = BytesHeaderParser(policy=policy.compat32).parsebytes(raw)
+    if _header_str(msg.get("X-No-Archive", "")).strip().lower().startswith("yes"):
+        return True
+    return _header_str(msg.get("Archive", "")).strip().lower().startswith("no")

@@ -112,6 +112,58 @@ MIGRATIONS: tuple[str, ...] = (
     );
     INSERT INTO seeded_lists (name, created_at) SELECT name, created_at FROM lists;
     """,
+    # 2 -> 3: the archive's source of truth (the archive stage renders from
+    # it; posts as distributed, before the per-copy signature), and what the
+    # e-mail commands need: tokens, the consent record, reply rate limits.
+    """
+    CREATE TABLE archive (
+        id           INTEGER PRIMARY KEY,
+        list_id      INTEGER NOT NULL,
+        message_id   TEXT NOT NULL,
+        msgid_hash   TEXT NOT NULL,     -- base32(sha1(Message-ID)), the URL key
+        received_at  REAL NOT NULL,
+        source       TEXT NOT NULL,     -- post | import
+        removed      INTEGER NOT NULL DEFAULT 0,
+        data         BLOB NOT NULL,
+        UNIQUE (list_id, msgid_hash)
+    );
+    CREATE TABLE tokens (
+        token        TEXT PRIMARY KEY,
+        list_id      INTEGER NOT NULL,
+        address      TEXT NOT NULL,
+        action       TEXT NOT NULL,     -- join | leave | moderate
+        payload      TEXT NOT NULL DEFAULT '{}',
+        created_at   REAL NOT NULL,
+        expires_at   REAL NOT NULL,
+        used_at      REAL,
+        used_by      TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX tokens_by_address ON tokens(address, list_id, action);
+    CREATE TABLE consent_events (
+        id         INTEGER PRIMARY KEY,
+        list_name  TEXT NOT NULL,       -- kept by name: the record outlives the list
+        address    TEXT NOT NULL,
+        event      TEXT NOT NULL,       -- joined | left | changed | forgotten
+        method     TEXT NOT NULL,       -- email | cli | import | bounce | web
+        detail     TEXT NOT NULL DEFAULT '',
+        at         REAL NOT NULL
+    );
+    CREATE INDEX consent_by_address ON consent_events(address);
+    CREATE TABLE autoreplies (
+        id       INTEGER PRIMARY KEY,
+        address  TEXT NOT NULL,
+        list_id  INTEGER NOT NULL,
+        kind     TEXT NOT NULL,          -- confirm | reply | notice
+        at       REAL NOT NULL
+    );
+    CREATE INDEX autoreplies_by_address ON autoreplies(address, at);
+    CREATE TABLE accepted_senders (
+        list_id     INTEGER NOT NULL,
+        address     TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        PRIMARY KEY (list_id, address)
+    );
+    """,
 )
 
 ROLES = ("member", "moderator", "owner")
@@ -189,6 +241,16 @@ class DueDelivery:
     recipient: str
     attempts: int
     first_attempt_at: float  # when the copy was queued (for the retry period)
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveEntry:
+    """One message for the archive, stored with the post that is queued."""
+
+    message_id: str
+    msgid_hash: str
+    data: bytes
+    source: str = "post"
 
 
 @dataclass(frozen=True, slots=True)
@@ -631,6 +693,7 @@ class Store:
         incoming_status: str | None = None,
         incoming_expect: str | None = None,
         mark_notified: bool = False,
+        archive: ArchiveEntry | None = None,
     ) -> int:
         """Queue one message for its recipients, and move its source along, atomically.
 
@@ -658,6 +721,13 @@ class Store:
                 await self._set_status(
                     db, incoming_id, incoming_status or row[0], expect=incoming_expect,
                     notified=True if mark_notified else None,
+                )
+            if archive is not None:
+                # A duplicate Message-ID keeps the first message (as HyperKitty does).
+                await db.execute(
+                    "INSERT OR IGNORE INTO archive (list_id, message_id, msgid_hash, received_at, source, data)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (list_id, archive.message_id, archive.msgid_hash, now, archive.source, archive.data),
                 )
             return outbox_id
 

@@ -22,6 +22,7 @@ from listserv.config import Config
 from listserv.dmarc import TxtResolver, dns_txt_resolver
 from listserv.errors import DuplicateError
 from listserv.fanout import Fanout
+from listserv.membership import MembershipStage
 from listserv.smtp_in import ListHandler, server_factory
 from listserv.store import Store
 from listserv.transport import Transport, make_transport
@@ -106,7 +107,9 @@ class App:
         resolve = self._resolve_txt
         if resolve is None:
             resolve = dns_txt_resolver()
-        self.fanout = Fanout(config, store, transport, key, resolve, retry_initial=self._retry_initial)
+        self.membership = MembershipStage(config, store, key)
+        self.fanout = Fanout(config, store, transport, key, resolve, retry_initial=self._retry_initial,
+                             stages=(self.membership.process,))
         self.handler = ListHandler(config, store, on_stored=self.fanout.wake)
         make = server_factory(config, self.handler)
 

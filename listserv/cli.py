@@ -25,7 +25,8 @@ from listserv import __version__, config as config_mod, dkim
 from listserv.errors import AddressError, ListservError, StoreError
 from listserv.fanout import bounces_address
 from listserv.message import normalize_address
-from listserv.notices import rejection_notice
+from listserv.membership import ListView
+from listserv.texts import compose
 from listserv.settings import SETTINGS, ListSettings, effective_settings, parse_setting, storable
 from listserv.store import DELIVERY_STATES, ROLES, Store
 
@@ -399,9 +400,11 @@ async def held_reject(cfg: config_mod.Config, store: Store, held_id: int, reason
     to = record.sender or record.mail_from
     if not to:
         raise StoreError(f"message {held_id} has no sender address to tell")
-    notice = rejection_notice(
-        list_name=lst.name, domain=cfg.server.domain, title=settings.title, language=settings.language, to=to,
-        subject=record.subject, reason=reason, in_reply_to=record.message_id,
+    view = ListView(lst.id, lst.name, settings, cfg.server.domain)
+    notice = compose(
+        "rejection", settings.language, view.context(subject=record.subject, reason=reason),
+        from_name=view.title, from_addr=view.addr("owner"), to=to, list_id=view.list_id,
+        domain=cfg.server.domain, auto="auto-replied", in_reply_to=record.message_id,
     )
     await store.enqueue(
         list_id=record.list_id, kind="notice", envelope_from=bounces_address(lst.name, cfg.server.domain),

@@ -87,6 +87,16 @@ class ArchiveConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Abuse resistance for the mail listserv sends in answer to mail (RFC 3834 §2)."""
+
+    confirm_resend_interval: int  # no new confirmation for the same address and list sooner
+    confirmations_per_address_per_day: int
+    confirmations_per_day: int  # all addresses together
+    replies_per_address_per_day: int  # every automatic reply to one address
+
+
+@dataclass(frozen=True, slots=True)
 class SeedList:
     """A list the server creates on start-up if it does not exist yet."""
 
@@ -105,6 +115,7 @@ class Config:
     archive: ArchiveConfig
     list_defaults: ListSettings
     lists: tuple[SeedList, ...] = field(default=())
+    limits: LimitsConfig = field(default_factory=lambda: LimitsConfig(3600, 3, 1000, 10))
     source: Path | None = None
 
     @property
@@ -274,7 +285,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
 
 def from_mapping(data: Mapping[str, Any], *, base: Path, source: Path | None = None) -> Config:
     """Validate an already-parsed TOML document (tests build configs this way)."""
-    known = {"server", "delivery", "dkim", "archive", "list_defaults", "lists"}
+    known = {"server", "delivery", "dkim", "archive", "list_defaults", "lists", "limits"}
     for key in data:
         if key not in known:
             raise ConfigError(f"unknown section [{key}]; known sections: {', '.join(sorted(known))}")
@@ -335,6 +346,15 @@ def from_mapping(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     )
     a.finish()
 
+    li = _Section("limits", data.get("limits", {}))
+    limits = LimitsConfig(
+        confirm_resend_interval=li.get("confirm_resend_interval", _duration, 3600),
+        confirmations_per_address_per_day=li.get("confirmations_per_address_per_day", _positive, 3),
+        confirmations_per_day=li.get("confirmations_per_day", _positive, 1000),
+        replies_per_address_per_day=li.get("replies_per_address_per_day", _positive, 10),
+    )
+    li.finish()
+
     raw_defaults = data.get("list_defaults", {})
     if not isinstance(raw_defaults, dict):
         raise ConfigError("[list_defaults] must be a table")
@@ -363,7 +383,7 @@ def from_mapping(data: Mapping[str, Any], *, base: Path, source: Path | None = N
             )
         )
         t.finish()
-    return Config(server, delivery, dkim, archive, list_defaults, tuple(seeds), source)
+    return Config(server, delivery, dkim, archive, list_defaults, lists=tuple(seeds), limits=limits, source=source)
 
 
 def _str_list(value: Any) -> list[str]:

@@ -5,8 +5,8 @@ The worker does two things in a loop.
 1. *Prepare*: each accepted post (oldest first) is rewritten once for its list,
    signed once (DKIM comes last, on the final bytes), and queued for every
    member with delivery enabled, in one transaction that also marks the post
-   ``queued``.  Held posts get one notice to the owners and moderators; mail
-   to ``LIST-owner`` is forwarded to the owners.
+   ``queued``.  Mail to ``LIST-owner`` is forwarded to the owners, and the
+   other stages given to the worker run (commands, held-post notices).
 2. *Deliver*: due copies are grouped into batches of up to
    ``max_recipients`` RCPTs per transaction (``plan_batches``) and sent over
    ``connections`` parallel connections.  Each batch's outcome is stored in
@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from listserv import dkim
 from listserv.config import Config
 from listserv.dmarc import TxtResolver, is_strict
-from listserv.notices import held_notice
 from listserv.message import archiving_refused
 from listserv.rewrite import ListContext, message_id_hash, rewrite
 from listserv.settings import ListSettings, effective_settings
@@ -97,6 +96,7 @@ class Fanout:
         retry_initial: float = 60.0,
         clock: Callable[[], float] = time.time,
         on_archived: Callable[[str, str], Awaitable[None]] | None = None,
+        stages: Sequence[Callable[[], Awaitable[None]]] = (),
     ) -> None:
         self.config = config
         self.store = store
@@ -108,6 +108,8 @@ class Fanout:
         # Called with (list name, Message-ID-Hash) once a post is stored for
         # the archive; the archive stage updates its pages in the background.
         self.on_archived = on_archived
+        # Other work the worker does each pass (e-mail commands, held posts).
+        self.stages = tuple(stages)
         self._wake = asyncio.Event()
         self._stopping = False
         self._inflight: set[int] = set()
@@ -191,10 +193,10 @@ class Fanout:
     async def prepare(self) -> None:
         for record in await self.store.incoming_with("post", "accepted", limit=20):
             await self._prepare_post(record)
-        for record in await self.store.incoming_with("post", "held", limit=20, unnotified=True):
-            await self._notify_held(record)
         for record in await self.store.incoming_with("owner", "new", limit=20):
             await self._forward_owner_mail(record)
+        for stage in self.stages:
+            await stage()
 
     async def _settings(self, list_id: int) -> tuple[str, ListSettings]:
         lst = await self.store.get_list_by_id(list_id)
@@ -220,7 +222,7 @@ class Fanout:
             ctx = ListContext(name=name, domain=domain, settings=settings,
                               archive_base_url=self.config.archive.base_url)
             munge = await self._munge_from(settings, record.sender)
-            rewritten = rewrite(record.data, ctx, message_id=message_id, munge_from=munge)
+            rewritten = rewrite(record.data, ctx, message_id=message_id, munge_from=munge, author=record.sender)
             signed = self._sign(rewritten.data)
             recipients = await self.store.recipients(record.list_id)
             archive = None
@@ -248,25 +250,6 @@ class Fanout:
             log.info("stripped list=%s message_id=%s types=%s", name, message_id, ",".join(rewritten.stripped))
         log.info("queued list=%s message_id=%s outbox=%s recipients=%d", name, message_id, outbox_id,
                  len(recipients))
-
-    async def _notify_held(self, record: IncomingRecord) -> None:
-        domain = self.config.server.domain
-        name, settings = await self._settings(record.list_id)
-        staff = await self.store.staff(record.list_id)
-        if not staff:
-            log.warning("held list=%s id=%s: the list has no owner or moderator to notify", name, record.id)
-            await self.store.set_incoming_status(record.id, "held", notified=True)
-            return
-        notice = held_notice(
-            list_name=name, domain=domain, title=settings.title, language=settings.language, staff=staff,
-            held_id=record.id, sender=record.sender, subject=record.subject, reason=record.reason,
-            original=record.data,
-        )
-        await self.store.enqueue(
-            list_id=record.list_id, kind="notice", envelope_from=bounces_address(name, domain),
-            data=self._sign(notice), recipients=staff, incoming_id=record.id, mark_notified=True,
-        )
-        log.info("notified list=%s held=%s staff=%d", name, record.id, len(staff))
 
     async def _forward_owner_mail(self, record: IncomingRecord) -> None:
         domain = self.config.server.domain

@@ -132,6 +132,7 @@ class Post:
     message: ParsedMessage
     membership: Membership | None
     banned: bool
+    always_accept: bool = False  # a moderator chose "approve and always accept this sender"
 
 
 def sender_of(mail_from: str, message: ParsedMessage) -> str:

@@ -51,6 +51,8 @@ def emergency(post: Post, settings: ListSettings) -> Verdict | None:
 
 
 def poster_allowed(post: Post, settings: ListSettings) -> Verdict | None:
+    if post.always_accept and post.membership is None and settings.posting_policy != "announce":
+        return None  # a non-member a moderator chose to always accept
     if settings.posting_policy == "announce":
         if post.membership is None or post.membership.role not in ("owner", "moderator"):
             return Hold("announce-only list: only owners and moderators post")

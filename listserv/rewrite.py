@@ -333,13 +333,17 @@ def rewrite(
     message_id: str,
     munge_from: bool,
     now: datetime.datetime | None = None,
+    author: str = "",
 ) -> Rewritten:
     """Rewrite an accepted post for the list; see the module docstring.
 
     ``message_id`` is the id the post is known by (its own, or the one the
     caller generated when it had none); it is inserted when the post has no
     Message-ID and is hashed for Archived-At.  ``now`` is the time for a missing
-    Date header (defaults to the current time).
+    Date header (defaults to the current time).  ``author`` is the address
+    the posting rules took as the sender; a post without a From field gets
+    ``From: author`` (RFC 5322 §3.6 requires one, and DKIM signs it), else the
+    list address.
     """
     data = _normalize(raw)
     data, stripped, top_note = _strip_attachments(data, ctx)
@@ -361,6 +365,8 @@ def rewrite(
         if f.key not in REMOVED_HEADERS and not (f.key in ("message-id", "date") and not f.text)
     ]
     fields = _set_subject(fields, ctx)
+    if not any(f.key == "from" for f in fields):
+        fields.append(_field("From", author or ctx.post_address))
     if munge_from:
         fields = _munge_from(fields, ctx)
 

@@ -87,6 +87,12 @@ class ListSettings:
     max_recipients_in_header: int = 10
     attachments: AttachmentPolicy = field(default_factory=lambda: DEFAULT_ATTACHMENTS)
     footer: str = ""
+    subscription_policy: str = "confirm"
+    who_policy: str = "nobody"
+    confirm_expiry: int = 3 * 86400
+    notify_held_sender: bool = True
+    held_expiry: int = 14 * 86400
+    archive_policy: str = "public"
 
     def to_display(self) -> dict[str, str]:
         """Every setting rendered as the string ``list set`` accepts."""
@@ -178,7 +184,32 @@ def _parse_attachments(value: Any) -> AttachmentPolicy:
     )
 
 
-def _render(value: Any) -> str:
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parse_duration(value: Any) -> int:
+    """Seconds, as a number or a string like "30m", "12h", "3d"."""
+    import re
+
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        m = re.match(r"^\s*(\d+)\s*([smhd]?)\s*$", value)
+        if m and int(m.group(1)) > 0:
+            return int(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ValueError(f'expected a duration like 3600, "12h" or "3d"; got {value!r}')
+
+
+def render_duration(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _render(value: Any, name: str = "") -> str:
+    if name in ("confirm_expiry", "held_expiry") and isinstance(value, int):
+        return render_duration(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, AttachmentPolicy):
@@ -200,7 +231,7 @@ class Setting:
     help: str
 
     def render(self, value: Any) -> str:
-        return _render(value)
+        return _render(value, self.name)
 
 
 SETTINGS: Mapping[str, Setting] = {
@@ -216,6 +247,12 @@ SETTINGS: Mapping[str, Setting] = {
         Setting("max_recipients_in_header", _parse_count, "Hold a post with more addresses than this in To and Cc"),
         Setting("attachments", _parse_attachments, "MIME types stripped or held, JSON: {\"strip\": [...], \"hold\": [...]}"),
         Setting("footer", _parse_str, "Text appended to each post; empty for the built-in text in the list's language"),
+        Setting("subscription_policy", _choice("confirm", "moderate", "closed"), "Joining by e-mail: confirm (double opt-in), moderate (then an owner approves), closed (owners add members with the CLI)"),
+        Setting("who_policy", _choice("nobody", "members", "anyone"), "Who may get the member list with the `who` command"),
+        Setting("confirm_expiry", _parse_duration, "How long a join/leave confirmation stays valid, e.g. 3d"),
+        Setting("notify_held_sender", _parse_bool, "Tell the sender (once) that their post waits for a moderator"),
+        Setting("held_expiry", _parse_duration, "A held post nobody decides on expires after this long (sender told), e.g. 14d"),
+        Setting("archive_policy", _choice("public", "private", "none"), "Web archive: public, private (a separate folder served behind a login), none"),
     )
 }
 

@@ -230,6 +230,7 @@ class ListHandler:
             message=parsed,
             membership=Membership(snap.role, snap.moderated) if snap.role else None,
             banned=bool(sender) and _banned(sender, snap.ban_patterns),
+            always_accept=snap.always_accept,
         )
         verdict = decide(post, settings)
         if isinstance(verdict, Reject):

@@ -164,6 +164,47 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (list_id, address)
     );
     """,
+    # 3 -> 4: what the archive derived from each message (thread, texts with
+    # addresses hidden, its mbox entry), so an incremental update reads only
+    # the rows of one thread and one month.  Rebuilt by `archive build --full`.
+    """
+    CREATE TABLE archive_meta (
+        archive_id   INTEGER PRIMARY KEY,   -- archive.id
+        list_id      INTEGER NOT NULL,
+        msgid_hash   TEXT NOT NULL,
+        message_id   TEXT NOT NULL,
+        thread       TEXT NOT NULL,          -- Message-ID-Hash of the thread's topmost message
+        parent       TEXT NOT NULL DEFAULT '',
+        refs         TEXT NOT NULL DEFAULT '',  -- References, one per line
+        date         REAL NOT NULL,
+        month        TEXT NOT NULL,          -- YYYY-MM
+        subject      TEXT NOT NULL,
+        nsubject     TEXT NOT NULL,
+        author       TEXT NOT NULL,
+        snippet      TEXT NOT NULL,
+        search       TEXT NOT NULL,
+        attachments  INTEGER NOT NULL DEFAULT 0,
+        mbox         BLOB NOT NULL
+    );
+    CREATE INDEX archive_meta_thread ON archive_meta(list_id, thread);
+    CREATE INDEX archive_meta_month ON archive_meta(list_id, month, date);
+    CREATE INDEX archive_meta_date ON archive_meta(list_id, date);
+    CREATE INDEX archive_meta_msgid ON archive_meta(list_id, message_id);
+    CREATE INDEX archive_meta_subject ON archive_meta(list_id, nsubject, date);
+    CREATE TABLE archive_refs (
+        list_id     INTEGER NOT NULL,
+        ref         TEXT NOT NULL,
+        archive_id  INTEGER NOT NULL
+    );
+    CREATE INDEX archive_refs_by_ref ON archive_refs(list_id, ref);
+    CREATE INDEX archive_refs_by_id ON archive_refs(archive_id);
+    CREATE TABLE archive_months (
+        list_id  INTEGER NOT NULL,
+        month    TEXT NOT NULL,
+        count    INTEGER NOT NULL,
+        PRIMARY KEY (list_id, month)
+    ) WITHOUT ROWID;
+    """,
 )
 
 ROLES = ("member", "moderator", "owner")
@@ -198,6 +239,7 @@ class PolicySnapshot:
     role: str | None
     moderated: bool
     ban_patterns: tuple[str, ...]
+    always_accept: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +283,44 @@ class DueDelivery:
     recipient: str
     attempts: int
     first_attempt_at: float  # when the copy was queued (for the retry period)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    token: str
+    list_id: int
+    address: str
+    action: str  # join | leave | moderate
+    payload: dict[str, Any]
+    created_at: float
+    expires_at: float
+    used_at: float | None
+    used_by: str
+
+
+_TOKEN_COLS = "token, list_id, address, action, payload, created_at, expires_at, used_at, used_by"
+
+
+def _token(r: Any) -> TokenRecord:
+    return TokenRecord(r[0], r[1], r[2], r[3], json.loads(r[4] or "{}"), r[5], r[6], r[7], r[8])
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentEvent:
+    list_name: str
+    address: str
+    event: str
+    method: str
+    detail: str
+    at: float
+
+
+async def _consent(db: aiosqlite.Connection, list_name: str, address: str, event: str, method: str,
+                   detail: str) -> None:
+    await db.execute(
+        "INSERT INTO consent_events (list_name, address, event, method, detail, at) VALUES (?, ?, ?, ?, ?, ?)",
+        (list_name, address, event, method, detail, _now()),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,8 +494,14 @@ class Store:
                 raise UnknownList(f"no list named {name!r}")
             list_id = row[0]
             # Mail already accepted for the list is still delivered; only its
-            # definition, members and bans go.
+            # definition, members and bans go.  The consent record stays.
+            await db.execute(
+                "INSERT INTO consent_events (list_name, address, event, method, detail, at)"
+                " SELECT ?, address, 'left', 'cli', 'the list was removed', ? FROM members WHERE list_id = ?",
+                (name, _now(), list_id),
+            )
             await db.execute("DELETE FROM members WHERE list_id = ?", (list_id,))
+            await db.execute("DELETE FROM accepted_senders WHERE list_id = ?", (list_id,))
             await db.execute("DELETE FROM bans WHERE list_id = ?", (list_id,))
             await db.execute("DELETE FROM lists WHERE id = ?", (list_id,))
 
@@ -432,7 +518,8 @@ class Store:
     # -- members -------------------------------------------------------------
 
     async def add_members(
-        self, list_name: str, members: Sequence[tuple[str, str, str]], role: str = "member"
+        self, list_name: str, members: Sequence[tuple[str, str, str]], role: str = "member", *,
+        method: str = "cli", detail: str = "",
     ) -> int:
         """Add (address, display name, organisation) rows; all or nothing."""
         if role not in ROLES:
@@ -458,9 +545,16 @@ class Store:
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 [(lst.id, a, n, o, role, now) for a, n, o in members],
             )
+            await db.executemany(
+                "INSERT INTO consent_events (list_name, address, event, method, detail, at)"
+                " VALUES (?, ?, 'joined', ?, ?, ?)",
+                [(list_name, a, method, detail, now) for a, _, _ in members],
+            )
         return len(members)
 
-    async def remove_members(self, list_name: str, addresses: Sequence[str]) -> None:
+    async def remove_members(
+        self, list_name: str, addresses: Sequence[str], *, method: str = "cli", detail: str = ""
+    ) -> None:
         lst = await self.get_list(list_name)
         async with self.transaction() as db:
             for address in addresses:
@@ -469,6 +563,7 @@ class Store:
                 )
                 if cur.rowcount == 0:
                     raise StoreError(f"{address} is not a member of {list_name}")
+                await _consent(db, list_name, address, "left", method, detail)
 
     async def members(self, list_name: str) -> list[MemberRecord]:
         lst = await self.get_list(list_name)
@@ -548,10 +643,11 @@ class Store:
         """The list, the sender's membership and the ban patterns, in one read."""
         row = await self._fetchone(
             "SELECT l.id, l.settings, m.role, m.moderated,"
-            " (SELECT group_concat(pattern, char(10)) FROM bans b WHERE b.list_id IN (0, l.id))"
+            " (SELECT group_concat(pattern, char(10)) FROM bans b WHERE b.list_id IN (0, l.id)),"
+            " EXISTS (SELECT 1 FROM accepted_senders a WHERE a.list_id = l.id AND a.address = ?)"
             " FROM lists l LEFT JOIN members m ON m.list_id = l.id AND m.address = ?"
             " WHERE l.name = ?",
-            (sender, list_name),
+            (sender, sender, list_name),
         )
         if row is None:
             return None
@@ -561,6 +657,7 @@ class Store:
             role=row[2],
             moderated=bool(row[3]),
             ban_patterns=tuple(row[4].split("\n")) if row[4] else (),
+            always_accept=bool(row[5]),
         )
 
     async def submit_incoming(self, rows: Sequence[IncomingRow]) -> None:
@@ -770,6 +867,236 @@ class Store:
             )
             return cur.rowcount
 
+    # -- membership by e-mail: tokens, consent, reply limits ------------------------
+
+    async def member(self, list_id: int, address: str) -> MemberRecord | None:
+        row = await self._fetchone(
+            "SELECT address, display_name, organisation, role, moderated, delivery, created_at"
+            " FROM members WHERE list_id = ? AND address = ?",
+            (list_id, address),
+        )
+        return MemberRecord(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6]) if row else None
+
+    async def create_token(
+        self, token: str, list_id: int, address: str, action: str, payload: dict[str, Any], expires_at: float
+    ) -> None:
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO tokens (token, list_id, address, action, payload, created_at, expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (token, list_id, address, action, json.dumps(payload, ensure_ascii=False), _now(), expires_at),
+            )
+
+    async def pending_token(self, list_id: int, address: str, action: str, now: float) -> TokenRecord | None:
+        """The newest unused, unexpired token for this address, list and action."""
+        row = await self._fetchone(
+            f"SELECT {_TOKEN_COLS} FROM tokens WHERE list_id = ? AND address = ? AND action = ?"
+            " AND used_at IS NULL AND expires_at > ? ORDER BY created_at DESC LIMIT 1",
+            (list_id, address, action, now),
+        )
+        return _token(row) if row else None
+
+    async def get_token(self, token: str) -> TokenRecord | None:
+        row = await self._fetchone(f"SELECT {_TOKEN_COLS} FROM tokens WHERE token = ?", (token,))
+        return _token(row) if row else None
+
+    async def use_token(self, token: str, by: str, now: float) -> bool:
+        """Spend a token once; False if it was used, expired or never existed."""
+        async with self.transaction() as db:
+            cur = await db.execute(
+                "UPDATE tokens SET used_at = ?, used_by = ? WHERE token = ? AND used_at IS NULL AND expires_at > ?",
+                (now, by, token, now),
+            )
+            return cur.rowcount == 1
+
+    async def spend_tokens_for(self, list_id: int, action: str, key: str, value: Any, by: str, now: float) -> None:
+        """Mark every token whose payload[key] == value as used (the other buttons of a notice)."""
+        async with self.transaction() as db:
+            await db.execute(
+                "UPDATE tokens SET used_at = ?, used_by = ? WHERE list_id = ? AND action = ? AND used_at IS NULL"
+                " AND json_extract(payload, '$.' || ?) = ?",
+                (now, by, list_id, action, key, value),
+            )
+
+    async def count_autoreplies(self, since: float, address: str | None = None, kind: str | None = None) -> int:
+        sql = "SELECT count(*) FROM autoreplies WHERE at >= ?"
+        params: list[Any] = [since]
+        if address is not None:
+            sql += " AND address = ?"
+            params.append(address)
+        if kind is not None:
+            sql += " AND kind = ?"
+            params.append(kind)
+        row = await self._fetchone(sql, params)
+        return int(row[0]) if row else 0
+
+    async def log_autoreply(self, address: str, list_id: int, kind: str) -> None:
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO autoreplies (address, list_id, kind, at) VALUES (?, ?, ?, ?)",
+                (address, list_id, kind, _now()),
+            )
+
+    async def join(self, list_id: int, address: str, *, method: str, detail: str, display_name: str = "") -> bool:
+        """Add a member and record how consent was given; False if already a member."""
+        async with self.transaction() as db:
+            row = await (await db.execute("SELECT name FROM lists WHERE id = ?", (list_id,))).fetchone()
+            if row is None:
+                raise UnknownList(f"no list with id {list_id}")
+            try:
+                await db.execute(
+                    "INSERT INTO members (list_id, address, display_name, created_at) VALUES (?, ?, ?, ?)",
+                    (list_id, address, display_name, _now()),
+                )
+            except aiosqlite.IntegrityError:
+                return False
+            await _consent(db, row[0], address, "joined", method, detail)
+            return True
+
+    async def leave(self, list_id: int, address: str, *, method: str, detail: str) -> bool:
+        async with self.transaction() as db:
+            row = await (await db.execute("SELECT name FROM lists WHERE id = ?", (list_id,))).fetchone()
+            if row is None:
+                raise UnknownList(f"no list with id {list_id}")
+            cur = await db.execute("DELETE FROM members WHERE list_id = ? AND address = ?", (list_id, address))
+            if cur.rowcount == 0:
+                return False
+            await _consent(db, row[0], address, "left", method, detail)
+            return True
+
+    async def set_delivery(self, list_id: int, address: str, delivery: str) -> bool:
+        async with self.transaction() as db:
+            cur = await db.execute(
+                "UPDATE members SET delivery = ? WHERE list_id = ? AND address = ?", (delivery, list_id, address)
+            )
+            return cur.rowcount == 1
+
+    async def consent_history(self, list_name: str, address: str) -> list[ConsentEvent]:
+        rows = await self._fetchall(
+            "SELECT list_name, address, event, method, detail, at FROM consent_events"
+            " WHERE list_name = ? AND address = ? ORDER BY at, id",
+            (list_name, address),
+        )
+        return [ConsentEvent(*r) for r in rows]
+
+    async def change_address(self, list_name: str, old: str, new: str, *, by: str) -> None:
+        """Move a member to a new address, keeping role, settings and history."""
+        lst = await self.get_list(list_name)
+        async with self.transaction() as db:
+            if await (await db.execute(
+                "SELECT 1 FROM members WHERE list_id = ? AND address = ?", (lst.id, new))).fetchone():
+                raise DuplicateError(f"{new} is already a member of {list_name}")
+            cur = await db.execute(
+                "UPDATE members SET address = ? WHERE list_id = ? AND address = ?", (new, lst.id, old)
+            )
+            if cur.rowcount == 0:
+                raise StoreError(f"{old} is not a member of {list_name}")
+            await db.execute(
+                "UPDATE consent_events SET address = ? WHERE list_name = ? AND address = ?", (new, list_name, old)
+            )
+            await _consent(db, list_name, new, "changed", "cli", f"address changed from {old} by {by}")
+
+    async def accept_sender(self, list_id: int, address: str) -> None:
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT OR IGNORE INTO accepted_senders (list_id, address, created_at) VALUES (?, ?, ?)",
+                (list_id, address, _now()),
+            )
+
+    async def held_before(self, before: float) -> list[IncomingRecord]:
+        rows = await self._fetchall(
+            f"SELECT {self._INCOMING_COLS} FROM incoming i LEFT JOIN lists l ON l.id = i.list_id"
+            " WHERE i.kind = 'post' AND i.status = 'held' AND i.received_at < ? ORDER BY i.id",
+            (before,),
+        )
+        return [self._incoming(r) for r in rows]
+
+    async def person_export(self, address: str) -> dict[str, Any]:
+        """Everything stored about one address (GDPR Art. 15), as plain data."""
+        memberships = await self._fetchall(
+            "SELECT l.name, m.display_name, m.organisation, m.role, m.moderated, m.delivery, m.created_at"
+            " FROM members m JOIN lists l ON l.id = m.list_id WHERE m.address = ? ORDER BY l.name",
+            (address,),
+        )
+        consent = await self._fetchall(
+            "SELECT list_name, event, method, detail, at FROM consent_events WHERE address = ? ORDER BY at, id",
+            (address,),
+        )
+        mail = await self._fetchall(
+            "SELECT i.id, coalesce(l.name, ''), i.kind, i.status, i.reason, i.subject, i.message_id, i.received_at"
+            " FROM incoming i LEFT JOIN lists l ON l.id = i.list_id WHERE i.sender = ? OR i.mail_from = ?"
+            " ORDER BY i.id",
+            (address, address),
+        )
+        deliveries = await self._fetchall(
+            "SELECT coalesce(l.name, ''), o.kind, d.status, d.attempts, d.last_reply, d.updated_at"
+            " FROM deliveries d JOIN outbox o ON o.id = d.outbox_id LEFT JOIN lists l ON l.id = o.list_id"
+            " WHERE d.recipient = ? AND d.status != 'sent' ORDER BY d.id",
+            (address,),
+        )
+        tokens = await self._fetchall(
+            "SELECT coalesce(l.name, ''), t.action, t.created_at, t.expires_at, t.used_at"
+            " FROM tokens t LEFT JOIN lists l ON l.id = t.list_id WHERE t.address = ? ORDER BY t.created_at",
+            (address,),
+        )
+        accepted = await self._fetchall(
+            "SELECT l.name, a.created_at FROM accepted_senders a JOIN lists l ON l.id = a.list_id"
+            " WHERE a.address = ?", (address,),
+        )
+        return {
+            "address": address,
+            "memberships": [
+                {"list": r[0], "display_name": r[1], "organisation": r[2], "role": r[3], "moderated": bool(r[4]),
+                 "delivery": r[5], "since": r[6]} for r in memberships
+            ],
+            "consent": [{"list": r[0], "event": r[1], "method": r[2], "detail": r[3], "at": r[4]} for r in consent],
+            "messages": [
+                {"id": r[0], "list": r[1], "kind": r[2], "status": r[3], "reason": r[4], "subject": r[5],
+                 "message_id": r[6], "received_at": r[7]} for r in mail
+            ],
+            "undelivered": [
+                {"list": r[0], "kind": r[1], "status": r[2], "attempts": r[3], "last_reply": r[4], "at": r[5]}
+                for r in deliveries
+            ],
+            "tokens": [
+                {"list": r[0], "action": r[1], "created_at": r[2], "expires_at": r[3], "used_at": r[4]}
+                for r in tokens
+            ],
+            "always_accepted_on": [{"list": r[0], "since": r[1]} for r in accepted],
+        }
+
+    async def person_forget(self, address: str, *, by: str) -> dict[str, int]:
+        """Erase an address everywhere (GDPR Art. 17), keeping only the record that consent ended.
+
+        Held and stored mail from the address is deleted; copies still
+        queued for it are dropped; the archive is not touched here (it is
+        public, and `archive remove` takes messages down one by one).
+        """
+        counts: dict[str, int] = {}
+        async with self.transaction() as db:
+            lists = await (await db.execute(
+                "SELECT l.name FROM members m JOIN lists l ON l.id = m.list_id WHERE m.address = ?", (address,)
+            )).fetchall()
+            for (list_name,) in lists:
+                await _consent(db, list_name, address, "left", "cli", f"erased on request (forget) by {by}")
+            counts["memberships"] = (await db.execute("DELETE FROM members WHERE address = ?", (address,))).rowcount
+            counts["messages"] = (await db.execute(
+                "DELETE FROM incoming WHERE sender = ? OR mail_from = ?", (address, address))).rowcount
+            counts["pending_copies"] = (await db.execute(
+                "DELETE FROM deliveries WHERE recipient = ? AND status != 'sent'", (address,))).rowcount
+            await db.execute("UPDATE deliveries SET recipient = '(erased)' WHERE recipient = ?", (address,))
+            counts["tokens"] = (await db.execute("DELETE FROM tokens WHERE address = ?", (address,))).rowcount
+            await db.execute("DELETE FROM autoreplies WHERE address = ?", (address,))
+            await db.execute("DELETE FROM accepted_senders WHERE address = ?", (address,))
+            await db.execute("DELETE FROM bans WHERE pattern = ?", (address,))
+            # What the law asks to keep: that consent was given and withdrawn,
+            # and when; nothing else (the detail texts may quote Message-IDs).
+            await db.execute(
+                "UPDATE consent_events SET detail = '' WHERE address = ? AND detail NOT LIKE 'erased on request%'",
+                (address,),
+            )
+        return counts
+
     async def queue_summary(self) -> list[dict[str, Any]]:
         """Per queued message: list, kind, counts by status, oldest pending, last reply."""
         rows = await self._fetchall(
@@ -802,6 +1129,266 @@ class Store:
             "SELECT recipient, status, last_reply FROM deliveries WHERE outbox_id = ? ORDER BY id", (outbox_id,)
         )
         return [(r[0], r[1], r[2]) for r in rows]
+
+
+    # -- archive ---------------------------------------------------------------
+    # The archive stage's reads and writes.  ``archive`` rows are the source of
+    # truth; ``archive_meta`` / ``archive_refs`` / ``archive_months`` are
+    # derived and rebuilt by `listserv archive build --full`.  The static
+    # ``read_*`` helpers use plain sqlite3 so that build worker processes can
+    # read blobs without an event loop.
+
+    from listserv.archive_types import ArchiveMeta as ArchiveMetaT, ArchiveRow as ArchiveRowT
+
+    _META_COLS = (
+        "archive_id, list_id, msgid_hash, message_id, thread, parent, refs, date, month, subject, nsubject,"
+        " author, snippet, search, attachments"
+    )
+
+    @staticmethod
+    def _meta(r: Sequence[Any], mbox: bytes = b"") -> ArchiveMetaT:
+        from listserv.archive_types import ArchiveMeta
+
+        return ArchiveMeta(
+            archive_id=r[0], list_id=r[1], msgid_hash=r[2], message_id=r[3], thread=r[4], parent=r[5],
+            refs=tuple(x for x in r[6].split("\n") if x), date=r[7], month=r[8], subject=r[9], nsubject=r[10],
+            author=r[11], snippet=r[12], search=r[13], attachments=r[14], mbox=mbox,
+        )
+
+    async def archive_index(self, list_id: int) -> list[tuple[int, str, float]]:
+        """(row id, Message-ID, received_at) of every message shown in a list's archive."""
+        rows = await self._fetchall(
+            "SELECT id, message_id, received_at FROM archive WHERE list_id = ? AND removed = 0 ORDER BY id",
+            (list_id,),
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    async def archive_unbuilt(self, list_id: int) -> list[str]:
+        """Message-ID-Hashes of messages not yet in the built archive."""
+        rows = await self._fetchall(
+            "SELECT a.msgid_hash FROM archive a LEFT JOIN archive_meta m ON m.archive_id = a.id"
+            " WHERE a.list_id = ? AND a.removed = 0 AND m.archive_id IS NULL ORDER BY a.id",
+            (list_id,),
+        )
+        return [r[0] for r in rows]
+
+    async def archive_row(self, list_id: int, msgid_hash: str) -> ArchiveRowT | None:
+        from listserv.archive_types import ArchiveRow
+
+        r = await self._fetchone(
+            "SELECT id, list_id, message_id, msgid_hash, received_at, removed, data FROM archive"
+            " WHERE list_id = ? AND msgid_hash = ?",
+            (list_id, msgid_hash),
+        )
+        return None if r is None else ArchiveRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), bytes(r[6]))
+
+    async def archive_data(self, ids: Sequence[int]) -> dict[int, tuple[str, float, bytes]]:
+        out: dict[int, tuple[str, float, bytes]] = {}
+        for start in range(0, len(ids), 500):
+            chunk = list(ids[start : start + 500])
+            rows = await self._fetchall(
+                f"SELECT id, message_id, received_at, data FROM archive WHERE id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            out.update({r[0]: (r[1], r[2], bytes(r[3])) for r in rows})
+        return out
+
+    async def archive_import(self, list_id: int, entries: Sequence[tuple[str, str, float, bytes]]) -> int:
+        """Add (Message-ID, hash, received_at, data) rows from an imported archive; returns how many were new.
+
+        A Message-ID already in the list's archive keeps its first message.
+        """
+        async with self.transaction() as db:
+            before = db.total_changes
+            await db.executemany(
+                "INSERT OR IGNORE INTO archive (list_id, message_id, msgid_hash, received_at, source, data)"
+                " VALUES (?, ?, ?, ?, 'import', ?)",
+                [(list_id, mid, h, at, data) for mid, h, at, data in entries],
+            )
+            return int(db.total_changes - before)
+
+    async def archive_clear_meta(self, list_id: int) -> None:
+        async with self.transaction() as db:
+            await db.execute("DELETE FROM archive_meta WHERE list_id = ?", (list_id,))
+            await db.execute("DELETE FROM archive_refs WHERE list_id = ?", (list_id,))
+            await db.execute("DELETE FROM archive_months WHERE list_id = ?", (list_id,))
+
+    async def archive_put_meta(self, metas: Sequence[ArchiveMetaT], *, count_months: bool = True) -> None:
+        """Insert (or replace) derived rows; with count_months the month counts follow."""
+        if not metas:
+            return
+        async with self.transaction() as db:
+            ids = [(m.archive_id,) for m in metas]
+            if count_months:
+                for (aid,) in ids:
+                    async with db.execute(
+                        "SELECT list_id, month FROM archive_meta WHERE archive_id = ?", (aid,)
+                    ) as cur:
+                        old = await cur.fetchone()
+                    if old is not None:
+                        await db.execute(
+                            "UPDATE archive_months SET count = count - 1 WHERE list_id = ? AND month = ?",
+                            (old[0], old[1]),
+                        )
+            await db.executemany("DELETE FROM archive_refs WHERE archive_id = ?", ids)
+            await db.executemany(
+                f"INSERT OR REPLACE INTO archive_meta ({self._META_COLS}, mbox)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (m.archive_id, m.list_id, m.msgid_hash, m.message_id, m.thread, m.parent, "\n".join(m.refs),
+                     m.date, m.month, m.subject, m.nsubject, m.author, m.snippet, m.search, m.attachments, m.mbox)
+                    for m in metas
+                ],
+            )
+            await db.executemany(
+                "INSERT INTO archive_refs (list_id, ref, archive_id) VALUES (?, ?, ?)",
+                [(m.list_id, ref, m.archive_id) for m in metas for ref in dict.fromkeys(m.refs)],
+            )
+            if count_months:
+                await db.executemany(
+                    "INSERT INTO archive_months (list_id, month, count) VALUES (?, ?, 1)"
+                    " ON CONFLICT (list_id, month) DO UPDATE SET count = count + 1",
+                    [(m.list_id, m.month) for m in metas],
+                )
+
+    async def archive_recount_months(self, list_id: int) -> None:
+        async with self.transaction() as db:
+            await db.execute("DELETE FROM archive_months WHERE list_id = ?", (list_id,))
+            await db.execute(
+                "INSERT INTO archive_months (list_id, month, count)"
+                " SELECT list_id, month, count(*) FROM archive_meta WHERE list_id = ? GROUP BY month",
+                (list_id,),
+            )
+
+    async def archive_set_thread(self, list_id: int, old_threads: Sequence[str], thread: str) -> None:
+        async with self.transaction() as db:
+            await db.executemany(
+                "UPDATE archive_meta SET thread = ? WHERE list_id = ? AND thread = ?",
+                [(thread, list_id, old) for old in old_threads],
+            )
+
+    async def archive_meta_by_message_ids(self, list_id: int, message_ids: Sequence[str]) -> list[ArchiveMetaT]:
+        if not message_ids:
+            return []
+        ids = list(dict.fromkeys(message_ids))[-200:]
+        rows = await self._fetchall(
+            f"SELECT {self._META_COLS} FROM archive_meta WHERE list_id = ?"
+            f" AND message_id IN ({','.join('?' * len(ids))})",
+            (list_id, *ids),
+        )
+        return [self._meta(r) for r in rows]
+
+    async def archive_meta_referring(self, list_id: int, message_id: str) -> list[ArchiveMetaT]:
+        """Messages whose References name this Message-ID (replies that came first)."""
+        rows = await self._fetchall(
+            f"SELECT {', '.join('m.' + c.strip() for c in self._META_COLS.split(','))}"
+            " FROM archive_refs r JOIN archive_meta m ON m.archive_id = r.archive_id"
+            " WHERE r.list_id = ? AND r.ref = ?",
+            (list_id, message_id),
+        )
+        return [self._meta(r) for r in rows]
+
+    async def archive_meta_by_subject(self, list_id: int, nsubject: str, before: float) -> ArchiveMetaT | None:
+        r = await self._fetchone(
+            f"SELECT {self._META_COLS} FROM archive_meta WHERE list_id = ? AND nsubject = ? AND date <= ?"
+            " ORDER BY date DESC LIMIT 1",
+            (list_id, nsubject, before),
+        )
+        return None if r is None else self._meta(r)
+
+    async def archive_thread_meta(self, list_id: int, thread: str) -> list[ArchiveMetaT]:
+        rows = await self._fetchall(
+            f"SELECT {self._META_COLS} FROM archive_meta WHERE list_id = ? AND thread = ? ORDER BY date, archive_id",
+            (list_id, thread),
+        )
+        return [self._meta(r) for r in rows]
+
+    async def archive_month_meta(self, list_id: int, month: str, *, with_mbox: bool = False) -> list[ArchiveMetaT]:
+        cols = self._META_COLS + (", mbox" if with_mbox else "")
+        rows = await self._fetchall(
+            f"SELECT {cols} FROM archive_meta WHERE list_id = ? AND month = ? ORDER BY date, archive_id",
+            (list_id, month),
+        )
+        return [self._meta(r, bytes(r[15]) if with_mbox else b"") for r in rows]
+
+    async def archive_months(self, list_id: int) -> list[tuple[str, int]]:
+        rows = await self._fetchall(
+            "SELECT month, count FROM archive_months WHERE list_id = ? AND count > 0 ORDER BY month DESC", (list_id,)
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    async def archive_latest(self, list_id: int, limit: int) -> list[ArchiveMetaT]:
+        rows = await self._fetchall(
+            f"SELECT {self._META_COLS} FROM archive_meta WHERE list_id = ? ORDER BY date DESC, archive_id DESC"
+            " LIMIT ?",
+            (list_id, limit),
+        )
+        return [self._meta(r) for r in rows]
+
+    async def archive_remove(self, message_id: str) -> list[ArchiveMetaT]:
+        """Take a message down from every list's archive (kept in the store, marked removed).
+
+        ``message_id`` may be the Message-ID (with or without <>) or its hash.
+        Returns the derived rows that were deleted, so their pages can be
+        rewritten; raises StoreError if no archived message matches.
+        """
+        mid = message_id.strip()
+        if mid.startswith("<") and mid.endswith(">"):
+            mid = mid[1:-1].strip()
+        async with self.transaction() as db:
+            async with db.execute(
+                "SELECT id FROM archive WHERE message_id IN (?, ?) OR msgid_hash = ?", (mid, f"<{mid}>", mid)
+            ) as cur:
+                ids = [r[0] for r in await cur.fetchall()]
+            if not ids:
+                raise StoreError(f"no archived message {message_id}")
+            marks = ",".join("?" * len(ids))
+            async with db.execute(f"SELECT {self._META_COLS} FROM archive_meta WHERE archive_id IN ({marks})",
+                                  ids) as cur:
+                metas = [self._meta(r) for r in await cur.fetchall()]
+            await db.execute(f"UPDATE archive SET removed = 1 WHERE id IN ({marks})", ids)
+            await db.execute(f"DELETE FROM archive_meta WHERE archive_id IN ({marks})", ids)
+            await db.execute(f"DELETE FROM archive_refs WHERE archive_id IN ({marks})", ids)
+            await db.executemany(
+                "UPDATE archive_months SET count = count - 1 WHERE list_id = ? AND month = ?",
+                [(m.list_id, m.month) for m in metas],
+            )
+        return metas
+
+    @staticmethod
+    def read_archive_data(path: Path, ids: Sequence[int]) -> dict[int, tuple[str, float, bytes]]:
+        """(Message-ID, received_at, data) by row id, read with plain sqlite3 (build workers)."""
+        import sqlite3
+
+        out: dict[int, tuple[str, float, bytes]] = {}
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            for start in range(0, len(ids), 500):
+                chunk = list(ids[start : start + 500])
+                cur = conn.execute(
+                    f"SELECT id, message_id, received_at, data FROM archive WHERE id IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                )
+                out.update({r[0]: (r[1], r[2], bytes(r[3])) for r in cur})
+        finally:
+            conn.close()
+        return out
+
+    @staticmethod
+    def read_month_meta(path: Path, list_id: int, month: str) -> list[ArchiveMetaT]:
+        """A month's derived rows with their mbox entries, with plain sqlite3 (build workers)."""
+        import sqlite3
+
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            cur = conn.execute(
+                f"SELECT {Store._META_COLS}, mbox FROM archive_meta WHERE list_id = ? AND month = ?"
+                " ORDER BY date, archive_id",
+                (list_id, month),
+            )
+            return [Store._meta(r, bytes(r[15])) for r in cur]
+        finally:
+            conn.close()
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:

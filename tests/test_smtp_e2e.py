@@ -108,15 +108,18 @@ def test_non_member_is_held_and_owner_told_once(running) -> None:  # type: ignor
     server.drain()
     held = server.call(server.store.held(LIST))
     assert len(held) == 1 and held[0].sender == "obcy@example.com" and "not a member" in held[0].reason
-    assert sink.recipients() == [OWNER]  # only the notice, to the owner
-    notice = email.message_from_bytes(sink.messages[0].data, policy=email.policy.default)
+    # One notice to the owner, one "your post waits" to the sender; nothing to members.
+    assert sorted(sink.recipients()) == sorted([OWNER, "obcy@example.com"])
+    notice = email.message_from_bytes(sink.copies_for(OWNER)[0].data, policy=email.policy.default)
     assert notice["Auto-Submitted"] == "auto-generated"
     assert "Zażółć" in notice["Subject"]
-    assert dkimpy.verify(sink.messages[0].data, dnsfunc=dkim_dnsfunc(server.key))
+    assert dkimpy.verify(sink.copies_for(OWNER)[0].data, dnsfunc=dkim_dnsfunc(server.key))
+    told = email.message_from_bytes(sink.copies_for("obcy@example.com")[0].data, policy=email.policy.default)
+    assert told["Auto-Submitted"] == "auto-replied" and told["In-Reply-To"] == "<seap-1@gmina-wieliczka.pl>"
     server.drain()
     time.sleep(1.2)  # another worker pass must not notify again
     server.drain()
-    assert sink.recipients() == [OWNER]
+    assert len(sink.messages) == 2
 
 
 def test_banned_sender_gets_5xx_and_nothing_is_stored(running) -> None:  # type: ignore[no-untyped-def]
@@ -211,9 +214,11 @@ def test_owner_mail_forwarded_and_commands_stored(running) -> None:  # type: ign
     send(server.port, "ktos@example.com", [f"{LIST}-request@{DOMAIN}"], b"Subject: help\r\n\r\nhelp\r\n")
     send(server.port, "", [f"{LIST}-bounces+ktos=example.com@{DOMAIN}"], b"Subject: bounce\r\n\r\nx\r\n")
     server.drain()
-    assert sink.recipients() == [OWNER]
-    assert b"Czy mog\xc4\x99" in sink.messages[0].data
-    assert server.call(server.store.incoming_with("request", "new"))[0].sender == "ktos@example.com"
+    assert b"Czy mog\xc4\x99" in sink.copies_for(OWNER)[0].data
+    help_reply = email.message_from_bytes(sink.copies_for("ktos@example.com")[0].data, policy=email.policy.default)
+    assert help_reply["Auto-Submitted"] == "auto-replied" and f"{LIST}-join@{DOMAIN}" in help_reply.get_content()
+    assert server.call(server.store.incoming_with("request", "done"))[0].sender == "ktos@example.com"
+    # Bounces are never answered: they wait for bounce processing.
     bounce = server.call(server.store.incoming_with("bounces", "new"))[0]
     assert bounce.detail == "ktos=example.com" and bounce.mail_from == ""
 
@@ -379,11 +384,15 @@ def test_held_post_approved_then_delivered_and_rejected_one_told(running) -> Non
     result = CliRunner().invoke(main, ["held", "reject", str(second.id), "--reason", "Proszę o krótszy wpis",
                                        "--config", str(tmp_cfg)])
     assert result.exit_code == 0, result.output
-    wait_for(lambda: bool(sink.copies_for(stranger)))
-    notice = email.message_from_bytes(sink.copies_for(stranger)[0].data, policy=email.policy.default)
+    # The stranger was told twice "your post waits" (once per post), then the rejection.
+    wait_for(lambda: len(sink.copies_for(stranger)) == 3)
+    data = sink.copies_for(stranger)[-1].data
+    notice = email.message_from_bytes(data, policy=email.policy.default)
     assert notice["Auto-Submitted"] == "auto-replied"
+    assert notice["Subject"].startswith("Wiadomość nie została opublikowana")
+    assert notice["In-Reply-To"] == "<seap-9@gmina-wieliczka.pl>"
     assert "Proszę o krótszy wpis" in notice.get_content()
-    assert dkimpy.verify(sink.copies_for(stranger)[0].data, dnsfunc=dkim_dnsfunc(server.key))
+    assert dkimpy.verify(data, dnsfunc=dkim_dnsfunc(server.key))
     assert server.call(server.store.held(LIST)) == []
 
 

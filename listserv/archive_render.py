@@ -1,0 +1,507 @@
+"""Turn one raw message into what the archive shows: pure, never raises on bad mail.
+
+``parse_mail(raw, message_id, fallback_date)`` decodes the headers (RFC 2047,
+unlabelled 8-bit as UTF-8 / windows-1250 / ISO-8859-2), picks the part to show
+(text/plain preferred; HTML-only mail is cleaned by nh3, an allow-list
+sanitizer), renders plain text as escaped HTML with clickable http(s) links and
+folded quotes, and collects attachments under safe file names.
+
+E-mail addresses never leave this module in plain form: every text it returns
+(names, bodies, the mbox copy, the search text) has them shortened to
+``ja…@example.org`` by ``hide_addresses``.  Message-IDs are identifiers, not
+addresses, and are kept as they are in the mbox copy's threading headers.
+"""
+
+from __future__ import annotations
+
+import codecs
+import email.utils
+import html
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email import policy
+from email.message import Message
+from email.parser import BytesHeaderParser, BytesParser
+
+import nh3
+
+from listserv.rewrite import decode_header_text, message_id_hash
+
+__all__ = [
+    "Attachment",
+    "Headers",
+    "Mail",
+    "hide_addresses",
+    "parse_headers",
+    "parse_mail",
+    "safe_filename",
+    "strip_angles",
+]
+
+MAX_TEXT = 256 * 1024  # characters of one body shown; the rest is cut with a note
+MAX_PARTS = 200
+MAX_DEPTH = 20
+SNIPPET = 240
+SEARCH_TEXT = 600
+
+_ADDRESS = re.compile(r"([\w.!#$%&'*+/=?^`{|}~-]+)@((?:[\w-]+\.)+[\w-]{2,})", re.UNICODE)
+_URL = re.compile(r"\bhttps?://[^\s<>\"'\x00-\x1f]+", re.IGNORECASE)
+_MSGID = re.compile(r"<([^<>\s]+)>")
+_TRAILING = ".,;:!?)]}'\""
+_C1_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffe\uffff]")
+
+# Extensions a web server maps to a type that is safe to serve from the
+# archive's origin.  Anything else (.html, .svg, .xml, .js, ...) gets ".bin"
+# appended, so the server offers it as a download instead of running it.
+SAFE_EXTENSIONS = frozenset(
+    "pdf png jpg jpeg gif webp bmp tif tiff txt text csv tsv patch diff log odt ods odp odg doc docx xls xlsx"
+    " ppt pptx rtf zip gz tgz bz2 xz 7z rar tar eml asc sig p7s ics vcf mp3 ogg oga wav mp4 webm mkv avi"
+    " mov json md rst".split()
+)
+
+_HTML_TAGS = {
+    "a", "abbr", "b", "blockquote", "br", "caption", "code", "dd", "del", "div", "dl", "dt", "em", "h1", "h2",
+    "h3", "h4", "h5", "h6", "hr", "i", "ins", "kbd", "li", "ol", "p", "pre", "q", "s", "small", "span",
+    "strong", "sub", "sup", "table", "tbody", "td", "tfoot", "th", "thead", "tr", "u", "ul",
+}
+_HTML_ATTRIBUTES = {"a": {"href", "title"}, "td": {"colspan", "rowspan"}, "th": {"colspan", "rowspan"}}
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    index: int
+    filename: str  # safe: no path, no dangerous extension
+    content_type: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Headers:
+    """What threading and the index pages need; cheap to get."""
+
+    message_id: str
+    references: tuple[str, ...]
+    subject: str
+    author: str  # display name, or the hidden address
+    date: float
+
+
+@dataclass(frozen=True, slots=True)
+class Mail:
+    headers: Headers
+    body_html: str  # escaped / sanitized HTML fragment
+    attachments: tuple[Attachment, ...]
+    text: str  # the shown text, addresses hidden (mbox copy)
+    snippet: str
+    search: str
+    date_header: str
+
+
+def strip_angles(message_id: str) -> str:
+    mid = message_id.strip()
+    if mid.startswith("<") and mid.endswith(">"):
+        mid = mid[1:-1].strip()
+    return mid
+
+
+def hide_addresses(text: str) -> str:
+    """``jan.kowalski@example.org`` -> ``ja…@example.org``: readable, not harvestable."""
+    if "@" not in text:
+        return text
+    return _ADDRESS.sub(lambda m: f"{m.group(1)[:2]}…@{m.group(2)}", text)
+
+
+def _clean(text: str) -> str:
+    return _C1_CONTROL.sub("", text)
+
+
+def _raw_headers(msg: Message) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in msg.raw_items():
+        key = name.lower()
+        if key in out:
+            continue
+        if isinstance(value, str):
+            raw: bytes | str = value.encode("ascii", "surrogateescape") if _has_surrogates(value) else value
+        else:
+            raw = str(value)
+        try:
+            out[key] = decode_header_text(raw)
+        except Exception:  # noqa: BLE001 - a header we cannot decode is shown as best we can
+            out[key] = str(value).encode("utf-8", "replace").decode("utf-8", "replace")
+    return out
+
+
+def _has_surrogates(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _references(headers: dict[str, str]) -> tuple[str, ...]:
+    refs = _MSGID.findall(headers.get("references", ""))
+    irt = _MSGID.findall(headers.get("in-reply-to", ""))
+    out = list(dict.fromkeys(refs))
+    if irt and irt[0] not in out:
+        out.append(irt[0])
+    return tuple(out[-200:])
+
+
+def _date(value: str, fallback: float) -> float:
+    if value:
+        try:
+            parsed = email.utils.parsedate_tz(value)
+            if parsed is not None:
+                ts = float(email.utils.mktime_tz(parsed))
+                # Dates before e-mail lists or far in the future are client bugs.
+                if 315532800.0 <= ts <= time.time() + 7 * 86400:
+                    return ts
+        except (ValueError, OverflowError, TypeError, IndexError):
+            pass
+    return fallback
+
+
+def _author(headers: dict[str, str]) -> str:
+    value = headers.get("from", "") or headers.get("sender", "")
+    try:
+        name, addr = email.utils.parseaddr(value)
+    except Exception:  # noqa: BLE001
+        name, addr = "", value
+    name = _clean(name.strip().strip('"').strip())
+    if name:
+        return hide_addresses(name)[:200]
+    if addr:
+        return hide_addresses(addr)[:200]
+    return hide_addresses(_clean(value))[:200] or "?"
+
+
+def _headers_of(msg: Message, message_id: str, fallback_date: float) -> tuple[Headers, dict[str, str]]:
+    raw = _raw_headers(msg)
+    mid = strip_angles(message_id) or strip_angles(raw.get("message-id", ""))
+    subject = _clean(raw.get("subject", "")).strip()[:500]
+    headers = Headers(
+        message_id=mid,
+        references=tuple(r for r in _references(raw) if r != mid),
+        subject=hide_addresses(subject),
+        author=_author(raw),
+        date=_date(raw.get("date", ""), fallback_date),
+    )
+    return headers, raw
+
+
+def parse_headers(raw: bytes, message_id: str, fallback_date: float) -> Headers:
+    """Only the headers: for threading a whole list quickly."""
+    try:
+        msg = BytesHeaderParser(policy=policy.compat32).parsebytes(raw)
+        return _headers_of(msg, message_id, fallback_date)[0]
+    except Exception:  # noqa: BLE001 - never crash on a message
+        return Headers(strip_angles(message_id), (), "", "?", fallback_date)
+
+
+# -- bodies
+
+
+def _codec(charset: str | None) -> str:
+    if charset:
+        try:
+            info = codecs.lookup(charset.strip().strip('"').lower())
+            if getattr(info, "_is_text_encoding", True) is not False:
+                return info.name
+        except (LookupError, ValueError):
+            pass
+    return ""
+
+
+def _decode_text(data: bytes, charset: str | None) -> str:
+    codec = _codec(charset)
+    if codec:
+        try:
+            return data.decode(codec, "replace")
+        except (LookupError, UnicodeError, ValueError):
+            pass
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    if re.search(rb"[\x80-\x9f]", data):
+        return data.decode("cp1250", "replace")
+    return data.decode("iso-8859-2", "replace")
+
+
+def _payload(part: Message) -> bytes:
+    try:
+        data = part.get_payload(decode=True)
+    except Exception:  # noqa: BLE001
+        data = None
+    if isinstance(data, bytes):
+        return data
+    raw = part.get_payload()
+    if isinstance(raw, str):
+        return raw.encode("utf-8", "surrogateescape")
+    return b""
+
+
+def _filename(part: Message) -> str:
+    try:
+        name = part.get_filename() or part.get_param("name") or ""
+    except Exception:  # noqa: BLE001
+        name = ""
+    if isinstance(name, tuple):  # an RFC 2231 value compat32 did not collapse
+        name = email.utils.collapse_rfc2231_value(name)
+    text = str(name)
+    if _has_surrogates(text):
+        return decode_header_text(text.encode("ascii", "surrogateescape"))
+    return decode_header_text(text)
+
+
+def safe_filename(name: str, index: int, content_type: str) -> str:
+    """A name that is one path segment, readable, and not runnable when served."""
+    base = re.split(r"[/\\]", name.replace("\x00", ""))[-1]
+    base = re.sub(r"[^\w.\- ()]+", "_", _clean(base), flags=re.UNICODE).strip(" .")
+    base = re.sub(r"\s+", "_", base)
+    if not base or set(base) <= {".", "_"}:
+        base = f"attachment-{index}"
+        ext = {"text/plain": "txt", "application/pdf": "pdf", "image/png": "png", "image/jpeg": "jpg",
+               "image/gif": "gif", "message/rfc822": "eml"}.get(content_type, "bin")
+        base += f".{ext}"
+    if len(base) > 100:
+        stem, dot, ext = base.rpartition(".")
+        base = (stem[:90] + "." + ext[:8]) if dot and len(ext) <= 8 else base[:100]
+    ext = base.rpartition(".")[2].lower() if "." in base else ""
+    if ext not in SAFE_EXTENSIONS:
+        base += ".bin"
+    return base
+
+
+def _linkify(text: str) -> str:
+    """Escape plain text for HTML, making http(s) URLs clickable."""
+    out: list[str] = []
+    pos = 0
+    for m in _URL.finditer(text):
+        url = m.group(0)
+        while url and url[-1] in _TRAILING:
+            if url[-1] == ")" and url.count("(") >= url.count(")"):
+                break
+            url = url[:-1]
+        end = m.start() + len(url)
+        out.append(html.escape(text[pos : m.start()]))
+        if "@" in url:  # http://user@host: shown as text, address hidden
+            out.append(html.escape(url))
+        else:
+            href = html.escape(url, quote=True)
+            out.append(f'<a href="{href}" rel="nofollow noopener noreferrer">{href}</a>')
+        pos = end
+    out.append(html.escape(text[pos:]))
+    return "".join(out)
+
+
+_QUOTE = re.compile(r"^\s{0,3}>")
+
+
+def text_to_html(text: str, quoted_label: str = "") -> str:
+    """Plain text as HTML: escaped, links clickable, runs of quoted lines folded."""
+    lines = text.split("\n")
+    chunks: list[str] = []
+    plain: list[str] = []
+    i = 0
+    n = len(lines)
+    while i < n:
+        if _QUOTE.match(lines[i]):
+            j = i
+            while j < n and (_QUOTE.match(lines[j]) or (not lines[j].strip() and j + 1 < n and _QUOTE.match(lines[j + 1]))):
+                j += 1
+            if plain:
+                chunks.append(f'<pre class="text">{_linkify(chr(10).join(plain))}</pre>')
+                plain = []
+            quoted = _linkify("\n".join(lines[i:j]))
+            count = j - i
+            if count >= 4:
+                chunks.append(
+                    f'<details class="quote"><summary>{html.escape(quoted_label.format(n=count))}</summary>'
+                    f'<pre class="text quoted">{quoted}</pre></details>'
+                )
+            else:
+                chunks.append(f'<pre class="text quoted">{quoted}</pre>')
+            i = j
+        else:
+            plain.append(lines[i])
+            i += 1
+    if plain:
+        body = "\n".join(plain).rstrip("\n")
+        if body.strip():
+            chunks.append(f'<pre class="text">{_linkify(body)}</pre>')
+    return "".join(chunks)
+
+
+def sanitize_html(source: str) -> str:
+    cleaned = nh3.clean(
+        source,
+        tags=_HTML_TAGS,
+        clean_content_tags={"script", "style", "title", "head", "noscript", "template", "iframe", "object",
+                            "svg", "math"},
+        attributes=_HTML_ATTRIBUTES,
+        url_schemes={"http", "https"},
+        link_rel="nofollow noopener noreferrer",
+        strip_comments=True,
+    )
+    return hide_addresses(cleaned)
+
+
+def html_to_text(source: str) -> str:
+    text = re.sub(r"(?is)<(script|style|head)\b.*?</\1\s*>", " ", source)
+    text = re.sub(r"(?i)<br\s*/?>|</p\s*>|</div\s*>|</tr\s*>|</li\s*>", "\n", text)
+    text = re.sub(r"<[^>]*>", "", text)
+    text = html.unescape(text)
+    return re.sub(r"\n{3,}", "\n\n", re.sub(r"[ \t\r\f\v]+", " ", text)).strip()
+
+
+def _iter_parts(msg: Message, depth: int = 0) -> Iterator[tuple[str, Message]]:
+    """("text"|"html"|"attachment"|"message", part) in display order."""
+    if depth > MAX_DEPTH:
+        return
+    ctype = msg.get_content_type()
+    disposition = (msg.get("Content-Disposition") or "").split(";")[0].strip().lower()
+    if ctype == "message/rfc822" or ctype == "message/global":
+        inner = msg.get_payload()
+        if isinstance(inner, list) and inner and isinstance(inner[0], Message):
+            yield "message", inner[0]
+            yield from _iter_parts(inner[0], depth + 1)
+        return
+    if msg.is_multipart():
+        parts = [p for p in msg.get_payload() if isinstance(p, Message)]
+        if ctype == "multipart/alternative" and parts:
+            chosen = _choose_alternative(parts)
+            yield from _iter_parts(chosen, depth + 1)
+            return
+        for part in parts[:MAX_PARTS]:
+            yield from _iter_parts(part, depth + 1)
+        return
+    filename = ""
+    if disposition == "attachment" or msg.get_param("name") is not None or msg.get_filename() is not None:
+        filename = "x"
+    if ctype == "text/plain" and not (disposition == "attachment" and filename):
+        yield "text", msg
+    elif ctype == "text/html" and disposition != "attachment":
+        yield "html", msg
+    else:
+        yield "attachment", msg
+
+
+def _choose_alternative(parts: list[Message]) -> Message:
+    for wanted in ("text/plain", "multipart/related", "multipart/mixed", "text/html"):
+        for part in parts:
+            if part.get_content_type() == wanted:
+                if wanted == "text/plain" and not _payload(part).strip():
+                    continue
+                return part
+    return parts[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Labels:
+    quoted: str = "{n} quoted lines"
+    truncated: str = "[message cut: too long]"
+    forwarded: str = "Forwarded message"
+
+
+def parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Labels = Labels()) -> Mail:
+    """Decode one message for display.  Never raises."""
+    try:
+        return _parse_mail(raw, message_id, fallback_date, labels)
+    except Exception:  # noqa: BLE001 - show the bytes as text rather than fail the build
+        text = hide_addresses(_clean(raw[:MAX_TEXT].decode("utf-8", "replace")))
+        headers = parse_headers(raw, message_id, fallback_date)
+        return Mail(headers, text_to_html(text, labels.quoted), (), text, text[:SNIPPET], text[:SEARCH_TEXT], "")
+
+
+def _parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Labels) -> Mail:
+    msg = BytesParser(policy=policy.compat32).parsebytes(raw)
+    headers, raw_headers = _headers_of(msg, message_id, fallback_date)
+    blocks: list[str] = []
+    texts: list[str] = []
+    attachments: list[Attachment] = []
+    budget = MAX_TEXT
+    for kind, part in _iter_parts(msg):
+        if len(attachments) + len(blocks) > MAX_PARTS:
+            break
+        if kind == "message":
+            inner = _raw_headers(part)
+            line = f"{labels.forwarded}: {inner.get('subject', '')} ({_author(inner)})"
+            blocks.append(f'<p class="forwarded">{html.escape(hide_addresses(_clean(line)))}</p>')
+            texts.append(f"--- {hide_addresses(_clean(line))} ---")
+            continue
+        if kind == "attachment":
+            ctype = part.get_content_type()
+            index = len(attachments) + 1
+            attachments.append(Attachment(index, safe_filename(_filename(part), index, ctype), ctype, _payload(part)))
+            continue
+        text = _clean(_decode_text(_payload(part), part.get_content_charset()))
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if budget <= 0:
+            continue
+        cut = len(text) > budget
+        text = text[:budget]
+        budget -= len(text)
+        if kind == "html":
+            blocks.append(f'<div class="html">{sanitize_html(text)}</div>')
+            shown = hide_addresses(html_to_text(text))
+        else:
+            shown = hide_addresses(text)
+            blocks.append(text_to_html(shown, labels.quoted))
+        if cut:
+            blocks.append(f'<p class="note">{html.escape(labels.truncated)}</p>')
+        texts.append(shown)
+    full = "\n\n".join(t.strip("\n") for t in texts if t.strip())
+    own = "\n".join(line for line in full.split("\n") if not _QUOTE.match(line))
+    flat = " ".join(own.split())
+    return Mail(
+        headers=headers,
+        body_html="".join(blocks),
+        attachments=tuple(attachments),
+        text=full,
+        snippet=flat[:SNIPPET],
+        search=flat[:SEARCH_TEXT],
+        date_header=_clean(raw_headers.get("date", ""))[:100],
+    )
+
+
+def fallback_message_id(raw: bytes) -> str:
+    """An id for a message that has none: stable for the same bytes."""
+    import hashlib
+
+    return f"no-message-id.{hashlib.sha1(raw).hexdigest()}@archive.invalid"
+
+
+def mbox_entry(mail: Mail, attachment_names: list[str]) -> bytes:
+    """One mboxrd entry: the shown text with hidden addresses, threading headers kept."""
+    h = mail.headers
+    when = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(h.date))
+    lines = [
+        f"From archive {when}",
+        f"From: {_one_line(h.author)}",
+        f"Date: {_one_line(mail.date_header) or email.utils.formatdate(h.date)}",
+        f"Subject: {_one_line(h.subject)}",
+        f"Message-ID: <{_one_line(h.message_id)}>",
+    ]
+    if h.references:
+        lines.append(f"In-Reply-To: <{_one_line(h.references[-1])}>")
+        lines.append("References: " + " ".join(f"<{_one_line(r)}>" for r in h.references))
+    lines += ["MIME-Version: 1.0", "Content-Type: text/plain; charset=utf-8", "Content-Transfer-Encoding: 8bit", ""]
+    body = mail.text.split("\n")
+    if attachment_names:
+        body += [""] + [f"[{name}]" for name in attachment_names]
+    for line in body:
+        lines.append(">" + line if re.match(r"^>*From ", line) else line)
+    return ("\n".join(lines) + "\n\n").encode("utf-8", "replace")
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"[\r\n]+", " ", text)
+
+
+def message_hash(message_id: str) -> str:
+    return message_id_hash(message_id)

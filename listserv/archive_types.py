@@ -1,0 +1,47 @@
+"""Records the archive stage and the store exchange (the store returns these)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ArchiveMeta", "ArchiveRow"]
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveRow:
+    """One stored message, as the archive reads it."""
+
+    id: int
+    list_id: int
+    message_id: str
+    msgid_hash: str
+    received_at: float
+    removed: bool
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveMeta:
+    """What the archive derived from one message: its place in a thread and its texts.
+
+    Everything here is already safe to publish (addresses hidden).  ``mbox``
+    is the message's entry in the per-month mbox download; it is only loaded
+    when asked for (empty otherwise).
+    """
+
+    archive_id: int
+    list_id: int
+    msgid_hash: str
+    message_id: str
+    thread: str  # Message-ID-Hash of the thread's topmost message (which may be missing)
+    parent: str  # Message-ID of the nearest archived ancestor, or ""
+    refs: tuple[str, ...]
+    date: float
+    month: str  # YYYY-MM (UTC)
+    subject: str
+    nsubject: str  # normalised for subject threading
+    author: str
+    snippet: str
+    search: str
+    attachments: int
+    mbox: bytes = b""

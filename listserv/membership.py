@@ -1,0 +1,518 @@
+"""Members by e-mail: join, leave, confirm, help, who, set; and moderation by reply.
+
+This stage handles the mail that ``smtp_in`` stored for a list's command
+addresses (``LIST-request``, ``LIST-join``, ``LIST-leave``, ``LIST-confirm+TOKEN``)
+and looks after held posts (the moderators' notice with one-tap reply
+addresses, the sender's "your post is held" notice, a daily reminder, expiry).
+
+Safety rules, all enforced here:
+
+* double opt-in: a join or leave only happens after the address concerned
+  answers a confirmation sent *to that address* (so a forged request reaches
+  only its victim's mailbox, once), with a random, single-use, expiring token;
+* at most one pending confirmation per address and list, no resend within
+  ``[limits] confirm_resend_interval``, daily caps per address and overall,
+  and at most ``replies_per_address_per_day`` automatic replies per address;
+* never answer automatic mail (RFC 3834 §2): an empty envelope sender,
+  ``Auto-Submitted`` other than ``no``, or ``Precedence: bulk|junk|list``;
+* moderation tokens are capabilities sent only to the staff; the first one
+  used decides, every later one gets "already handled by X".
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from email import policy
+from email.parser import BytesHeaderParser
+from typing import Any
+
+from listserv import dkim
+from listserv.commands import Command, first_text, parse_message
+from listserv.config import Config
+from listserv.errors import StoreError
+from listserv.message import normalize_address
+from listserv.settings import ListSettings, effective_settings
+from listserv.store import IncomingRecord, Store, TokenRecord
+from listserv.texts import compose
+
+__all__ = ["MembershipStage", "automatic_reason"]
+
+log = logging.getLogger("listserv.membership")
+
+COMMAND_KINDS = ("request", "join", "leave", "confirm")
+REMINDER_INTERVAL = 86400.0
+
+
+def automatic_reason(mail_from: str, raw: bytes) -> str | None:
+    """Why this mail must not be answered (RFC 3834 §2), or None."""
+    if not mail_from:
+        return "empty envelope sender"
+    headers = BytesHeaderParser(policy=policy.compat32).parsebytes(raw)
+    auto = str(headers.get("Auto-Submitted", "")).strip().lower()
+    if auto and auto.split(";")[0].strip() != "no":
+        return f"Auto-Submitted: {auto}"
+    precedence = str(headers.get("Precedence", "")).strip().lower()
+    if precedence in ("bulk", "junk", "list"):
+        return f"Precedence: {precedence}"
+    if headers.get("List-Id") or headers.get("X-Autoreply") or headers.get("X-Autorespond"):
+        return "sent by a list or an autoresponder"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ListView:
+    id: int
+    name: str
+    settings: ListSettings
+    domain: str
+
+    def addr(self, suffix: str = "") -> str:
+        return f"{self.name}{'-' + suffix if suffix else ''}@{self.domain}"
+
+    @property
+    def title(self) -> str:
+        return self.settings.title or self.name
+
+    @property
+    def list_id(self) -> str:
+        return f"<{self.name}.{self.domain}>"
+
+    def context(self, **extra: Any) -> dict[str, Any]:
+        base = {
+            "name": self.name, "title": self.title, "description": self.settings.description,
+            "post_address": self.addr(), "request_address": self.addr("request"),
+            "join_address": self.addr("join"), "leave_address": self.addr("leave"),
+            "owner_address": self.addr("owner"),
+        }
+        base.update(extra)
+        return base
+
+
+def _message_info(raw: bytes) -> tuple[str, str, str, str]:
+    """(From address, Message-ID, References, Subject) of a request, never raising."""
+    from listserv.message import parse as parse_headers
+
+    parsed = parse_headers(raw)
+    headers = BytesHeaderParser(policy=policy.compat32).parsebytes(raw)
+    refs = " ".join(str(headers.get("References", "")).split())
+    return (parsed.from_addresses[0] if parsed.from_addresses else "", parsed.message_id, refs,
+            parsed.subject)
+
+
+class MembershipStage:
+    def __init__(self, config: Config, store: Store, key: dkim.DkimKey,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.store = store
+        self.key = key
+        self.clock = clock
+        self._last_housekeeping = 0.0
+
+    # -- the loop step --------------------------------------------------------
+
+    async def process(self) -> None:
+        for kind in COMMAND_KINDS:
+            for record in await self.store.incoming_with(kind, "new", limit=50):
+                try:
+                    summary = await self._handle(record)
+                except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
+                    log.exception("cannot handle %s mail %s", kind, record.id)
+                    summary = f"failed: {exc!r}"[:500]
+                    await self.store.set_incoming_status(record.id, "failed", expect="new", reason=summary)
+                    continue
+                await self.store.set_incoming_status(record.id, "done", expect="new", reason=summary[:1000])
+                log.info("handled list=%s kind=%s id=%s from=%s: %s", record.list_name, kind, record.id,
+                         record.sender or record.mail_from, summary)
+        for record in await self.store.incoming_with("post", "held", limit=20, unnotified=True):
+            await self.notify_held(record)
+        now = self.clock()
+        if now - self._last_housekeeping > 60:
+            self._last_housekeeping = now
+            await self._expire_and_remind(now)
+
+    async def _view(self, list_id: int) -> ListView:
+        lst = await self.store.get_list_by_id(list_id)
+        return ListView(lst.id, lst.name, effective_settings(self.config.list_defaults, lst.settings_json),
+                        self.config.server.domain)
+
+    # -- sending, with the limits ------------------------------------------------
+
+    async def _may_send(self, to: str, kind: str) -> bool:
+        now = self.clock()
+        limits = self.config.limits
+        day = now - 86400
+        if await self.store.count_autoreplies(day, address=to) >= limits.replies_per_address_per_day:
+            log.warning("not answering %s: %d automatic replies today already", to,
+                        limits.replies_per_address_per_day)
+            return False
+        if kind == "confirm":
+            if await self.store.count_autoreplies(day, address=to, kind="confirm") >= \
+                    limits.confirmations_per_address_per_day:
+                log.warning("no confirmation to %s: daily limit per address reached", to)
+                return False
+            if await self.store.count_autoreplies(day, kind="confirm") >= limits.confirmations_per_day:
+                log.warning("no confirmation to %s: the server's daily limit is reached", to)
+                return False
+        return True
+
+    async def _send(
+        self, view: ListView, to: str | list[str], template: str, context: dict[str, Any], *,
+        kind: str, auto: str = "auto-replied", in_reply_to: str = "", references: str = "",
+        from_addr: str = "", attach: bytes | None = None, limited: bool = True,
+    ) -> bool:
+        recipients = to if isinstance(to, list) else [to]
+        if not recipients:
+            return False
+        if limited and not await self._may_send(recipients[0], kind):
+            return False
+        data = compose(
+            template, view.settings.language, view.context(**context), from_name=view.title,
+            from_addr=from_addr or view.addr("request"), to=to, list_id=view.list_id,
+            domain=view.domain, auto=auto, in_reply_to=in_reply_to, references=references, attach=attach,
+        )
+        await self.store.enqueue(
+            list_id=view.id, kind="notice", envelope_from=view.addr("bounces"),
+            data=dkim.sign_message(data, self.key), recipients=recipients,
+        )
+        for rcpt in recipients:
+            if limited:
+                await self.store.log_autoreply(rcpt, view.id, kind)
+        return True
+
+    def _expires_text(self, view: ListView, when: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when))
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def _handle(self, record: IncomingRecord) -> str:
+        why = automatic_reason(record.mail_from, record.data)
+        if why is not None:
+            return f"ignored (automatic mail: {why})"
+        view = await self._view(record.list_id)
+        requester = record.sender or _safe_address(record.mail_from)
+        if not requester:
+            return "ignored (no sender address)"
+        from_addr, msgid, refs, subject = _message_info(record.data)
+        reply = {"in_reply_to": msgid, "references": refs}
+        if record.kind == "join":
+            return "; ".join(await self._join(view, requester, requester, msgid, refs))
+        if record.kind == "leave":
+            return "; ".join(await self._leave(view, requester, requester, msgid, refs))
+        if record.kind == "confirm":
+            return await self._confirm(view, record.detail, requester, record, reply)
+        # LIST-request: commands in the Subject and the first text part.
+        parsed = parse_message(record.data, subject)
+        results: list[str] = []
+        only_help = bool(parsed.commands) and all(c.name == "help" for c in parsed.commands)
+        if only_help:
+            await self._send(view, requester, "help", {}, kind="reply", in_reply_to=reply["in_reply_to"], references=reply["references"])
+            return "help sent"
+        for command in parsed.commands:
+            results.extend(await self._command(view, command, requester, record, reply))
+        for line in parsed.not_understood:
+            results.append(_t(view, f"Nie rozumiem: „{line}”", f'Not understood: "{line}"'))
+        if not parsed.commands:
+            results.append(_t(view, "Nie znaleziono poleceń. Napisz „pomoc”, aby dostać listę poleceń.",
+                              'No commands found. Send "help" for the list of commands.'))
+        await self._send(view, requester, "command_reply", {"results": results, "subject": subject},
+                         kind="reply", in_reply_to=reply["in_reply_to"], references=reply["references"])
+        return "; ".join(results)
+
+    async def _command(self, view: ListView, command: Command, requester: str, record: IncomingRecord,
+                       reply: dict[str, str]) -> list[str]:
+        prefix = f"> {command.line}"
+        if command.name in ("join", "leave"):
+            target = requester
+            for arg in command.args:
+                if arg.lower().startswith("address="):
+                    try:
+                        target = normalize_address(arg.split("=", 1)[1])
+                    except Exception:  # noqa: BLE001 - AddressError and friends
+                        return [prefix, _t(view, "  Nieprawidłowy adres.", "  Invalid address.")]
+            handler = self._join if command.name == "join" else self._leave
+            return [prefix, *("  " + r for r in await handler(view, target, requester, reply["in_reply_to"],
+                                                               reply["references"]))]
+        if command.name == "confirm":
+            return [prefix, "  " + await self._confirm(view, command.args[0], requester, record, reply)]
+        if command.name == "help":
+            return [prefix, _t(view, "  Pomoc: zob. polecenia poniżej.", "  Help: see the commands below."),
+                    *self._help_lines(view)]
+        if command.name == "who":
+            return [prefix, *("  " + r for r in await self._who(view, requester))]
+        if command.name == "set":
+            member = await self.store.member(view.id, requester)
+            if member is None:
+                return [prefix, _t(view, f"  {requester} nie jest na liście.", f"  {requester} is not a member.")]
+            value = command.args[0] if command.args else ""
+            if value in ("nomail", "nomai", "bezpoczty"):
+                await self.store.set_delivery(view.id, requester, "nomail")
+                return [prefix, _t(view, "  Wstrzymano wysyłanie wiadomości.", "  Delivery paused (nomail).")]
+            if value in ("mail", "poczta"):
+                await self.store.set_delivery(view.id, requester, "enabled")
+                return [prefix, _t(view, "  Wznowiono wysyłanie wiadomości.", "  Delivery resumed.")]
+            return [prefix, _t(view, "  Użyj: set nomail albo set mail.", "  Use: set nomail or set mail.")]
+        return [prefix]
+
+    def _help_lines(self, view: ListView) -> list[str]:
+        from listserv.texts import render
+
+        _, body = render("help", view.settings.language, view.context())
+        return ["", *body.splitlines()]
+
+    async def _who(self, view: ListView, requester: str) -> list[str]:
+        policy_ = view.settings.who_policy
+        if policy_ == "nobody" or (policy_ == "members" and await self.store.member(view.id, requester) is None):
+            return [_t(view, "Lista uczestników nie jest udostępniana.", "The member list is not available.")]
+        members = await self.store.members(view.name)
+        return [m.address for m in members if m.delivery != "disabled"] or ["-"]
+
+    async def _join(self, view: ListView, target: str, requester: str, msgid: str, refs: str) -> list[str]:
+        if view.settings.subscription_policy == "closed":
+            return [_t(view, "Na tę listę zapisują tylko jej właściciele.",
+                       "Only the owners add members to this list.")]
+        if await self.store.member(view.id, target) is not None:
+            if target == requester:
+                return [_t(view, f"{target} jest już na liście.", f"{target} is already a member.")]
+            return [_t(view, f"Prośba dla {target} przyjęta.", f"Request for {target} received.")]
+        sent = await self._confirmation(view, target, "join", requester, msgid, refs)
+        return [sent]
+
+    async def _leave(self, view: ListView, target: str, requester: str, msgid: str, refs: str) -> list[str]:
+        if await self.store.member(view.id, target) is None:
+            if target == requester:
+                return [_t(view, f"{target} nie jest na liście.", f"{target} is not a member.")]
+            return [_t(view, f"Prośba dla {target} przyjęta.", f"Request for {target} received.")]
+        return [await self._confirmation(view, target, "leave", requester, msgid, refs)]
+
+    async def _confirmation(self, view: ListView, target: str, action: str, requester: str, msgid: str,
+                            refs: str) -> str:
+        now = self.clock()
+        pending = await self.store.pending_token(view.id, target, action, now)
+        if pending is not None and now - pending.created_at < self.config.limits.confirm_resend_interval:
+            return _t(view, f"Potwierdzenie do {target} zostało już wysłane; sprawdź skrzynkę.",
+                      f"A confirmation was already sent to {target}; please check that mailbox.")
+        if pending is not None:
+            token, expires = pending.token, pending.expires_at
+        else:
+            token = secrets.token_urlsafe(18)
+            expires = now + view.settings.confirm_expiry
+            await self.store.create_token(token, view.id, target, action,
+                                          {"requester": requester, "request": msgid}, expires)
+        sent = await self._send(
+            view, target, f"confirm_{action}",
+            {"address": target, "requester": requester, "token": token,
+             "expires": self._expires_text(view, expires)},
+            kind="confirm", from_addr=view.addr(f"confirm+{token}"),
+            in_reply_to=msgid if target == requester else "", references=refs if target == requester else "",
+        )
+        if not sent:
+            return _t(view, "Limit wiadomości na dziś został wyczerpany; spróbuj jutro.",
+                      "Too many messages today; please try again tomorrow.")
+        return _t(view, f"Wysłano prośbę o potwierdzenie do {target}.", f"A confirmation was sent to {target}.")
+
+    async def _confirm(self, view: ListView, token: str, who: str, record: IncomingRecord,
+                       reply: dict[str, str]) -> str:
+        tok = await self.store.get_token(token)
+        now = self.clock()
+        if tok is None or tok.list_id != view.id:
+            return _t(view, "Nieznany kod potwierdzenia.", "Unknown confirmation code.")
+        if tok.action == "moderate":
+            return await self._moderate(view, tok, who, record)
+        if tok.used_at is not None:
+            return _t(view, "Ten kod został już użyty.", "This confirmation code was already used.")
+        if tok.expires_at <= now:
+            return _t(view, "Kod wygasł; wyślij prośbę ponownie.", "The code has expired; please ask again.")
+        if not await self.store.use_token(token, who, now):
+            return _t(view, "Ten kod został już użyty.", "This confirmation code was already used.")
+        detail = f"confirmed by mail from {who}, Message-ID <{reply['in_reply_to']}>"
+        if tok.action == "join":
+            if view.settings.subscription_policy == "moderate":
+                await self._ask_owners(view, tok.address, detail)
+                return _t(view, f"Potwierdzono; zapis {tok.address} czeka na zgodę właściciela.",
+                          f"Confirmed; {tok.address} now waits for an owner's approval.")
+            if await self.store.join(view.id, tok.address, method="email", detail=detail):
+                await self._send(view, tok.address, "welcome", {"address": tok.address}, kind="reply",
+                                 limited=False, in_reply_to=reply["in_reply_to"], references=reply["references"])
+                return _t(view, f"{tok.address} zapisano na listę.", f"{tok.address} has joined the list.")
+            return _t(view, f"{tok.address} jest już na liście.", f"{tok.address} is already a member.")
+        if await self.store.leave(view.id, tok.address, method="email", detail=detail):
+            await self._send(view, tok.address, "goodbye", {"address": tok.address}, kind="reply",
+                             limited=False, in_reply_to=reply["in_reply_to"], references=reply["references"])
+            return _t(view, f"{tok.address} wypisano z listy.", f"{tok.address} has left the list.")
+        return _t(view, f"{tok.address} nie jest na liście.", f"{tok.address} is not a member.")
+
+    # -- moderation ------------------------------------------------------------------------
+
+    async def _action_tokens(self, view: ListView, about: str, payload: dict[str, Any], actions: tuple[str, ...],
+                             expires: float) -> dict[str, str]:
+        out = {}
+        for action in actions:
+            token = secrets.token_urlsafe(18)
+            await self.store.create_token(token, view.id, about, "moderate", {**payload, "action": action}, expires)
+            out[action] = f"mailto:{view.addr(f'confirm+{token}')}"
+        return out
+
+    async def _ask_owners(self, view: ListView, address: str, detail: str) -> None:
+        owners = await self.store.owners(view.id)
+        expires = self.clock() + view.settings.held_expiry
+        actions = await self._action_tokens(view, address, {"kind": "subscription", "about": address,
+                                                            "detail": detail}, ("approve", "discard"), expires)
+        await self._send(view, owners, "subscription_request", {"address": address, "actions": actions},
+                         kind="notice", auto="auto-generated", from_addr=view.addr("owner"), limited=False)
+
+    async def notify_held(self, record: IncomingRecord) -> None:
+        """One notice to the staff with one-tap actions, and (once) a notice to the sender."""
+        view = await self._view(record.list_id)
+        staff = await self.store.staff(record.list_id)
+        if staff:
+            expires = record.received_at + view.settings.held_expiry
+            actions = await self._action_tokens(
+                view, record.sender, {"kind": "held", "held_id": record.id},
+                ("approve", "always", "reject", "discard"), max(expires, self.clock() + 3600),
+            )
+            await self._send(
+                view, staff, "held_notice",
+                {"held_id": record.id, "sender": record.sender, "subject": record.subject, "reason": record.reason,
+                 "actions": actions},
+                kind="notice", auto="auto-generated", from_addr=view.addr("owner"), attach=record.data,
+                limited=False,
+            )
+        else:
+            log.warning("held list=%s id=%s: no owner or moderator to notify", view.name, record.id)
+        if view.settings.notify_held_sender and record.sender and \
+                automatic_reason(record.mail_from, record.data) is None:
+            _, msgid, refs, _ = _message_info(record.data)
+            await self._send(view, record.sender, "held_sender",
+                             {"subject": record.subject, "reason": record.reason}, kind="reply",
+                             in_reply_to=msgid, references=refs)
+        await self.store.set_incoming_status(record.id, "held", notified=True)
+        log.info("notified list=%s held=%s staff=%d", view.name, record.id, len(staff))
+
+    async def _moderate(self, view: ListView, tok: TokenRecord, who: str, record: IncomingRecord) -> str:
+        payload = tok.payload
+        now = self.clock()
+        action = str(payload.get("action", ""))
+        if payload.get("kind") == "subscription":
+            if not await self.store.use_token(tok.token, who, now):
+                return await self._already(view, tok, who, record)
+            await self.store.spend_tokens_for(view.id, "moderate", "about", tok.address, who, now)
+            if action == "approve":
+                detail = f"{payload.get('detail', '')}; approved by {who}"
+                if await self.store.join(view.id, tok.address, method="email", detail=detail):
+                    await self._send(view, tok.address, "welcome", {"address": tok.address}, kind="reply",
+                                     limited=False)
+                return f"subscription of {tok.address} approved by {who}"
+            return f"subscription of {tok.address} refused by {who}"
+        held_id = int(payload.get("held_id", 0))
+        if not await self.store.use_token(tok.token, who, now):
+            return await self._already(view, tok, who, record)
+        try:
+            post = await self.store.get_incoming(held_id)
+        except StoreError:
+            return "the held post no longer exists"
+        try:
+            if action in ("approve", "always"):
+                await self.store.set_incoming_status(held_id, "accepted", expect="held",
+                                                     reason=f"approved by {who} by e-mail")
+                if action == "always" and post.sender:
+                    await self.store.accept_sender(view.id, post.sender)
+            elif action == "reject":
+                reason = _reply_text(record.data)
+                await self.store.set_incoming_status(held_id, "rejected", expect="held",
+                                                     reason=f"rejected by {who}: {reason}"[:500])
+                if post.sender:
+                    _, msgid, refs, _ = _message_info(post.data)
+                    await self._send(view, post.sender, "rejection", {"subject": post.subject, "reason": reason},
+                                     kind="reply", limited=False, in_reply_to=msgid, references=refs)
+            else:
+                await self.store.set_incoming_status(held_id, "discarded", expect="held",
+                                                     reason=f"discarded by {who} by e-mail")
+        except StoreError:
+            return await self._already(view, tok, who, record)
+        await self.store.spend_tokens_for(view.id, "moderate", "held_id", held_id, who, now)
+        return f"held post {held_id}: {action} by {who}"
+
+    async def _already(self, view: ListView, tok: TokenRecord, who: str, record: IncomingRecord) -> str:
+        held_id = int(tok.payload.get("held_id", 0))
+        outcome, by = "", ""
+        if held_id:
+            try:
+                post = await self.store.get_incoming(held_id)
+                outcome = post.reason or post.status
+                m = re.search(r" by (\S+)", post.reason)
+                by = m.group(1) if m else ""
+            except StoreError:
+                outcome = "removed"
+        else:
+            fresh = await self.store.get_token(tok.token)
+            by = fresh.used_by if fresh else ""
+            outcome = "handled"
+        _, msgid, refs, _ = _message_info(record.data)
+        await self._send(view, who, "already_handled",
+                         {"held_id": held_id, "subject": tok.payload.get("about", ""), "outcome": outcome,
+                          "by": by}, kind="reply", in_reply_to=msgid, references=refs)
+        return f"already handled ({outcome})"
+
+    async def _expire_and_remind(self, now: float) -> None:
+        by_list: dict[int, list[IncomingRecord]] = {}
+        for post in await self.store.held_before(now - 3600):
+            view = await self._view(post.list_id)
+            if now - post.received_at >= view.settings.held_expiry:
+                try:
+                    await self.store.set_incoming_status(post.id, "expired", expect="held",
+                                                         reason="expired without a moderator's decision")
+                except StoreError:
+                    continue
+                await self.store.spend_tokens_for(view.id, "moderate", "held_id", post.id, "expiry", now)
+                if post.sender and automatic_reason(post.mail_from, post.data) is None:
+                    await self._send(view, post.sender, "held_expired",
+                                     {"subject": post.subject, "since": _day(post.received_at)}, kind="reply")
+                log.info("expired list=%s held=%s", view.name, post.id)
+                continue
+            if now - post.received_at >= REMINDER_INTERVAL:
+                by_list.setdefault(post.list_id, []).append(post)
+        for list_id, posts in by_list.items():
+            marker = f"list:{list_id}"
+            if await self.store.count_autoreplies(now - REMINDER_INTERVAL, address=marker, kind="reminder"):
+                continue
+            view = await self._view(list_id)
+            owners = await self.store.owners(list_id)
+            rows = [{"id": p.id, "since": _day(p.received_at), "sender": p.sender, "subject": p.subject,
+                     "reason": p.reason} for p in posts]
+            if await self._send(view, owners, "reminder", {"posts": rows}, kind="notice", auto="auto-generated",
+                                from_addr=view.addr("owner"), limited=False):
+                await self.store.log_autoreply(marker, list_id, "reminder")
+
+
+def _t(view: ListView, pl: str, en: str) -> str:
+    return pl if view.settings.language == "pl" else en
+
+
+def _day(ts: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+
+
+def _safe_address(value: str) -> str:
+    try:
+        return normalize_address(value)
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def _reply_text(raw: bytes) -> str:
+    """What a moderator typed above the quoted notice (the reason for a rejection)."""
+    lines = []
+    for line in first_text(raw).splitlines():
+        stripped = line.strip()
+        if stripped.startswith(">") or stripped.startswith("-- ") or stripped == "--":
+            break
+        if re.match(r"^(on|w dniu|dnia|am|le)\b.*(wrote|napisał|napisała|schrieb|écrit).*:$", stripped, re.I):
+            break
+        if stripped:
+            lines.append(stripped)
+    return " ".join(lines)[:500]

@@ -21,6 +21,7 @@ from listserv import dkim
 from listserv.config import Config
 from listserv.dmarc import TxtResolver, dns_txt_resolver
 from listserv.errors import DuplicateError
+from listserv.archive import Archiver
 from listserv.fanout import Fanout
 from listserv.membership import MembershipStage
 from listserv.smtp_in import ListHandler, server_factory
@@ -108,8 +109,9 @@ class App:
         if resolve is None:
             resolve = dns_txt_resolver()
         self.membership = MembershipStage(config, store, key)
+        self.archiver = Archiver(config, store)
         self.fanout = Fanout(config, store, transport, key, resolve, retry_initial=self._retry_initial,
-                             stages=(self.membership.process,))
+                             stages=(self.membership.process,), on_archived=self.archiver.on_archived)
         self.handler = ListHandler(config, store, on_stored=self.fanout.wake)
         make = server_factory(config, self.handler)
 
@@ -144,6 +146,7 @@ class App:
         if self._fanout_task is not None:
             self._fanout_task.cancel()
             await asyncio.gather(self._fanout_task, return_exceptions=True)
+        await self.archiver.idle()  # pages of posts already queued get written
         await self.store.close()
         self._stopped.set()
         log.info("stopped")

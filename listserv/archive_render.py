@@ -46,7 +46,9 @@ MAX_DEPTH = 20
 SNIPPET = 240
 SEARCH_TEXT = 600
 
-_ADDRESS = re.compile(r"([\w.!#$%&'*+/=?^`{|}~-]+)@((?:[\w-]+\.)+[\w-]{2,})", re.UNICODE)
+# The lookbehind makes each run of address characters tried once (linear time).
+_ADDRESS = re.compile(r"(?<![\w.!#$%&'*+/=?^`{|}~-])([\w.!#$%&'*+/=?^`{|}~-]+)@((?:[\w-]+\.)+[\w-]{2,})", re.UNICODE)
+_MBOX_FROM = re.compile(r"^>*From ")
 _URL = re.compile(r"\bhttps?://[^\s<>\"'\x00-\x1f]+", re.IGNORECASE)
 _MSGID = re.compile(r"<([^<>\s]+)>")
 _TRAILING = ".,;:!?)]}'\""
@@ -419,7 +421,11 @@ def parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Labels
 
 
 def _parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Labels) -> Mail:
-    msg = BytesParser(policy=policy.compat32).parsebytes(raw)
+    # Most list mail is one text part: read only the headers and decode the
+    # body directly; parse the MIME tree only when there is one.
+    msg = BytesParser(policy=policy.compat32).parsebytes(raw, headersonly=True)
+    if msg.get_content_maintype() in ("multipart", "message"):
+        msg = BytesParser(policy=policy.compat32).parsebytes(raw)
     headers, raw_headers = _headers_of(msg, message_id, fallback_date)
     blocks: list[str] = []
     texts: list[str] = []
@@ -495,7 +501,7 @@ def mbox_entry(mail: Mail, attachment_names: list[str]) -> bytes:
     if attachment_names:
         body += [""] + [f"[{name}]" for name in attachment_names]
     for line in body:
-        lines.append(">" + line if re.match(r"^>*From ", line) else line)
+        lines.append(">" + line if line[:1] in (">", "F") and _MBOX_FROM.match(line) else line)
     return ("\n".join(lines) + "\n\n").encode("utf-8", "replace")
 
 

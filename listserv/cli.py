@@ -13,6 +13,7 @@ import csv
 import functools
 import io
 import json
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -84,7 +85,25 @@ def with_store(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T | N
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Cli(click.Group):
+    """Usage errors, like every other error, are one line on stderr and exit code 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("listserv: aborted", err=True)
+            sys.exit(1)
+        except click.ClickException as exc:
+            hint = ""
+            if isinstance(exc, click.UsageError) and exc.ctx is not None:
+                hint = f" (see: {exc.ctx.command_path} --help)"
+            click.echo(f"listserv: error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="listserv")
 @config_option
 def main(config_path: Path | None) -> None:
@@ -119,7 +138,8 @@ async def lists_cmd(cfg: config_mod.Config, store: Store) -> None:
     counts = await store.list_counts()
     for lst in await store.lists():
         settings = effective_settings(cfg.list_defaults, lst.settings_json)
-        click.echo(f"{lst.name}@{cfg.server.domain}\t{counts.get(lst.name, 0)} members\t{settings.title}")
+        count = counts.get(lst.name, 0)
+        click.echo(f"{lst.name}@{cfg.server.domain}\t{count} member{'' if count == 1 else 's'}\t{settings.title}")
 
 
 @main.group("list")
@@ -187,10 +207,7 @@ async def list_show(cfg: config_mod.Config, store: Store, name: str) -> None:
 async def list_set(cfg: config_mod.Config, store: Store, name: str, key: str, value: str) -> None:
     """Change one setting of a list (see `list show` for the keys)."""
     parsed = parse_setting(key, value)
-    lst = await store.get_list(name)
-    own = json.loads(lst.settings_json or "{}")
-    own[key] = storable(parsed)
-    await store.set_list_settings(name, own)
+    await store.set_list_setting(name, key, storable(parsed))
     click.echo(f"{name}: {key} = {SETTINGS[key].render(parsed)}")
 
 
@@ -219,30 +236,60 @@ def members_group() -> None:
 @click.argument("name")
 @with_store
 async def members_list(cfg: config_mod.Config, store: Store, name: str) -> None:
-    """One member per line: address, role, moderation flag, delivery status."""
+    """One member per line: address, role, moderation flag, delivery status (then name, organisation)."""
     for m in await store.members(name):
-        click.echo(f"{m.address}\t{m.role}\t{'moderated' if m.moderated else 'unmoderated'}\t{m.delivery}")
+        extra = "".join(f"\t{v}" for v in (m.display_name, m.organisation) if v) if (
+            m.display_name or m.organisation) else ""
+        if m.organisation and not m.display_name:
+            extra = f"\t\t{m.organisation}"
+        click.echo(f"{m.address}\t{m.role}\t{'moderated' if m.moderated else 'unmoderated'}\t{m.delivery}{extra}")
+
+
+_CP1250_ONLY = re.compile(rb"[\x8c\x8f\x9c\x9f\xa5\xb9]")  # Ś Ź ś ź Ą ą in windows-1250
+_LATIN2_ONLY = re.compile(rb"[\xa1\xa6\xac\xb1\xb6\xbc]")  # Ą Ś Ź ą ś ź in ISO-8859-2
+
+
+def decode_member_file(path: Path, data: bytes) -> str:
+    """UTF-8, else the Polish legacy charsets spreadsheets save: windows-1250 or ISO-8859-2.
+
+    The two differ in just the letters Ą ą Ś ś Ź ź; which of their byte
+    values occur tells them apart.
+    """
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    encoding = "iso-8859-2" if _LATIN2_ONLY.search(data) and not _CP1250_ONLY.search(data) else "cp1250"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError:
+        raise click.BadParameter(f"{path} is neither UTF-8 nor windows-1250/ISO-8859-2 text; save it as UTF-8")
 
 
 def read_member_csv(path: Path) -> list[tuple[str, str, str]]:
-    """Rows `address[,display name[,organisation]]`; '#' comments and blank lines skipped."""
+    """Rows `address[,display name[,organisation]]`; '#' comments, blank lines and a header row skipped.
+
+    A semicolon also separates fields: that is what Excel writes in Polish settings.
+    """
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        # Spreadsheets saved on Polish Windows come as windows-1250.
-        text = path.read_text(encoding="cp1250")
+        text = decode_member_file(path, path.read_bytes())
     except OSError as exc:
         raise click.BadParameter(f"cannot read {path}: {exc.strerror}") from None
+    lines = text.splitlines()
+    data_lines = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    delimiter = ";" if data_lines and ";" in data_lines[0] and "," not in data_lines[0] else ","
     rows: list[tuple[str, str, str]] = []
-    reader = csv.reader(io.StringIO(text))
-    items = list(reader)
+    items = list(csv.reader(io.StringIO(text), delimiter=delimiter))
     show = sys.stderr.isatty() and len(items) > 2000
+    first = True
     with click.progressbar(items, label="reading members", file=sys.stderr if show else io.StringIO()) as bar:
         for lineno, row in enumerate(bar, 1):
             if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
                 continue
-            if lineno == 1 and row[0].strip().lower() in ("address", "email", "e-mail", "adres"):
+            if first and row[0].strip().lower() in ("address", "email", "e-mail", "adres", "adres e-mail"):
+                first = False
                 continue
+            first = False
             if len(row) > 3:
                 raise click.BadParameter(f"{path}:{lineno}: expected address[,name[,organisation]]")
             try:
@@ -418,11 +465,12 @@ async def held_reject(cfg: config_mod.Config, store: Store, held_id: int, reason
 
 
 @main.group("queue", invoke_without_command=True)
+@config_option
 @click.pass_context
-def queue_group(ctx: click.Context) -> None:
-    """What is waiting to be delivered."""
+def queue_group(ctx: click.Context, config_path: Path | None) -> None:
+    """What is waiting to be delivered (`queue` alone is `queue show`)."""
     if ctx.invoked_subcommand is None:
-        ctx.invoke(queue_show)
+        ctx.invoke(queue_show, config_path=config_path)
 
 
 def _when(ts: float | None) -> str:
@@ -467,6 +515,7 @@ def dkim_keygen(config_path: Path | None, force: bool) -> None:
     """Write an RSA-2048 key to [dkim] private_key and print the DNS record to publish."""
     cfg = _load(config_path)
     try:
+        cfg.dkim.private_key.parent.mkdir(parents=True, exist_ok=True)
         key = dkim.generate_key(cfg.dkim.private_key, force=force)
     except FileExistsError:
         _fail(f"{cfg.dkim.private_key} exists; use --force to replace it")
@@ -476,6 +525,105 @@ def dkim_keygen(config_path: Path | None, force: bool) -> None:
         return
     click.echo(f"wrote {cfg.dkim.private_key}; publish this record:", err=True)
     click.echo(dkim.dns_txt_record(key, cfg.dkim.selector, cfg.server.domain))
+
+
+# -- archive ------------------------------------------------------------------------------------
+
+
+@main.group("archive")
+def archive_group() -> None:
+    """The static web archive: build, import an mbox, take a message down."""
+
+
+def _progress_reporter() -> tuple[Callable[[str, int, int], None], Callable[[], None]]:
+    """A progress bar on a terminal (stderr), silence otherwise."""
+    state: dict[str, Any] = {"bar": None, "label": "", "pos": 0}
+    show = sys.stderr.isatty()
+
+    def report(label: str, done: int, total: int) -> None:
+        if not show:
+            return
+        if state["label"] != label:
+            close()
+            state["bar"] = click.progressbar(length=max(total, 1), label=label, file=sys.stderr)
+            state["bar"].__enter__()
+            state["label"], state["pos"] = label, 0
+        state["bar"].update(done - state["pos"])
+        state["pos"] = done
+
+    def close() -> None:
+        if state["bar"] is not None:
+            state["bar"].__exit__(None, None, None)
+            state["bar"] = None
+
+    return report, close
+
+
+@archive_group.command("build")
+@click.argument("name", required=False)
+@click.option("--full", is_flag=True, help="Rebuild every page from the store (default: add what is missing).")
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Processes for rendering (default: cores).")
+@with_store
+async def archive_build(cfg: config_mod.Config, store: Store, name: str | None, full: bool,
+                        workers: int | None) -> None:
+    """Build the archive of list NAME (default: every list)."""
+    from listserv import archive
+
+    lists = [await store.get_list(name)] if name else await store.lists()
+    report, close = _progress_reporter()
+    archiver = archive.Archiver(cfg, store)
+    try:
+        for lst in lists:
+            info = archive.list_info(cfg, lst)
+            started = time.perf_counter()
+            missing = await store.archive_unbuilt(info.id)
+            if full or not (info.dir / "index.html").exists() or len(missing) > 200 or info.policy == "none":
+                count = await archive.build_list(cfg, store, info, workers=workers, progress=report)
+                close()
+                click.echo(f"{lst.name}: {info.policy}, {count} messages, built in "
+                           f"{time.perf_counter() - started:.1f} s -> {info.dir if info.policy != 'none' else '-'}")
+            else:
+                for msgid_hash in missing:
+                    await archiver.add(lst.name, msgid_hash)
+                click.echo(f"{lst.name}: added {len(missing)} messages in {time.perf_counter() - started:.1f} s")
+        await archive.write_site_indexes(cfg, store)
+    finally:
+        close()
+
+
+@archive_group.command("import")
+@click.argument("name")
+@click.argument("mbox", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Processes for rendering (default: cores).")
+@with_store
+async def archive_import(cfg: config_mod.Config, store: Store, name: str, mbox: Path, workers: int | None) -> None:
+    """Bring an existing archive (mbox: Mailman, Google Groups ...) into list NAME, then rebuild its pages."""
+    from listserv import archive
+
+    info = archive.list_info(cfg, await store.get_list(name))
+    report, close = _progress_reporter()
+    started = time.perf_counter()
+    try:
+        read, new = await archive.import_mbox(store, info, mbox, report)
+        close()
+        click.echo(f"{name}: read {read} messages, {new} new, in {time.perf_counter() - started:.1f} s")
+        count = await archive.build_list(cfg, store, info, workers=workers, progress=report)
+        close()
+        await archive.write_site_indexes(cfg, store)
+    finally:
+        close()
+    click.echo(f"{name}: {count} messages in the archive, {time.perf_counter() - started:.1f} s in all")
+
+
+@archive_group.command("remove")
+@click.argument("message_id")
+@with_store
+async def archive_remove(cfg: config_mod.Config, store: Store, message_id: str) -> None:
+    """Take MESSAGE-ID (or its hash) down from the archive and rewrite the pages it was on."""
+    from listserv import archive
+
+    count = await archive.Archiver(cfg, store).remove(message_id)
+    click.echo(f"removed {message_id} from {count} archive{'s' if count != 1 else ''}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -260,6 +260,9 @@ def _read(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        # TOML is UTF-8 (TOML 1.0 §Spec); Notepad on Polish Windows saves "ANSI".
+        raise ConfigError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
 
 
 def resolve_path(path: str | os.PathLike[str] | None) -> tuple[Path, bool]:

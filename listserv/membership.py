@@ -21,6 +21,7 @@ Safety rules, all enforced here:
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import secrets
@@ -299,7 +300,7 @@ class MembershipStage:
         if pending is not None:
             token, expires = pending.token, pending.expires_at
         else:
-            token = secrets.token_urlsafe(18)
+            token = new_token()
             expires = now + view.settings.confirm_expiry
             await self.store.create_token(token, view.id, target, action,
                                           {"requester": requester, "request": msgid}, expires)
@@ -352,7 +353,7 @@ class MembershipStage:
                              expires: float) -> dict[str, str]:
         out = {}
         for action in actions:
-            token = secrets.token_urlsafe(18)
+            token = new_token()
             await self.store.create_token(token, view.id, about, "moderate", {**payload, "action": action}, expires)
             out[action] = f"mailto:{view.addr(f'confirm+{token}')}"
         return out
@@ -487,6 +488,12 @@ class MembershipStage:
             if await self._send(view, owners, "reminder", {"posts": rows}, kind="notice", auto="auto-generated",
                                 from_addr=view.addr("owner"), limited=False):
                 await self.store.log_autoreply(marker, list_id, "reminder")
+
+
+def new_token() -> str:
+    """130 random bits in lower-case base32: safe in an address local part, and
+    unharmed by mail systems that fold the case of local parts."""
+    return base64.b32encode(secrets.token_bytes(17)).decode().rstrip("=").lower()
 
 
 def _t(view: ListView, pl: str, en: str) -> str:

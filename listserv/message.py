@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from email import policy
-from email.header import decode_header, make_header
-from email.message import Message
-from email.parser import BytesHeaderParser
 from email.utils import getaddresses
-from typing import Any
 
 from listserv.errors import AddressError
 
@@ -43,23 +38,14 @@ def normalize_address(text: str) -> str:
     return f"{local.lower()}@{domain.lower()}"
 
 
-def _header_str(value: Any) -> str:
-    """A header value as text; 8-bit bytes in it are read as UTF-8 with replacement."""
-    text = str(value)
-    if any("\udc80" <= ch <= "\udcff" for ch in text):
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return text
+def decode_header_text(value: str) -> str:
+    """Decode RFC 2047 encoded-words (RFC 2047 §6) leniently; never raises."""
+    from listserv.rewrite import decode_header_text as decode
 
-
-def decode_header_text(value: Any) -> str:
-    """Decode RFC 2047 encoded-words (RFC 2047 §6); never raises."""
-    text = _header_str(value)
-    if "=?" not in text:
-        return " ".join(text.split())
     try:
-        return " ".join(str(make_header(decode_header(text))).split())
-    except (LookupError, UnicodeError, ValueError, AssertionError):
-        return " ".join(text.split())
+        return " ".join(decode(value).split())
+    except Exception:  # noqa: BLE001 - a header we cannot decode is shown as it came
+        return " ".join(value.split())
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +62,10 @@ class ParsedMessage:
     attachment_types: tuple[str, ...]
 
 
-def _addresses(msg: Message, *names: str) -> list[str]:
+def _addresses(headers: dict[str, list[str]], *names: str) -> list[str]:
     values: list[str] = []
     for name in names:
-        values.extend(_header_str(v) for v in msg.get_all(name, []))
+        values.extend(headers.get(name, []))
     out = []
     for _, addr in getaddresses(values):
         try:
@@ -89,26 +75,31 @@ def _addresses(msg: Message, *names: str) -> list[str]:
     return out
 
 
+def _first(headers: dict[str, list[str]], name: str) -> str:
+    values = headers.get(name)
+    return values[0] if values else ""
+
+
 def parse(raw: bytes) -> ParsedMessage:
     """Read the headers the rules need; never raises on broken input."""
-    from listserv.rewrite import attachment_types
+    from listserv.rewrite import attachment_types, header_values
 
-    msg = BytesHeaderParser(policy=policy.compat32).parsebytes(raw)
-    msgid = _header_str(msg.get("Message-ID", "")).strip()
+    headers = header_values(raw)
+    msgid = _first(headers, "message-id").strip()
     m = re.search(r"<([^<>\s]+)>", msgid)
     msgid = m.group(1) if m else msgid.strip("<> \t")
     list_ids = []
-    for value in msg.get_all("List-Id", []):
-        m = re.search(r"<([^<>]+)>", _header_str(value))
-        list_ids.append((m.group(1) if m else _header_str(value)).strip().lower())
+    for value in headers.get("list-id", []):
+        m = re.search(r"<([^<>]+)>", value)
+        list_ids.append((m.group(1) if m else value).strip().lower())
     return ParsedMessage(
-        from_addresses=tuple(_addresses(msg, "From")),
-        subject=decode_header_text(msg.get("Subject", "")),
+        from_addresses=tuple(_addresses(headers, "from")),
+        subject=decode_header_text(_first(headers, "subject")),
         message_id=msgid,
         list_ids=tuple(list_ids),
-        auto_submitted=_header_str(msg.get("Auto-Submitted", "")).strip().lower(),
-        precedence=_header_str(msg.get("Precedence", "")).strip().lower(),
-        header_recipient_count=len(_addresses(msg, "To", "Cc")),
+        auto_submitted=_first(headers, "auto-submitted").strip().lower(),
+        precedence=_first(headers, "precedence").strip().lower(),
+        header_recipient_count=len(_addresses(headers, "to", "cc")),
         attachment_types=attachment_types(raw),
     )
 
@@ -156,7 +147,9 @@ def archiving_refused(raw: bytes) -> bool:
     ``Archive: no`` (RFC 2369 §3.6 lists Archive among list-related fields;
     the value "no" is what Mailman and HyperKitty check).
     """
-    msg = BytesHeaderParser(policy=policy.compat32).parsebytes(raw)
-    if _header_str(msg.get("X-No-Archive", "")).strip().lower().startswith("yes"):
+    from listserv.rewrite import header_values
+
+    headers = header_values(raw)
+    if _first(headers, "x-no-archive").strip().lower().startswith("yes"):
         return True
-    return _header_str(msg.get("Archive", "")).strip().lower().startswith("no")
+    return _first(headers, "archive").strip().lower().startswith("no")

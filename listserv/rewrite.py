@@ -308,6 +308,20 @@ def decode_header_text(raw: bytes | str) -> str:
     return _decode_rfc2047(_unfold(text))
 
 
+def header_values(raw: bytes) -> dict[str, list[str]]:
+    """Every header field of a message, by lower-case name, in order.
+
+    Values are unfolded and their bytes decoded (UTF-8, else windows-1250 or
+    ISO-8859-2, as Polish mail programs send them); RFC 2047 words are left
+    for ``decode_header_text``.  Never raises.
+    """
+    fields, _ = _parse_headers(_normalize(raw))
+    out: dict[str, list[str]] = {}
+    for f in fields:
+        out.setdefault(f.key, []).append(f.text)
+    return out
+
+
 def attachment_types(raw: bytes) -> tuple[str, ...]:
     """The content types of all leaf parts, in order, for the posting rules.
 

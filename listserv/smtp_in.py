@@ -76,8 +76,10 @@ def parse_recipient(address: str, domain: str, list_names: set[str] | frozenset[
         return REPLY_BAD_ADDRESS
     if rcpt_domain.lower().rstrip(".") != domain:
         return REPLY_RELAY_DENIED
-    local = local.lower()
     base, plus, detail = local.partition("+")
+    # The list part is matched without case; the +detail (a token, a VERP
+    # address) is kept as it came.
+    base = base.lower()
     if base in list_names:
         return REPLY_UNKNOWN if plus else Target(base, "post", "")
     name, dash, suffix = base.rpartition("-")

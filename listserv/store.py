@@ -365,13 +365,20 @@ class Store:
     @classmethod
     async def open(cls, path: Path) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
+        opened: list[aiosqlite.Connection] = []
         try:
-            writer = await _connect(path)
-            reader = await _connect(path)
-        except Exception as exc:
+            opened.append(await _connect(path))
+            opened.append(await _connect(path))
+            store = cls(opened[0], opened[1], path)
+            await store._migrate()
+        except BaseException as exc:
+            # aiosqlite's threads are not daemons: a connection left open
+            # would keep a failed CLI command from ever exiting.
+            for conn in opened:
+                await _close_quietly(conn)
+            if isinstance(exc, StoreError) or not isinstance(exc, Exception):
+                raise
             raise StoreError(f"cannot open the state database {path}: {exc}") from exc
-        store = cls(writer, reader, path)
-        await store._migrate()
         return store
 
     async def close(self) -> None:
@@ -379,12 +386,13 @@ class Store:
             return
         self._closed = True
         if self._committer is not None:
-            # Let any waiting group commit finish first: those clients are
-            # still owed an answer.
+            # Let the group commit finish what it holds first: those clients
+            # are still owed an answer.  It exits once nothing is pending.
             self._commit_wakeup.set()
-            self._committer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._committer
+            try:
+                await asyncio.wait_for(asyncio.shield(self._committer), 30)
+            except (TimeoutError, asyncio.CancelledError):
+                self._committer.cancel()
         for _, fut in self._pending:
             if not fut.done():
                 fut.set_exception(StoreError("store closed"))
@@ -502,8 +510,25 @@ class Store:
             )
             await db.execute("DELETE FROM members WHERE list_id = ?", (list_id,))
             await db.execute("DELETE FROM accepted_senders WHERE list_id = ?", (list_id,))
+            # Its held posts can no longer be decided on: they are discarded,
+            # with the reason recorded, rather than left to a list that is gone.
+            await db.execute(
+                "UPDATE incoming SET status = 'discarded', reason = 'the list was removed', updated_at = ?"
+                " WHERE list_id = ? AND status IN ('held', 'new')",
+                (_now(), list_id),
+            )
             await db.execute("DELETE FROM bans WHERE list_id = ?", (list_id,))
             await db.execute("DELETE FROM lists WHERE id = ?", (list_id,))
+
+    async def set_list_setting(self, name: str, key: str, value: Any) -> None:
+        """Change one stored override in place (no read-modify-write race with another CLI)."""
+        async with self.transaction() as db:
+            cur = await db.execute(
+                "UPDATE lists SET settings = json_set(settings, '$.' || ?, json(?)) WHERE name = ?",
+                (key, json.dumps(value, ensure_ascii=False), name),
+            )
+            if cur.rowcount == 0:
+                raise UnknownList(f"no list named {name!r}")
 
     async def set_list_settings(self, name: str, overrides: dict[str, Any]) -> None:
         """Replace a list's stored overrides (already validated by the caller)."""
@@ -681,6 +706,8 @@ class Store:
             self._commit_wakeup.clear()
             batch, self._pending = self._pending, []
             if not batch:
+                if self._closed:
+                    return
                 continue
             now = _now()
             params = [
@@ -705,6 +732,8 @@ class Store:
             for _, fut in batch:
                 if not fut.done():
                     fut.set_result(None)
+            if self._closed and not self._pending:
+                return
 
     # -- the worker's view of incoming mail -------------------------------------
 
@@ -772,9 +801,10 @@ class Store:
             params.append(expect)
         cur = await db.execute(sql, params)
         if cur.rowcount == 0:
-            raise StoreError(
-                f"message {incoming_id} is not {expect}" if expect else f"no message with id {incoming_id}"
-            )
+            row = await (await db.execute("SELECT status FROM incoming WHERE id = ?", (incoming_id,))).fetchone()
+            if row is None:
+                raise StoreError(f"no message with id {incoming_id}")
+            raise StoreError(f"message {incoming_id} is not {expect} (it is {row[0]})")
 
     # -- the outbox and the delivery queue ----------------------------------------
 
@@ -1391,8 +1421,26 @@ class Store:
             conn.close()
 
 
+async def _close_quietly(conn: aiosqlite.Connection) -> None:
+    with contextlib.suppress(Exception):
+        await conn.close()
+    # Wait for the worker thread too, so a failing CLI command exits at once.
+    thread = getattr(conn, "_thread", None)
+    if thread is not None:
+        thread.join(5)  # an error path only: blocking briefly is fine
+
+
 async def _connect(path: Path) -> aiosqlite.Connection:
     conn = await aiosqlite.connect(path, isolation_level=None)
+    try:
+        await _pragmas(conn)
+    except BaseException:
+        await _close_quietly(conn)
+        raise
+    return conn
+
+
+async def _pragmas(conn: aiosqlite.Connection) -> None:
     await conn.execute("PRAGMA journal_mode = WAL")
     # FULL: in WAL mode each commit is fsynced, so a post answered 250 survives
     # a power cut, not only a crash of this process.
@@ -1400,7 +1448,6 @@ async def _connect(path: Path) -> aiosqlite.Connection:
     await conn.execute("PRAGMA foreign_keys = ON")
     # The CLI writes while the server runs; wait for the lock instead of failing.
     await conn.execute("PRAGMA busy_timeout = 10000")
-    return conn
 
 
 def _split_sql(script: str) -> list[str]:

@@ -1,0 +1,901 @@
+"""Archive: render the static HTML archive from the store, fully or one message at a time.
+
+The store's ``archive`` table is the source of truth; everything here is
+derived and can be rebuilt (``listserv archive build --full``).  Layout, under
+``[archive] dir`` for public lists and ``<dir>-private`` for private ones::
+
+    index.html                 all lists
+    static/                    archive.css, search.js
+    LIST/index.html            description, how to join, latest threads, months
+    LIST/feed.atom             the latest messages
+    LIST/search.html           static search over LIST/search/YYYY-MM.js
+    LIST/YYYY-MM/index.html    the month by thread; date.html by date; YYYY-MM.mbox
+    LIST/t/THREAD/index.html   one thread, messages in tree order
+    LIST/m/HASH/index.html     one message (HASH = Message-ID-Hash: Archived-At)
+    LIST/m/HASH/N/NAME         its attachments, as downloads
+
+Every page carries a Content-Security-Policy that allows scripts and styles
+only from the archive itself (no inline script, no remote resource), links are
+relative so a plain folder works, and every file is written atomically (temp
+file, then rename).
+
+*Full build*: headers of all messages are read in worker processes, threaded
+in one pass (``archive_thread``), then threads are rendered in parallel, and
+the month pages last; the new tree is swapped in for the old one.
+*Incremental*: ``Archiver.on_archived`` (called by the fan-out after a post is
+stored) starts a background task that places the message in its thread with a
+few indexed lookups and rewrites only its message page, its parent's page, its
+thread, its month (pages, mbox, search part), the list home and the feed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import concurrent.futures
+import email.utils
+import dataclasses
+import html
+import json
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from markupsafe import Markup
+
+from listserv.archive_render import (
+    Labels,
+    Mail,
+    fallback_message_id,
+    hide_addresses,
+    mbox_entry,
+    parse_headers,
+    parse_mail,
+    strip_angles,
+)
+from listserv.archive_thread import Node, is_reply_subject, normalize_subject, thread_messages, tree_order
+from listserv.archive_types import ArchiveMeta
+from listserv.config import Config
+from listserv.message import archiving_refused
+from listserv.rewrite import message_id_hash
+from listserv.settings import effective_settings
+from listserv.store import ListRecord, Store
+
+__all__ = ["Archiver", "ListInfo", "CSP", "build_list", "list_info", "templates_dir", "write_atomic"]
+
+log = logging.getLogger("listserv.archive")
+
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self';"
+    " base-uri 'none'; form-action 'self'"
+)
+FEED_ENTRIES = 30
+LATEST_THREADS = 20
+PARALLEL_FROM = 400  # fewer messages than this are built in-process
+THREAD_JOB = 400  # messages per worker job
+
+STRINGS: dict[str, dict[str, str]] = {
+    "pl": {
+        "site_title": "Archiwa list dyskusyjnych", "all_lists": "Wszystkie listy", "messages": "wiad.",
+        "no_lists": "Brak publicznych archiwów.", "how_to_join": "Jak dołączyć",
+        "join_text": "Wyślij pustą wiadomość na adres", "post_text": "Wiadomości do listy wysyła się na adres",
+        "at": "małpa", "search": "Szukaj", "search_placeholder": "słowa w temacie, autorze lub treści",
+        "latest_threads": "Najnowsze wątki", "months": "Miesiące", "by_date": "według daty",
+        "by_thread": "według wątków", "feed": "Kanał Atom", "empty": "Archiwum jest jeszcze puste.",
+        "no_subject": "(bez tematu)", "download_mbox": "pobierz mbox", "in_reply_to": "w odpowiedzi na",
+        "whole_thread": "Cały wątek", "attachments": "Załączniki", "replies": "Odpowiedzi",
+        "searching": "Szukam…", "found": "Znalezione wiadomości:", "not_found": "Nic nie znaleziono.",
+        "needs_js": "Wyszukiwarka potrzebuje JavaScriptu; miesiące są dostępne na stronie listy.",
+        "navigation": "Nawigacja", "moved": "Ten wątek jest teraz tutaj.",
+        "footer": "Archiwum listy dyskusyjnej. Adresy e-mail są ukryte.",
+        "quoted": "cytat: {n} wierszy", "truncated": "[wiadomość skrócona: zbyt długa]",
+        "forwarded": "Przekazana wiadomość",
+    },
+    "en": {
+        "site_title": "Mailing list archives", "all_lists": "All lists", "messages": "messages",
+        "no_lists": "No public archives.", "how_to_join": "How to join",
+        "join_text": "Send an empty message to", "post_text": "Messages to the list go to",
+        "at": "at", "search": "Search", "search_placeholder": "words in subject, author or text",
+        "latest_threads": "Latest threads", "months": "Months", "by_date": "by date",
+        "by_thread": "by thread", "feed": "Atom feed", "empty": "The archive is empty so far.",
+        "no_subject": "(no subject)", "download_mbox": "download mbox", "in_reply_to": "in reply to",
+        "whole_thread": "Whole thread", "attachments": "Attachments", "replies": "Replies",
+        "searching": "Searching…", "found": "Messages found:", "not_found": "Nothing found.",
+        "needs_js": "Search needs JavaScript; the months are on the list's page.",
+        "navigation": "Navigation", "moved": "This thread is now here.",
+        "footer": "Mailing list archive. E-mail addresses are hidden.",
+        "quoted": "{n} quoted lines", "truncated": "[message cut: too long]",
+        "forwarded": "Forwarded message",
+    },
+}
+MONTHS = {
+    "pl": ["styczeń", "luty", "marzec", "kwiecień", "maj", "czerwiec", "lipiec", "sierpień", "wrzesień",
+           "październik", "listopad", "grudzień"],
+    "en": list(calendar.month_name)[1:],
+}
+
+
+# -- files ---------------------------------------------------------------------------
+
+
+def templates_dir() -> Path:
+    """The templates shipped inside the package, else the checkout's top-level folder."""
+    packaged = Path(str(resources.files("listserv").joinpath("templates")))
+    if (packaged / "base.html").exists():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "templates"
+
+
+_local = threading.local()
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write a file so that a reader sees the old or the new content, never a part.
+
+    Inside a full build (a fresh tree nobody reads yet, swapped in at the
+    end) files are written in place: the swap is the atomic step.
+    """
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    target = path if getattr(_local, "direct", False) else path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fh = open(target, "wb")
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(target, "wb")
+    with fh:
+        fh.write(payload)
+    if target is not path:
+        os.replace(target, path)
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# -- the list as the archive sees it ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ListInfo:
+    id: int
+    name: str
+    title: str
+    description: str
+    language: str
+    policy: str  # public | private | none
+    domain: str
+    base_url: str
+    public_root: Path
+    private_root: Path
+
+    @property
+    def root(self) -> Path:
+        """The folder holding this list's archive (for "none", where it would be if public)."""
+        return self.private_root if self.policy == "private" else self.public_root
+
+    @property
+    def dir(self) -> Path:
+        return self.root / self.name
+
+    @property
+    def join_local(self) -> str:
+        return f"{self.name}-join"
+
+    @property
+    def list_url(self) -> str:
+        return f"{self.base_url}{self.name}/" if self.base_url and self.policy == "public" else ""
+
+    @property
+    def lang(self) -> str:
+        return self.language if self.language in STRINGS else "pl"
+
+
+def list_info(config: Config, lst: ListRecord) -> ListInfo:
+    settings = effective_settings(config.list_defaults, lst.settings_json)
+    root = config.archive.dir
+    return ListInfo(
+        id=lst.id, name=lst.name, title=settings.title.strip() or lst.name, description=settings.description,
+        language=settings.language, policy=settings.archive_policy, domain=config.server.domain,
+        base_url=config.archive.base_url, public_root=root, private_root=root.with_name(root.name + "-private"),
+    )
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+
+def _fmt(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def month_of(ts: float) -> str:
+    return time.strftime("%Y-%m", time.gmtime(ts))
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.0f} KB"
+    return f"{n / 1024 / 1024:.1f} MB"
+
+
+class Renderer:
+    """Jinja2 (autoescape on) over the templates folder; one per process."""
+
+    def __init__(self) -> None:
+        self.env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(templates_dir())),
+            autoescape=True,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            undefined=jinja2.StrictUndefined,
+        )
+
+    def page(self, name: str, info: ListInfo | None, depth: int, **ctx: Any) -> str:
+        lang = info.lang if info else ctx.pop("lang", "pl")
+        up = "../" * depth
+        values: dict[str, Any] = {
+            "lang": lang, "t": STRINGS[lang], "csp": CSP, "static": f"{up}static/", "canonical": "", "feed": "",
+            "title": "", "info": info, "fmt": _fmt, "iso": _iso,
+        }
+        values.update(ctx)
+        return self.env.get_template(name).render(**values)
+
+    def month_name(self, info: ListInfo, month: str) -> str:
+        year, _, mm = month.partition("-")
+        try:
+            return f"{MONTHS[info.lang][int(mm) - 1]} {year}"
+        except (ValueError, IndexError):
+            return month
+
+
+_RENDERER: Renderer | None = None
+
+
+def renderer() -> Renderer:
+    global _RENDERER
+    if _RENDERER is None:
+        _RENDERER = Renderer()
+    return _RENDERER
+
+
+def labels_for(info: ListInfo) -> Labels:
+    t = STRINGS[info.lang]
+    return Labels(quoted=t["quoted"], truncated=t["truncated"], forwarded=t["forwarded"])
+
+
+def make_meta(row_id: int, info: ListInfo, msgid_hash: str, mail: Mail, thread: str, parent: str) -> ArchiveMeta:
+    h = mail.headers
+    names = [f"{a.filename} ({_size(len(a.data))})" for a in mail.attachments]
+    return ArchiveMeta(
+        archive_id=row_id, list_id=info.id, msgid_hash=msgid_hash, message_id=h.message_id, thread=thread,
+        parent=parent, refs=h.references, date=h.date, month=month_of(h.date), subject=h.subject,
+        nsubject=normalize_subject(h.subject), author=h.author, snippet=mail.snippet, search=mail.search,
+        attachments=len(mail.attachments), mbox=mbox_entry(mail, names),
+    )
+
+
+def _node(meta: ArchiveMeta) -> Node:
+    return Node(key=meta.archive_id, message_id=meta.message_id, references=meta.refs, subject=meta.subject,
+                date=meta.date)
+
+
+def _attachment_links(mail: Mail) -> list[dict[str, str]]:
+    return [
+        {"path": f"{a.index}/{a.filename}", "name": a.filename, "size": _size(len(a.data)), "type": a.content_type}
+        for a in mail.attachments
+    ]
+
+
+def write_message_dir(info: ListInfo, root: Path, meta: ArchiveMeta, mail: Mail, parent: ArchiveMeta | None,
+                      replies: Sequence[ArchiveMeta], thread_count: int) -> None:
+    r = renderer()
+    mdir = root / info.name / "m" / meta.msgid_hash
+    for a in mail.attachments:
+        write_atomic(mdir / str(a.index) / a.filename, a.data)
+    canonical = f"{info.list_url}m/{meta.msgid_hash}/" if info.list_url else ""
+    page = r.page(
+        "message.html", info, 3, title=f"{meta.subject or STRINGS[info.lang]['no_subject']} – {info.title}",
+        canonical=canonical, meta=meta, body=Markup(mail.body_html), attachments=_attachment_links(mail),
+        parent=parent, replies=sorted(replies, key=lambda m: (m.date, m.archive_id)), thread_count=thread_count,
+        month_name=r.month_name(info, meta.month),
+    )
+    write_atomic(mdir / "index.html", page)
+
+
+def render_thread(info: ListInfo, root: Path, thread: str, metas: Sequence[ArchiveMeta], mails: dict[int, Mail],
+                  message_pages: Iterable[int] | None = None) -> dict[int, str]:
+    """Write a thread page and the message pages asked for (all when None).
+
+    Returns each message's parent Message-ID within the thread.
+    """
+    r = renderer()
+    order = tree_order([_node(m) for m in metas])
+    by_key = {m.archive_id: m for m in metas}
+    by_mid: dict[str, ArchiveMeta] = {}
+    for m in sorted(metas, key=lambda m: (m.date, m.archive_id)):
+        by_mid.setdefault(m.message_id, m)
+    replies: dict[str, list[ArchiveMeta]] = {}
+    parents: dict[int, str] = {}
+    items: list[dict[str, Any]] = []
+    for node, depth, parent in order:
+        meta = by_key[node.key]
+        parents[meta.archive_id] = parent
+        if parent:
+            replies.setdefault(parent, []).append(meta)
+        mail = mails[meta.archive_id]
+        items.append({"meta": meta, "depth": depth, "parent": by_mid.get(parent) if parent else None,
+                      "body": Markup(mail.body_html), "attachments": _attachment_links(mail)})
+    if not items:
+        _remove_file(root / info.name / "t" / f"{thread}.html")
+        return parents
+    first: ArchiveMeta = items[0]["meta"]
+    page = r.page(
+        "thread.html", info, 2, title=f"{first.subject or STRINGS[info.lang]['no_subject']} – {info.title}",
+        subject=first.subject, items=items, month=first.month, month_name=r.month_name(info, first.month),
+        canonical=f"{info.list_url}t/{thread}.html" if info.list_url else "",
+    )
+    write_atomic(root / info.name / "t" / f"{thread}.html", page)
+    wanted = set(by_key) if message_pages is None else set(message_pages)
+    for meta in metas:
+        if meta.archive_id not in wanted:
+            continue
+        parent_meta = by_mid.get(parents.get(meta.archive_id, "")) if parents.get(meta.archive_id) else None
+        own = replies.get(meta.message_id, []) if by_mid.get(meta.message_id) is meta else []
+        write_message_dir(info, root, meta, mails[meta.archive_id], parent_meta, own, len(metas))
+    return parents
+
+
+def render_month(info: ListInfo, root: Path, month: str, metas: Sequence[ArchiveMeta]) -> None:
+    """The month's two pages, its mbox download and its search-index part."""
+    r = renderer()
+    mdir = root / info.name / month
+    if not metas:
+        _remove_tree(mdir)
+        _remove_file(root / info.name / "search" / f"{month}.js")
+        return
+    groups: OrderedDict[str, list[ArchiveMeta]] = OrderedDict()
+    for m in sorted(metas, key=lambda m: (m.date, m.archive_id)):
+        groups.setdefault(m.thread, []).append(m)
+    threads = []
+    for thread, ms in groups.items():
+        items = [(next(x for x in ms if x.archive_id == node.key), depth)
+                 for node, depth, _ in tree_order([_node(m) for m in ms])]
+        threads.append({"thread": thread, "subject": items[0][0].subject, "entries": items})
+    common = {"month": month, "month_name": r.month_name(info, month), "count": len(metas),
+              "title": f"{info.title}: {r.month_name(info, month)}"}
+    write_atomic(mdir / "index.html", r.page("month.html", info, 2, view="threads", threads=threads,
+                                             messages=[], **common))
+    write_atomic(mdir / "date.html", r.page("month.html", info, 2, view="dates", threads=[],
+                                            messages=sorted(metas, key=lambda m: (m.date, m.archive_id)), **common))
+    write_atomic(mdir / f"{month}.mbox", b"".join(m.mbox for m in sorted(metas, key=lambda m: (m.date, m.archive_id))))
+    records = [[m.msgid_hash, m.subject, m.author, _fmt(m.date)[:10], m.search]
+               for m in sorted(metas, key=lambda m: (m.date, m.archive_id))]
+    # JSON inside a script file: "</" and U+2028/9 escaped so no text can end or break the script.
+    payload = json.dumps(records, ensure_ascii=False, separators=(",", ":"))
+    payload = payload.replace("</", "<\\/").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    write_atomic(root / info.name / "search" / f"{month}.js",
+                 f"window.listservSearchPart&&window.listservSearchPart({json.dumps(month)},{payload});\n")
+
+
+def _remove_file(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def render_list_home(info: ListInfo, root: Path, months: Sequence[tuple[str, int]],
+                     latest: Sequence[ArchiveMeta]) -> None:
+    r = renderer()
+    threads: OrderedDict[str, dict[str, Any]] = OrderedDict()
+    counts: dict[str, int] = {}
+    for m in latest:
+        counts[m.thread] = counts.get(m.thread, 0) + 1
+        if m.thread not in threads:
+            threads[m.thread] = {"thread": m.thread, "subject": m.subject, "author": m.author, "date": _fmt(m.date)}
+    latest_threads = [dict(v, count=counts[k]) for k, v in list(threads.items())[:LATEST_THREADS]]
+    ldir = root / info.name
+    write_atomic(ldir / "index.html", r.page(
+        "list_index.html", info, 1, title=info.title, months=months, latest=latest_threads,
+        month_names={m: r.month_name(info, m) for m, _ in months}, feed="feed.atom",
+        canonical=info.list_url,
+    ))
+    write_atomic(ldir / "search.html", r.page(
+        "search.html", info, 1, title=f"{STRINGS[info.lang]['search']} – {info.title}", months=[m for m, _ in months],
+    ))
+    entries = list(latest[:FEED_ENTRIES])
+    base = info.list_url
+
+    def entry_url(m: ArchiveMeta) -> str:
+        return f"{base}m/{m.msgid_hash}/" if base else f"m/{m.msgid_hash}/index.html"
+
+    def entry_id(m: ArchiveMeta) -> str:
+        return f"{base}m/{m.msgid_hash}/" if base else f"urn:listserv:{info.name}:{m.msgid_hash}"
+
+    feed = r.page("feed.atom", info, 1, entries=entries, entry_url=entry_url, entry_id=entry_id,
+                  feed_id=base or f"urn:listserv:{info.name}", updated=_iso(entries[0].date if entries else 0))
+    write_atomic(ldir / "feed.atom", feed)
+
+
+def write_static(root: Path) -> None:
+    src = templates_dir() / "static"
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            target = root / "static" / f.name
+            data = f.read_bytes()
+            if not target.exists() or target.read_bytes() != data:
+                write_atomic(target, data)
+    # For Apache; other servers: send the same headers (see the README).
+    write_atomic(root / ".htaccess", (
+        f'Header always set Content-Security-Policy "{CSP}"\n'
+        "Header always set X-Content-Type-Options nosniff\n"
+        "Header always set Referrer-Policy no-referrer\n"
+        '<FilesMatch "\\.(bin|mbox)$">\n  Header set Content-Disposition attachment\n</FilesMatch>\n'
+        "AddType application/mbox .mbox\nAddType text/javascript .js\nAddType application/atom+xml .atom\n"
+    ))
+
+
+def render_site_index(root: Path, lists: Sequence[tuple[ListInfo, int]], lang: str) -> None:
+    r = renderer()
+    rows = [{"name": i.name, "title": i.title, "description": i.description, "count": n} for i, n in lists]
+    write_static(root)
+    write_atomic(root / "index.html", r.page("site_index.html", None, 0, lang=lang,
+                                             title=STRINGS[lang]["site_title"], lists=rows))
+
+
+# -- full build: the jobs run in worker processes ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _ScanJob:
+    db: Path
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _ThreadJob:
+    db: Path
+    info: ListInfo
+    root: Path
+    threads: tuple[tuple[str, tuple[int, ...]], ...]
+    hashes: dict[int, str]
+
+
+@dataclass(frozen=True, slots=True)
+class _MonthJob:
+    db: Path
+    info: ListInfo
+    root: Path
+    months: tuple[str, ...]
+
+
+def _scan(job: _ScanJob) -> list[tuple[int, str, tuple[str, ...], str, float]]:
+    out = []
+    for row_id, (mid, received, data) in Store.read_archive_data(job.db, job.ids).items():
+        h = parse_headers(data, mid, received)
+        out.append((row_id, h.message_id or strip_angles(mid), h.references, h.subject, h.date))
+    return out
+
+
+def _render_threads(job: _ThreadJob) -> list[ArchiveMeta]:
+    _local.direct = True
+    try:
+        return _render_threads_direct(job)
+    finally:
+        _local.direct = False
+
+
+def _render_threads_direct(job: _ThreadJob) -> list[ArchiveMeta]:
+    ids = [i for _, ids in job.threads for i in ids]
+    data = Store.read_archive_data(job.db, ids)
+    labels = labels_for(job.info)
+    out: list[ArchiveMeta] = []
+    for thread, tids in job.threads:
+        mails: dict[int, Mail] = {}
+        metas: list[ArchiveMeta] = []
+        for i in tids:
+            mid, received, raw = data[i]
+            mail = parse_mail(raw, mid, received, labels)
+            mails[i] = mail
+            metas.append(make_meta(i, job.info, job.hashes[i], mail, thread, ""))
+        parents = render_thread(job.info, job.root, thread, metas, mails)
+        out.extend(dataclasses.replace(m, parent=parents.get(m.archive_id, "")) for m in metas)
+    return out
+
+
+def _render_months(job: _MonthJob) -> int:
+    _local.direct = True
+    try:
+        for month in job.months:
+            render_month(job.info, job.root, month, Store.read_month_meta(job.db, job.info.id, month))
+    finally:
+        _local.direct = False
+    return len(job.months)
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+Progress = Callable[[str, int, int], None]
+
+
+async def build_list(config: Config, store: Store, info: ListInfo, *, workers: int | None = None,
+                     progress: Progress | None = None) -> int:
+    """Rebuild one list's archive from the store; returns the number of messages.
+
+    The new tree is built beside the old one and swapped in at the end, so
+    readers never see a half-built archive and no stale page survives.
+    """
+    # A list that became private or "none" must disappear from the public folder.
+    for root in (info.public_root, info.private_root):
+        if root != info.root or info.policy == "none":
+            _remove_tree(root / info.name)
+    await store.archive_clear_meta(info.id)
+    if info.policy == "none":
+        return 0
+    index = await store.archive_index(info.id)
+    hashes = {row_id: message_id_hash(mid) for row_id, mid, _ in index}
+    # The new tree is rendered into a scratch root (its <name> folder is
+    # then renamed into place).
+    scratch = info.root / f".{info.name}.scratch"
+    _remove_tree(scratch)
+    scratch.mkdir(parents=True)
+    nprocs = workers or os.cpu_count() or 1
+    parallel = nprocs > 1 and len(index) >= PARALLEL_FROM
+    pool: concurrent.futures.Executor | None = None
+    if parallel:
+        pool = concurrent.futures.ProcessPoolExecutor(nprocs, mp_context=multiprocessing.get_context("spawn"))
+    loop = asyncio.get_running_loop()
+
+    async def run(fn: Callable[[Any], Any], jobs: Sequence[Any]) -> list[Any]:
+        if pool is None:
+            return [await asyncio.to_thread(fn, j) for j in jobs]
+        return list(await asyncio.gather(*(loop.run_in_executor(pool, fn, j) for j in jobs)))
+
+    try:
+        total = len(index)
+        if progress:
+            progress("threading", 0, total)
+        scans = await run(_scan, [_ScanJob(store.path, tuple(c)) for c in _chunks([i for i, _, _ in index], 2000)])
+        nodes = [Node(key=row_id, message_id=mid, references=refs, subject=subject, date=date)
+                 for part in scans for row_id, mid, refs, subject, date in part]
+        placed = thread_messages(nodes)
+        by_thread: dict[str, list[int]] = {}
+        for node in sorted(nodes, key=lambda n: (n.date, n.key)):
+            by_thread.setdefault(message_id_hash(placed[node.key].thread), []).append(node.key)
+        jobs: list[_ThreadJob] = []
+        batch: list[tuple[str, tuple[int, ...]]] = []
+        size = 0
+        for thread, ids in by_thread.items():
+            batch.append((thread, tuple(ids)))
+            size += len(ids)
+            if size >= THREAD_JOB:
+                jobs.append(_ThreadJob(store.path, info, scratch, tuple(batch), {i: hashes[i] for _, t in batch for i in t}))
+                batch, size = [], 0
+        if batch:
+            jobs.append(_ThreadJob(store.path, info, scratch, tuple(batch), {i: hashes[i] for _, t in batch for i in t}))
+        done = 0
+        if pool is None:
+            for job in jobs:
+                metas = await asyncio.to_thread(_render_threads, job)
+                await store.archive_put_meta(metas, count_months=False)
+                done += len(metas)
+                if progress:
+                    progress("pages", done, total)
+        else:
+            futures = [loop.run_in_executor(pool, _render_threads, j) for j in jobs]
+            for fut in asyncio.as_completed(futures):
+                metas = await fut
+                await store.archive_put_meta(metas, count_months=False)
+                done += len(metas)
+                if progress:
+                    progress("pages", done, total)
+        await store.archive_recount_months(info.id)
+        months = await store.archive_months(info.id)
+        month_names = [m for m, _ in months]
+        await run(_render_months, [_MonthJob(store.path, info, scratch, tuple(c))
+                                   for c in _chunks(month_names, max(1, len(month_names) // (nprocs * 2) + 1))])
+        render_list_home(info, scratch, months, await store.archive_latest(info.id, 400))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    built = scratch / info.name
+    built.mkdir(parents=True, exist_ok=True)
+    old = info.root / f".{info.name}.old"
+    _remove_tree(old)
+    final = info.dir
+    if final.exists():
+        os.replace(final, old)
+    os.replace(built, final)
+    _remove_tree(old)
+    _remove_tree(scratch)
+    return len(index)
+
+
+async def write_site_indexes(config: Config, store: Store) -> None:
+    """The "all lists" page of the public folder and of the private one."""
+    public: list[tuple[ListInfo, int]] = []
+    private: list[tuple[ListInfo, int]] = []
+    lang = config.list_defaults.language if config.list_defaults.language in STRINGS else "pl"
+    for lst in await store.lists():
+        info = list_info(config, lst)
+        if info.policy == "none":
+            continue
+        count = sum(n for _, n in await store.archive_months(info.id))
+        (public if info.policy == "public" else private).append((info, count))
+    root = config.archive.dir
+    render_site_index(root, public, lang)
+    if private or root.with_name(root.name + "-private").exists():
+        render_site_index(root.with_name(root.name + "-private"), private, lang)
+
+
+# -- incremental ------------------------------------------------------------------------------
+
+
+class Archiver:
+    """Keeps the archive up to date while the server runs; one update at a time.
+
+    ``on_archived`` is the fan-out's hook: it returns at once and the work runs
+    in a background task (CPU work in a thread), so delivery never waits for
+    the archive.  Failures are logged; ``listserv archive build`` repairs.
+    """
+
+    def __init__(self, config: Config, store: Store, cache_size: int = 2000) -> None:
+        self.config = config
+        self.store = store
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._mails: OrderedDict[int, Mail] = OrderedDict()
+        self._cache_size = cache_size
+
+    async def on_archived(self, list_name: str, msgid_hash: str) -> None:
+        task = asyncio.create_task(self._guarded(list_name, msgid_hash), name=f"archive-{msgid_hash[:8]}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _guarded(self, list_name: str, msgid_hash: str) -> None:
+        try:
+            await self.add(list_name, msgid_hash)
+        except Exception:  # noqa: BLE001 - the archive is derived; a rebuild repairs it
+            log.exception("archive update failed list=%s hash=%s; `listserv archive build` repairs it",
+                          list_name, msgid_hash)
+
+    async def idle(self) -> None:
+        """Wait until every update started so far has finished (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _info(self, list_name: str) -> ListInfo:
+        return list_info(self.config, await self.store.get_list(list_name))
+
+    async def _mails_for(self, info: ListInfo, metas: Sequence[ArchiveMeta]) -> dict[int, Mail]:
+        out: dict[int, Mail] = {}
+        missing = []
+        for m in metas:
+            mail = self._mails.get(m.archive_id)
+            if mail is None:
+                missing.append(m.archive_id)
+            else:
+                self._mails.move_to_end(m.archive_id)
+                out[m.archive_id] = mail
+        if missing:
+            data = await self.store.archive_data(missing)
+            labels = labels_for(info)
+
+            def parse_all() -> dict[int, Mail]:
+                return {i: parse_mail(raw, mid, at, labels) for i, (mid, at, raw) in data.items()}
+
+            parsed = await asyncio.to_thread(parse_all)
+            for i, mail in parsed.items():
+                self._remember(i, mail)
+            out.update(parsed)
+        return out
+
+    def _remember(self, archive_id: int, mail: Mail) -> None:
+        self._mails[archive_id] = mail
+        self._mails.move_to_end(archive_id)
+        while len(self._mails) > self._cache_size:
+            self._mails.popitem(last=False)
+
+    async def add(self, list_name: str, msgid_hash: str) -> None:
+        """Put one stored message into the built archive, rewriting only what it changes."""
+        async with self._lock:
+            info = await self._info(list_name)
+            if info.policy == "none":
+                return
+            row = await self.store.archive_row(info.id, msgid_hash)
+            if row is None or row.removed:
+                return
+            mail = await asyncio.to_thread(parse_mail, row.data, row.message_id, row.received_at, labels_for(info))
+            self._remember(row.id, mail)
+            h = mail.headers
+            thread = await self._place(info, h.message_id, h.references, h.subject, h.date)
+            # Replies that arrived before this message join its thread.
+            merged = {c.thread for c in await self.store.archive_meta_referring(info.id, h.message_id)
+                      if c.thread != thread}
+            if merged:
+                await self.store.archive_set_thread(info.id, sorted(merged), thread)
+            known = await self.store.archive_meta_by_message_ids(info.id, h.references)
+            parent = ""
+            known_ids = {k.message_id for k in known}
+            for ref in reversed(h.references):
+                if ref in known_ids:
+                    parent = ref
+                    break
+            meta = make_meta(row.id, info, row.msgid_hash, mail, thread, parent)
+            await self.store.archive_put_meta([meta])
+            await self._rerender(info, thread, {meta.month}, around=meta, merged=merged)
+
+    async def _place(self, info: ListInfo, message_id: str, refs: Sequence[str], subject: str, date: float) -> str:
+        """The thread key, from a few indexed lookups (the same rule as the full build)."""
+        if refs:
+            known = {m.message_id: m for m in await self.store.archive_meta_by_message_ids(info.id, refs)}
+            for ref in reversed(refs):
+                if ref in known:
+                    return known[ref].thread
+            return message_id_hash(refs[0])
+        if is_reply_subject(subject):
+            same = await self.store.archive_meta_by_subject(info.id, normalize_subject(subject), date)
+            if same is not None:
+                return same.thread
+        return message_id_hash(message_id)
+
+    async def _rerender(self, info: ListInfo, thread: str, months: set[str], *, around: ArchiveMeta | None,
+                        merged: Iterable[str] = (), all_messages: bool = False) -> None:
+        root = info.root
+        metas = await self.store.archive_thread_meta(info.id, thread)
+        mails = await self._mails_for(info, metas)
+        wanted: set[int] | None = None
+        if around is not None and not merged and not all_messages:
+            related = {around.parent, around.message_id}
+            wanted = {m.archive_id for m in metas
+                      if m.message_id in related or around.message_id in m.refs[-1:]}
+        months_list = await self.store.archive_months(info.id)
+        month_rows = {m: await self.store.archive_month_meta(info.id, m, with_mbox=True) for m in months}
+        latest = await self.store.archive_latest(info.id, 400)
+
+        def render() -> None:
+            render_thread(info, root, thread, metas, mails, wanted)
+            for old in merged:
+                write_atomic(root / info.name / "t" / f"{old}.html",
+                             renderer().page("redirect.html", info, 2, target=f"{thread}.html", title=info.title))
+            for month, rows in month_rows.items():
+                render_month(info, root, month, rows)
+            render_list_home(info, root, months_list, latest)
+            if not (root / "static" / "archive.css").exists():
+                write_static(root)
+
+        await asyncio.to_thread(render)
+        if len(months_list) <= len(months) or not (root / "index.html").exists():
+            await write_site_indexes(self.config, self.store)
+
+    async def remove(self, message_id: str) -> int:
+        """Take a message down (GDPR request): mark it removed and rewrite its pages."""
+        async with self._lock:
+            metas = await self.store.archive_remove(message_id)
+            for meta in metas:
+                lst = await self.store.get_list_by_id(meta.list_id)
+                info = list_info(self.config, lst)
+                self._mails.pop(meta.archive_id, None)
+                if info.policy == "none":
+                    continue
+                await asyncio.to_thread(_remove_tree, info.dir / "m" / meta.msgid_hash)
+                await self._rerender(info, meta.thread, {meta.month}, around=None, all_messages=True)
+            return len(metas)
+
+
+# -- import ---------------------------------------------------------------------------------------
+
+_MSGID_HEADER = re.compile(rb"(?im)^message-id:[ \t]*(?:\r?\n[ \t]+)?(<[^>\r\n]+>|[^\s]+)")
+_DATE_HEADER = re.compile(rb"(?im)^date:[ \t]*([^\r\n]+)")
+_FROM_LINE = re.compile(rb"^From \S*\s+(.+?)\s*$")
+_ESCAPED_FROM = re.compile(rb"^>+From ")
+
+
+def read_mbox(path: Path) -> Iterator[tuple[bytes, float | None]]:
+    """The messages of an mbox file (mboxrd/mboxo), with the date of each "From " line."""
+    lines: list[bytes] = []
+    when: float | None = None
+    previous_blank = True
+    with open(path, "rb") as fh:
+        for line in fh:
+            if line.startswith(b"From ") and previous_blank:
+                if lines:
+                    yield _finish(lines), when
+                lines = []
+                m = _FROM_LINE.match(line)
+                when = _mbox_date(m.group(1)) if m else None
+                previous_blank = False
+                continue
+            if _ESCAPED_FROM.match(line):
+                line = line[1:]
+            lines.append(line)
+            previous_blank = line in (b"\n", b"\r\n")
+    if lines:
+        yield _finish(lines), when
+
+
+def _finish(lines: list[bytes]) -> bytes:
+    while lines and lines[-1] in (b"\n", b"\r\n"):
+        lines.pop()
+    return b"".join(lines)
+
+
+def _mbox_date(text: bytes) -> float | None:
+    try:
+        return calendar.timegm(time.strptime(text.decode("ascii", "replace")[:24], "%a %b %d %H:%M:%S %Y"))
+    except ValueError:
+        return None
+
+
+def import_entry(raw: bytes, from_date: float | None) -> tuple[str, str, float, bytes] | None:
+    """(Message-ID, hash, received_at, data) for one imported message; None if it asks not to be archived."""
+    head_end = raw.find(b"\n\n")
+    crlf_end = raw.find(b"\r\n\r\n")
+    if head_end < 0 or (0 <= crlf_end < head_end):
+        head_end = crlf_end
+    head = raw if head_end < 0 else raw[:head_end]
+    if (b"x-no-archive" in head.lower() or b"archive:" in head.lower()) and archiving_refused(raw):
+        return None
+    m = _MSGID_HEADER.search(head)
+    mid = strip_angles(m.group(1).decode("utf-8", "replace")) if m else ""
+    if not mid:
+        mid = fallback_message_id(raw)
+    received = from_date if from_date is not None else time.time()
+    d = _DATE_HEADER.search(head)
+    if d:
+        try:
+            parsed = email.utils.parsedate_tz(d.group(1).decode("ascii", "replace"))
+            if parsed is not None:
+                received = float(email.utils.mktime_tz(parsed))
+        except (ValueError, OverflowError, TypeError, IndexError):
+            pass
+    return mid, message_id_hash(mid), received, raw
+
+
+async def import_mbox(store: Store, info: ListInfo, path: Path, progress: Progress | None = None,
+                      batch: int = 5000) -> tuple[int, int]:
+    """Store every message of an mbox in the list's archive; returns (read, new)."""
+    read = new = 0
+    pending: list[tuple[str, str, float, bytes]] = []
+    size = max(path.stat().st_size, 1)
+    done_bytes = 0
+    for raw, when in read_mbox(path):
+        read += 1
+        done_bytes += len(raw)
+        entry = import_entry(raw, when)
+        if entry is not None:
+            pending.append(entry)
+        if len(pending) >= batch:
+            new += await store.archive_import(info.id, pending)
+            pending = []
+            if progress:
+                progress("import", min(done_bytes, size), size)
+    if pending:
+        new += await store.archive_import(info.id, pending)
+    if progress:
+        progress("import", size, size)
+    return read, new
+
+
+def escape(text: str) -> str:
+    """HTML-escape and hide addresses (for callers outside the templates)."""
+    return html.escape(hide_addresses(text))

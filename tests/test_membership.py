@@ -1,0 +1,259 @@
+"""Members by e-mail, end to end over real SMTP: join, confirm, post, leave; abuse; moderation by reply."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import re
+import smtplib
+import sqlite3
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+import dkim as dkimpy
+import pytest
+
+from conftest import DOMAIN, SinkHandler, dkim_dnsfunc, make_config
+
+LIST = "energy-management"
+OWNER = "wlasciciel@kape.gov.pl"
+MODERATOR = "moderator@fewe.pl"
+STRANGER = "malgorzata.zielinska@gmina-zabki.pl"
+
+
+def mail(frm: str, to: str, subject: str, body: str, **headers: str) -> bytes:
+    m = EmailMessage()
+    m["From"] = frm
+    m["To"] = to
+    m["Subject"] = subject
+    m["Message-ID"] = f"<{time.monotonic_ns()}@test.example>"
+    for name, value in headers.items():
+        m[name.replace("_", "-")] = value
+    m.set_content(body)
+    return m.as_bytes()
+
+
+def send(port: int, mail_from: str, rcpt: str, data: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.sendmail(mail_from, [rcpt], data)
+
+
+def parsed(data: bytes) -> email.message.EmailMessage:
+    return email.message_from_bytes(data, policy=email.policy.default)  # type: ignore[return-value]
+
+
+@pytest.fixture
+def running(tmp_path: Path, sink: tuple[SinkHandler, int], start_server):  # type: ignore[no-untyped-def]
+    handler, port = sink
+    server = start_server(make_config(tmp_path, port, limits={"confirm_resend_interval": 3600,
+                                                               "confirmations_per_address_per_day": 3}))
+    server.call(server.store.create_list(LIST, {"title": "Zarządzanie energią"}, [OWNER]))
+    server.call(server.store.add_members(LIST, [(MODERATOR, "", "")], role="moderator"))
+    return server, handler
+
+
+def confirm_address(data: bytes) -> str:
+    msg = parsed(data)
+    m = re.search(r"<([^>]+)>", str(msg["From"]))
+    assert m and "-confirm+" in m.group(1)
+    return m.group(1)
+
+
+def test_stranger_joins_confirms_posts_and_leaves(running, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server, sink = running
+    send(server.port, STRANGER, f"{LIST}-join@{DOMAIN}",
+         mail(f"Małgorzata Zielińska <{STRANGER}>", f"{LIST}-join@{DOMAIN}", "zapisz", ""))
+    server.drain()
+    (confirmation,) = sink.copies_for(STRANGER)
+    msg = parsed(confirmation.data)
+    assert msg["Subject"] == "Potwierdź zapis na listę Zarządzanie energią (energy-management)"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    assert "potwierdź" in msg.get_content()
+    assert dkimpy.verify(confirmation.data, dnsfunc=dkim_dnsfunc(server.key))
+    assert server.call(server.store.member(1, STRANGER)) is None  # nothing before the confirmation
+
+    # She presses "reply" in her mail program: the reply goes to LIST-confirm+TOKEN.
+    reply_to = confirm_address(confirmation.data)
+    send(server.port, STRANGER, reply_to,
+         mail(STRANGER, reply_to, f"Re: {msg['Subject']}", "Potwierdzam.\n\n> cytat", In_Reply_To=msg["Message-ID"]))
+    server.drain()
+    assert server.call(server.store.member(1, STRANGER)) is not None
+    welcome = parsed(sink.copies_for(STRANGER)[-1].data)
+    assert welcome["Subject"] == "Witamy na liście Zarządzanie energią"
+    history = server.call(server.store.consent_history(LIST, STRANGER))
+    assert [e.event for e in history] == ["joined"] and history[0].method == "email"
+    assert "Message-ID" in history[0].detail
+
+    # Now a member, she posts and the post goes out.
+    send(server.port, STRANGER, f"{LIST}@{DOMAIN}",
+         mail(STRANGER, f"{LIST}@{DOMAIN}", "Audyt energetyczny szkół", "Czy ktoś robił audyt w 2025?"))
+    server.drain()
+    assert any(b"Audyt energetyczny" in c.data for c in sink.copies_for(MODERATOR))
+
+    # Leaving works the same way, with a confirmation.
+    send(server.port, STRANGER, f"{LIST}-leave@{DOMAIN}", mail(STRANGER, f"{LIST}-leave@{DOMAIN}", "wypisz", ""))
+    server.drain()
+    leave_confirmation = sink.copies_for(STRANGER)[-1]
+    assert "wypisanie" in parsed(leave_confirmation.data)["Subject"]
+    assert server.call(server.store.member(1, STRANGER)) is not None
+    addr = confirm_address(leave_confirmation.data)
+    send(server.port, STRANGER, addr, mail(STRANGER, addr, "Re: potwierdzenie", "ok"))
+    server.drain()
+    assert server.call(server.store.member(1, STRANGER)) is None
+    assert parsed(sink.copies_for(STRANGER)[-1].data)["Subject"] == "Wypisano z listy Zarządzanie energią"
+    assert [e.event for e in server.call(server.store.consent_history(LIST, STRANGER))] == ["joined", "left"]
+
+
+def test_forged_join_reaches_only_the_victim_and_reused_token_is_refused(running) -> None:  # type: ignore[no-untyped-def]
+    server, sink = running
+    victim = "burmistrz@miasto-example.pl"
+    attacker = "atak@zlosliwy.example"
+    send(server.port, attacker, f"{LIST}-request@{DOMAIN}",
+         mail(attacker, f"{LIST}-request@{DOMAIN}", "cokolwiek", f"join address={victim}\n"))
+    server.drain()
+    assert len(sink.copies_for(victim)) == 1  # the confirmation, to the victim
+    to_attacker = [parsed(c.data) for c in sink.copies_for(attacker)]
+    assert len(to_attacker) == 1 and "token" not in to_attacker[0].get_content().lower()
+    token_addr = confirm_address(sink.copies_for(victim)[0].data)
+    token = token_addr.split("+", 1)[1].split("@")[0]
+    assert token not in to_attacker[0].get_content()
+    assert server.call(server.store.member(1, victim)) is None
+
+    # The victim confirms (say, by mistake); a second use of the token is refused.
+    send(server.port, victim, token_addr, mail(victim, token_addr, "Re: x", "tak"))
+    server.drain()
+    assert server.call(server.store.member(1, victim)) is not None
+    send(server.port, attacker, f"{LIST}-request@{DOMAIN}",
+         mail(attacker, f"{LIST}-request@{DOMAIN}", f"potwierdź {token}", ""))
+    server.drain()
+    answer = parsed(sink.copies_for(attacker)[-1].data).get_content()
+    assert "już użyty" in answer
+
+
+def test_expired_token_is_refused_clearly(running) -> None:  # type: ignore[no-untyped-def]
+    server, sink = running
+    server.call(server.store.create_token("Wygasly-Token-1234567890", 1, STRANGER, "join", {}, time.time() - 1))
+    send(server.port, STRANGER, f"{LIST}-request@{DOMAIN}",
+         mail(STRANGER, f"{LIST}-request@{DOMAIN}", "Re: Potwierdź", "confirm Wygasly-Token-1234567890\n"))
+    server.drain()
+    assert "wygasł" in parsed(sink.copies_for(STRANGER)[-1].data).get_content()
+    assert server.call(server.store.member(1, STRANGER)) is None
+
+
+def test_flooding_join_requests_sends_at_most_one_confirmation(running) -> None:  # type: ignore[no-untyped-def]
+    server, sink = running
+    victim = "sekretariat@powiat-example.pl"
+    for i in range(12):
+        attacker = f"bot{i}@flood.example"
+        send(server.port, attacker, f"{LIST}-request@{DOMAIN}",
+             mail(attacker, f"{LIST}-request@{DOMAIN}", "join", f"join address={victim}"))
+    server.drain()
+    assert len(sink.copies_for(victim)) == 1  # one pending confirmation, no resend within the hour
+    tokens = sqlite3.connect(server.config.db_path).execute(
+        "SELECT count(*) FROM tokens WHERE address = ?", (victim,)).fetchone()[0]
+    assert tokens == 1
+
+
+def test_daily_caps_limit_replies_to_one_address(running) -> None:  # type: ignore[no-untyped-def]
+    server, sink = running
+    pest = "natret@example.com"
+    for _ in range(15):
+        send(server.port, pest, f"{LIST}-request@{DOMAIN}", mail(pest, f"{LIST}-request@{DOMAIN}", "pomoc", ""))
+    server.drain()
+    assert len(sink.copies_for(pest)) == 10  # [limits] replies_per_address_per_day
+
+
+@pytest.mark.parametrize("headers, mail_from", [
+    ({"Auto_Submitted": "auto-replied"}, "bot@example.com"),
+    ({"Precedence": "bulk"}, "bot@example.com"),
+    ({}, ""),
+])
+def test_automatic_mail_is_never_answered(running, headers, mail_from) -> None:  # type: ignore[no-untyped-def]
+    server, sink = running
+    send(server.port, mail_from, f"{LIST}-request@{DOMAIN}",
+         mail("bot@example.com", f"{LIST}-request@{DOMAIN}", "help", "help", **headers))
+    send(server.port, mail_from, f"{LIST}-join@{DOMAIN}", mail("bot@example.com", f"{LIST}-join@{DOMAIN}", "x", "",
+                                                                 **headers))
+    server.drain()
+    assert sink.messages == []
+    reasons = [r[0] for r in sqlite3.connect(server.config.db_path).execute("SELECT reason FROM incoming")]
+    assert all(r.startswith("ignored") for r in reasons) and len(reasons) == 2
+
+
+def test_closed_list_refuses_join_by_mail(running) -> None:  # type: ignore[no-untyped-def]
+    server, sink = running
+    server.call(server.store.set_list_settings(LIST, {"subscription_policy": "closed"}))
+    send(server.port, STRANGER, f"{LIST}-request@{DOMAIN}", mail(STRANGER, f"{LIST}-request@{DOMAIN}", "join", ""))
+    server.drain()
+    (answer,) = sink.copies_for(STRANGER)
+    assert "tylko jej właściciele" in parsed(answer.data).get_content()
+
+
+def test_moderated_subscription_needs_an_owner(running) -> None:  # type: ignore[no-untyped-def]
+    server, sink = running
+    server.call(server.store.set_list_settings(LIST, {"subscription_policy": "moderate"}))
+    send(server.port, STRANGER, f"{LIST}-join@{DOMAIN}", mail(STRANGER, f"{LIST}-join@{DOMAIN}", "", ""))
+    server.drain()
+    addr = confirm_address(sink.copies_for(STRANGER)[0].data)
+    send(server.port, STRANGER, addr, mail(STRANGER, addr, "Re: x", "tak"))
+    server.drain()
+    assert server.call(server.store.member(1, STRANGER)) is None
+    request = parsed(sink.copies_for(OWNER)[-1].data)
+    approve = re.search(r"Zatwierdź: mailto:(\S+)", request.get_content())
+    assert approve
+    send(server.port, OWNER, approve.group(1), mail(OWNER, approve.group(1), "Re: prośba", ""))
+    server.drain()
+    assert server.call(server.store.member(1, STRANGER)) is not None
+
+
+def _actions(notice: email.message.EmailMessage) -> dict[str, str]:
+    text = notice.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    found = dict(re.findall(r"^\s*(Zatwierdź|Zatwierdź i zawsze przyjmuj nadawcę|Odrzuć[^:]*|Usuń[^:]*):\s+mailto:(\S+)",
+                            text, re.MULTILINE))
+    return {"approve": found["Zatwierdź"], "always": found["Zatwierdź i zawsze przyjmuj nadawcę"],
+            "reject": next(v for k, v in found.items() if k.startswith("Odrzuć")),
+            "discard": next(v for k, v in found.items() if k.startswith("Usuń"))}
+
+
+def test_moderation_by_reply_first_moderator_wins(running) -> None:  # type: ignore[no-untyped-def]
+    server, sink = running
+    send(server.port, STRANGER, f"{LIST}@{DOMAIN}",
+         mail(f"Małgorzata Zielińska <{STRANGER}>", f"{LIST}@{DOMAIN}", "Pytanie o ELENA", "Czy są nabory?"))
+    server.drain()
+    owner_notice = parsed(sink.copies_for(OWNER)[0].data)
+    mod_notice = parsed(sink.copies_for(MODERATOR)[0].data)
+    assert owner_notice["Message-ID"] == mod_notice["Message-ID"]  # one notice to the staff
+    assert [p.get_content_type() for p in owner_notice.walk()][-2] == "message/rfc822"
+    actions = _actions(owner_notice)
+    # Both act on their phones: the moderator rejects with a reason, the owner approves a moment later.
+    reject = actions["reject"]
+    send(server.port, MODERATOR, reject, mail(MODERATOR, reject, "Re: Do moderacji",
+                                              "Proszę najpierw dołączyć do listy.\n\nW dniu x napisał:\n> ..."))
+    server.drain()
+    approve = actions["approve"]
+    send(server.port, OWNER, approve, mail(OWNER, approve, "Re: Do moderacji", ""))
+    server.drain()
+    held = sqlite3.connect(server.config.db_path).execute(
+        "SELECT status, reason FROM incoming WHERE kind = 'post'").fetchone()
+    assert held[0] == "rejected" and MODERATOR in held[1]
+    rejection = [parsed(c.data) for c in sink.copies_for(STRANGER)][-1]
+    assert "Proszę najpierw dołączyć do listy." in rejection.get_content()
+    assert "W dniu" not in rejection.get_content()
+    already = parsed(sink.copies_for(OWNER)[-1].data)
+    assert already["Subject"].startswith("Już rozpatrzone") and MODERATOR in already.get_content()
+    # The post never reached the list.
+    assert "[energy-management] Pytanie o ELENA" not in [str(parsed(c.data)["Subject"]) for c in sink.messages]
+
+
+def test_approve_and_always_accept_the_sender(running) -> None:  # type: ignore[no-untyped-def]
+    server, sink = running
+    send(server.port, STRANGER, f"{LIST}@{DOMAIN}", mail(STRANGER, f"{LIST}@{DOMAIN}", "Pierwszy wpis", "treść"))
+    server.drain()
+    always = _actions(parsed(sink.copies_for(MODERATOR)[0].data))["always"]
+    send(server.port, MODERATOR, always, mail(MODERATOR, always, "Re: x", ""))
+    server.drain()
+    send(server.port, STRANGER, f"{LIST}@{DOMAIN}", mail(STRANGER, f"{LIST}@{DOMAIN}", "Drugi wpis", "treść"))
+    server.drain()
+    subjects = [str(parsed(c.data)["Subject"]) for c in sink.copies_for(OWNER)]
+    assert "[energy-management] Pierwszy wpis" in subjects and "[energy-management] Drugi wpis" in subjects

@@ -13,6 +13,7 @@ import csv
 import functools
 import io
 import json
+import os
 import re
 import sys
 import time
@@ -318,7 +319,9 @@ async def members_add(cfg: config_mod.Config, store: Store, name: str, emails: t
     if not rows:
         raise click.UsageError("give addresses or --file")
     started = time.perf_counter()
-    count = await store.add_members(name, rows, role)
+    method = "import" if csv_file is not None else "cli"
+    detail = f"added by {admin_name()}" + (f" from {csv_file.name}" if csv_file is not None else "")
+    count = await store.add_members(name, rows, role, method=method, detail=detail)
     click.echo(f"added {count} {role}{'s' if count != 1 else ''} to {name} in {time.perf_counter() - started:.2f} s")
 
 
@@ -329,7 +332,7 @@ async def members_add(cfg: config_mod.Config, store: Store, name: str, emails: t
 async def members_remove(cfg: config_mod.Config, store: Store, name: str, emails: tuple[str, ...]) -> None:
     """Remove members (all or none)."""
     addresses = _addresses(emails)
-    await store.remove_members(name, addresses)
+    await store.remove_members(name, addresses, method="cli", detail=f"removed by {admin_name()}")
     click.echo(f"removed {len(addresses)} from {name}")
 
 
@@ -354,6 +357,77 @@ async def members_set(cfg: config_mod.Config, store: Store, name: str, email: st
         raise click.BadParameter(f"delivery must be one of {', '.join(DELIVERY_STATES)}")
     await store.set_member(name, address, key, parsed)
     click.echo(f"{name}: {address} {key} = {value}")
+
+
+def admin_name() -> str:
+    """Who ran the command, for the consent record (sudo keeps the real user)."""
+    import getpass
+
+    for var in ("SUDO_USER", "LOGNAME", "USER"):
+        value = os.environ.get(var)
+        if value:
+            return value
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no name to be had
+        return "unknown"
+
+
+@members_group.command("history")
+@click.argument("name")
+@click.argument("email")
+@with_store
+async def members_history(cfg: config_mod.Config, store: Store, name: str, email: str) -> None:
+    """When and how EMAIL joined and left NAME: the proof of consent (GDPR Art. 7(1))."""
+    address = _addresses([email])[0]
+    events = await store.consent_history(name, address)
+    if not events:
+        raise StoreError(f"nothing recorded for {address} on {name}")
+    for e in events:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(e.at))
+        click.echo(f"{when}\t{e.event}\t{e.method}\t{e.detail}")
+
+
+@members_group.command("change")
+@click.argument("name")
+@click.argument("old")
+@click.argument("new")
+@with_store
+async def members_change(cfg: config_mod.Config, store: Store, name: str, old: str, new: str) -> None:
+    """Move a member to a new address, keeping role, settings and history."""
+    old_address, new_address = _addresses([old, new])
+    await store.change_address(name, old_address, new_address, by=admin_name())
+    click.echo(f"{name}: {old_address} is now {new_address}")
+
+
+@main.group("person")
+def person_group() -> None:
+    """Everything about one address, across lists (GDPR requests)."""
+
+
+@person_group.command("export")
+@click.argument("email")
+@with_store
+async def person_export(cfg: config_mod.Config, store: Store, email: str) -> None:
+    """Print everything stored about EMAIL as JSON (GDPR Art. 15)."""
+    data = await store.person_export(_addresses([email])[0])
+    click.echo(json.dumps(data, ensure_ascii=False, indent=2))
+
+
+@person_group.command("forget")
+@click.argument("email")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@with_store
+async def person_forget(cfg: config_mod.Config, store: Store, email: str, yes: bool) -> None:
+    """Remove EMAIL from every list and erase what is stored about it (GDPR Art. 17).
+
+    Kept: the record that consent was given and withdrawn, with dates.
+    """
+    address = _addresses([email])[0]
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"Erase everything about {address}?", abort=True)
+    counts = await store.person_forget(address, by=admin_name())
+    click.echo(f"erased {address}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
 
 
 # -- bans -----------------------------------------------------------------------------

@@ -257,3 +257,62 @@ def test_approve_and_always_accept_the_sender(running) -> None:  # type: ignore[
     server.drain()
     subjects = [str(parsed(c.data)["Subject"]) for c in sink.copies_for(OWNER)]
     assert "[energy-management] Pierwszy wpis" in subjects and "[energy-management] Drugi wpis" in subjects
+
+
+# -- the consent record and personal data, through the CLI ------------------------------------------
+
+
+@pytest.fixture
+def cli(tmp_path: Path):  # type: ignore[no-untyped-def]
+    import json as _json
+
+    from click.testing import CliRunner
+
+    from listserv.cli import main
+
+    cfg = tmp_path / "listserv.toml"
+    cfg.write_text(f'[server]\ndomain = "{DOMAIN}"\nstate_dir = "state"\n[dkim]\nprivate_key = "state/dkim.key"\n')
+    runner = CliRunner()
+
+    def run(*args: str, ok: bool = True) -> str:
+        result = runner.invoke(main, [*args, "--config", str(cfg)])
+        if ok:
+            assert result.exit_code == 0, (args, result.output, result.stderr)
+        else:
+            assert result.exit_code != 0, (args, result.output)
+            return result.stderr
+        return result.stdout
+
+    run.json = _json  # type: ignore[attr-defined]
+    return run
+
+
+def test_history_export_change_and_forget(cli, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("SUDO_USER", "admin-kasia")
+    cli("list", "create", "financing", "--title", "Finansowanie", "--owner", OWNER)
+    cli("list", "create", LIST, "--owner", OWNER)
+    cli("members", "add", "financing", "jan.nowak@gmina-lomianki.pl")
+    cli("members", "add", LIST, "jan.nowak@gmina-lomianki.pl")
+    history = cli("members", "history", "financing", "jan.nowak@gmina-lomianki.pl")
+    assert "\tjoined\tcli\tadded by admin-kasia" in history
+
+    cli("members", "change", "financing", "jan.nowak@gmina-lomianki.pl", "j.nowak@lomianki.pl")
+    lines = cli("members", "history", "financing", "j.nowak@lomianki.pl").splitlines()
+    assert [line.split("\t")[1] for line in lines] == ["joined", "changed"]
+    assert "jan.nowak@gmina-lomianki.pl" in lines[1]
+    assert "j.nowak@lomianki.pl" in cli("members", "list", "financing")
+    cli("members", "change", "financing", "nikt@example.pl", "ktos@example.pl", ok=False)
+
+    exported = cli.json.loads(cli("person", "export", "jan.nowak@gmina-lomianki.pl"))  # type: ignore[attr-defined]
+    assert [m["list"] for m in exported["memberships"]] == [LIST]
+    assert exported["consent"][0]["event"] == "joined"
+
+    out = cli("person", "forget", "jan.nowak@gmina-lomianki.pl", "--yes")
+    assert "1 memberships" in out
+    assert "jan.nowak" not in cli("members", "list", LIST)
+    after = cli.json.loads(cli("person", "export", "jan.nowak@gmina-lomianki.pl"))  # type: ignore[attr-defined]
+    assert after["memberships"] == [] and after["messages"] == []
+    # What stays: that consent was given and withdrawn, and when; no other detail.
+    assert [e["event"] for e in after["consent"]] == ["joined", "left"]
+    assert after["consent"][0]["detail"] == "" and "forget" in after["consent"][1]["detail"]
+    assert cli("members", "history", LIST, "nie-adres", ok=False).startswith("listserv: error: ")

@@ -10,6 +10,7 @@ batch (as Mailman's ``mta/base.py`` does), and the fan-out schedules a retry.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import socket
@@ -18,8 +19,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
-
-import aiosmtplib
 
 from listserv.config import DeliveryConfig
 from listserv.types import Reply
@@ -33,19 +32,23 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
+class SmtpReplyError(Exception):
+    """The relay answered a whole-transaction command (MAIL, DATA, end of data) with an error."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
 def refusals_for_error(recipients: Sequence[str], error: BaseException) -> dict[str, Reply]:
     """Map any failure of a whole transaction to one reply per recipient."""
-    if isinstance(error, aiosmtplib.SMTPResponseException) and error.code >= 400:
-        code = error.code
-        enhanced, text = _split_enhanced(error.message)
-        if isinstance(error, aiosmtplib.SMTPSenderRefused):
-            text = f"sender refused: {text}"
-        return {r: Reply(code, enhanced, text) for r in recipients}
-    if isinstance(error, (aiosmtplib.SMTPTimeoutError, asyncio.TimeoutError, TimeoutError)):
-        reply = Reply(451, "4.4.2", f"relay timed out: {error}")
+    if isinstance(error, SmtpReplyError):
+        reply = error.reply
+    elif isinstance(error, (asyncio.TimeoutError, TimeoutError)):
+        reply = Reply(451, "4.4.2", f"relay timed out: {error or 'no answer'}")
     elif isinstance(error, ssl.SSLError):
         reply = Reply(454, "4.7.0", f"TLS failure with the relay: {error}")
-    elif isinstance(error, (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPServerDisconnected, OSError)):
+    elif isinstance(error, (ConnectionError, OSError, asyncio.IncompleteReadError)):
         reply = Reply(451, "4.4.1", f"relay unreachable: {error}")
     else:
         reply = Reply(451, "4.3.0", f"delivery error: {type(error).__name__}: {error}")
@@ -62,77 +65,209 @@ def _split_enhanced(message: str) -> tuple[str, str]:
     return "", message
 
 
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+def wire_data(data: bytes) -> bytes:
+    """The message as DATA sends it: CRLF line ends, dot-stuffed (RFC 5321 §4.5.2), ending CRLF.CRLF."""
+    data = _BARE_LF.sub(b"\r\n", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    data = data.replace(b"\r\n.", b"\r\n..")
+    if data.startswith(b"."):
+        data = b"." + data
+    return data + b".\r\n"
+
+
+class SmtpConnection:
+    """One client connection to the relay: EHLO, optional STARTTLS and AUTH, many transactions.
+
+    Written for the fan-out's hot path: with PIPELINING (RFC 2920) a whole
+    transaction costs two round trips (MAIL+RCPTs+DATA, then the body) and
+    a handful of writes, whatever the number of recipients.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.timeout = timeout
+        self.extensions: set[str] = set()
+
+    @classmethod
+    async def open(cls, config: DeliveryConfig, local_hostname: str, password: str | None) -> SmtpConnection:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(config.relay.host, config.relay.port, limit=1 << 20), config.timeout
+        )
+        conn = cls(reader, writer, config.timeout)
+        try:
+            greeting = await conn._reply()
+            if greeting.code != 220:
+                raise SmtpReplyError(greeting)
+            await conn._ehlo(local_hostname)
+            if config.starttls:
+                if "STARTTLS" not in conn.extensions:
+                    raise SmtpReplyError(Reply(454, "4.7.0", "the relay does not offer STARTTLS"))
+                reply = await conn.command(b"STARTTLS")
+                if reply.code != 220:
+                    raise SmtpReplyError(reply)
+                context = ssl.create_default_context()
+                await asyncio.wait_for(
+                    writer.start_tls(context, server_hostname=config.relay.host), config.timeout
+                )
+                await conn._ehlo(local_hostname)  # RFC 3207 §4.2: forget what was learnt before TLS
+            if config.username and password is not None:
+                token = base64.b64encode(f"\0{config.username}\0{password}".encode()).decode()
+                reply = await conn.command(f"AUTH PLAIN {token}".encode())
+                if reply.code != 235:
+                    raise SmtpReplyError(reply)
+        except BaseException:
+            conn.abort()
+            raise
+        return conn
+
+    async def _ehlo(self, local_hostname: str) -> None:
+        reply, lines = await self._command_lines(f"EHLO {local_hostname}".encode())
+        if reply.code != 250:
+            raise SmtpReplyError(reply)
+        self.extensions = {line[4:].split(" ", 1)[0].upper() for line in lines[1:]}
+
+    async def _read_reply(self) -> tuple[Reply, list[str]]:
+        lines: list[str] = []
+        while True:
+            raw = await asyncio.wait_for(self.reader.readline(), self.timeout)
+            if not raw:
+                raise ConnectionResetError("the relay closed the connection")
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            lines.append(line)
+            if len(line) < 4 or line[3] != "-":
+                break
+        try:
+            code = int(lines[-1][:3])
+        except ValueError:
+            raise ConnectionResetError(f"not an SMTP reply: {lines[-1][:80]!r}") from None
+        text = " ".join(line[4:] for line in lines)
+        return Reply(code, *_split_enhanced(text)), lines
+
+    async def _reply(self) -> Reply:
+        return (await self._read_reply())[0]
+
+    async def _command_lines(self, line: bytes) -> tuple[Reply, list[str]]:
+        self.writer.write(line + b"\r\n")
+        await self.writer.drain()
+        return await self._read_reply()
+
+    async def command(self, line: bytes) -> Reply:
+        return (await self._command_lines(line))[0]
+
+    async def transaction(self, sender: str, recipients: Sequence[str], wire: bytes) -> dict[str, Reply]:
+        """One mail transaction; returns refused recipients.  ``wire`` comes from ``wire_data``."""
+        commands = [f"MAIL FROM:<{sender}>".encode()]
+        commands += [f"RCPT TO:<{r}>".encode() for r in recipients]
+        refused: dict[str, Reply] = {}
+        if "PIPELINING" in self.extensions:
+            self.writer.write(b"\r\n".join(commands + [b"DATA"]) + b"\r\n")
+            await self.writer.drain()
+            mail = await self._reply()
+            rcpt_replies = [await self._reply() for _ in recipients]
+            data_reply = await self._reply()
+        else:
+            mail = await self.command(commands[0])
+            if mail.code != 250:
+                raise SmtpReplyError(mail)
+            rcpt_replies = [await self.command(c) for c in commands[1:]]
+            data_reply = Reply(503, "5.5.1", "no valid recipients")
+            if any(r.code in (250, 251) for r in rcpt_replies):
+                data_reply = await self.command(b"DATA")
+        if mail.code != 250:
+            if data_reply.code == 354:  # RFC 2920 §3.1: the server may still have said 354
+                self.writer.write(b".\r\n")
+                await self._reply()
+            await self.rset()
+            raise SmtpReplyError(mail)
+        for rcpt, reply in zip(recipients, rcpt_replies):
+            if reply.code not in (250, 251):
+                refused[rcpt] = reply
+        if data_reply.code != 354:
+            if len(refused) == len(recipients):
+                await self.rset()
+                return refused
+            await self.rset()
+            raise SmtpReplyError(data_reply)
+        if len(refused) == len(recipients):
+            # Pipelined DATA was accepted with no recipient: send an empty
+            # body to close it (RFC 2920 §3.1); nothing is delivered.
+            self.writer.write(b".\r\n")
+            await self.writer.drain()
+            await self._reply()
+            return refused
+        self.writer.write(wire)
+        await self.writer.drain()
+        final = await self._reply()
+        if final.code != 250:
+            for rcpt in recipients:
+                refused.setdefault(rcpt, final)
+        return refused
+
+    async def rset(self) -> None:
+        reply = await self.command(b"RSET")
+        if reply.code != 250:
+            raise SmtpReplyError(reply)
+
+    async def quit(self) -> None:
+        try:
+            await asyncio.wait_for(self.command(b"QUIT"), 5)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        self.writer.close()
+
+
 class SmtpTransport:
-    """Hands copies to the relay over a small pool of reused SMTP connections."""
+    """Hands copies to the relay over a small pool of reused connections."""
 
     def __init__(self, config: DeliveryConfig, local_hostname: str) -> None:
         self.config = config
         self.local_hostname = local_hostname
-        self._idle: list[aiosmtplib.SMTP] = []
+        self._idle: list[SmtpConnection] = []
         self._slots = asyncio.Semaphore(config.connections)
         self._password: str | None = None
         if config.password_file is not None:
             self._password = config.password_file.read_text(encoding="utf-8").strip()
 
-    async def _connect(self) -> aiosmtplib.SMTP:
-        client = aiosmtplib.SMTP(
-            hostname=self.config.relay.host,
-            port=self.config.relay.port,
-            local_hostname=self.local_hostname,
-            timeout=self.config.timeout,
-            start_tls=self.config.starttls,
-            use_tls=False,
-        )
-        await client.connect()
-        if self.config.username and self._password is not None:
-            await client.login(self.config.username, self._password)
-        return client
-
     async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Reply]:
+        return await self.send_wire(sender, recipients, wire_data(data))
+
+    async def send_wire(self, sender: str, recipients: Sequence[str], wire: bytes) -> dict[str, Reply]:
+        """As send, with the data already prepared by ``wire_data`` (done once per message)."""
         async with self._slots:
-            client: aiosmtplib.SMTP | None = self._idle.pop() if self._idle else None
+            conn = self._idle.pop() if self._idle else None
             try:
-                if client is None or not client.is_connected:
-                    client = await self._connect()
-                errors, _ = await client.sendmail(sender, list(recipients), data)
-            except aiosmtplib.SMTPRecipientsRefused as exc:
-                # Every recipient refused: the connection itself is still fine.
-                refused = {
-                    e.recipient: Reply(e.code, *_split_enhanced(e.message)) for e in exc.recipients
-                }
-                await _reset(client)
-                if client is not None and client.is_connected:
-                    self._idle.append(client)
-                return refused
-            except Exception as exc:  # noqa: BLE001 - converted to per-recipient replies
-                await _close(client)
+                if conn is None:
+                    conn = await SmtpConnection.open(self.config, self.local_hostname, self._password)
+                refused = await conn.transaction(sender, recipients, wire)
+            except SmtpReplyError as exc:
+                # The connection is still in step with the relay (we read
+                # every reply); keep it unless the relay is going away.
+                if conn is not None and exc.reply.code != 421 and not conn.writer.is_closing():
+                    self._idle.append(conn)
+                elif conn is not None:
+                    conn.abort()
                 return refusals_for_error(recipients, exc)
-            self._idle.append(client)
-            return {rcpt: Reply(resp.code, *_split_enhanced(resp.message)) for rcpt, resp in errors.items()}
+            except Exception as exc:  # noqa: BLE001 - converted to per-recipient replies
+                if conn is not None:
+                    conn.abort()
+                return refusals_for_error(recipients, exc)
+            self._idle.append(conn)
+            return refused
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
-        for client in idle:
+        for conn in idle:
             try:
-                await asyncio.wait_for(client.quit(), 5)
+                await conn.quit()
             except Exception:  # noqa: BLE001 - closing anyway
-                client.close()
-
-
-async def _reset(client: aiosmtplib.SMTP | None) -> None:
-    if client is not None and client.is_connected:
-        try:
-            await client.rset()
-        except Exception:  # noqa: BLE001
-            client.close()
-
-
-async def _close(client: aiosmtplib.SMTP | None) -> None:
-    if client is not None:
-        try:
-            client.close()
-        except Exception:  # noqa: BLE001  pragma: no cover
-            pass
+                conn.abort()
 
 
 _UNSAFE = re.compile(r"[^a-z0-9@._+=-]")

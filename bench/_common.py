@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
 SHARED = Path(os.environ.get("LISTSERV_SHARED", ROOT.parent / "shared"))
 SINK = SHARED / "tools" / "smtp_sink.py"
 DOMAIN = "lists.example.org"
+CRLF = "\r\n"
 
 # -- Polish content ------------------------------------------------------------------
 
@@ -97,9 +98,9 @@ def make_post(rng: random.Random, *, author: str, author_name: str, list_address
     """One member post as an MUA would send it: UTF-8 8bit body, RFC 2047 encoded headers."""
     body = polish_text(rng, size - 600)
     head = (
-        f"From: {Header(author_name, 'utf-8').encode()} <{author}>\r\n"
+        f"From: {Header(author_name, 'utf-8').encode(linesep=CRLF)} <{author}>\r\n"
         f"To: {list_address}\r\n"
-        f"Subject: {Header(subject, 'utf-8').encode()}\r\n"
+        f"Subject: {Header(subject, 'utf-8').encode(linesep=CRLF)}\r\n"
         f"Date: Tue, 14 Nov 2023 22:13:20 +0100\r\n"
         f"Message-ID: <{message_id}>\r\n"
         "MIME-Version: 1.0\r\n"
@@ -259,6 +260,14 @@ def proc_cpu_seconds(pid: int) -> float:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def load_line() -> str:
+    """The load average, with a warning when other work shares the machine (it skews every figure)."""
+    one, five, _ = os.getloadavg()
+    cpus = os.cpu_count() or 1
+    warn = "  WARNING: other processes are busy on this machine; figures are noisy" if one > 0.75 * cpus else ""
+    return f"load average: {one:.2f} (1 min), {five:.2f} (5 min) on {cpus} CPUs{warn}"
 
 
 def machine_line() -> str:

@@ -27,6 +27,7 @@ from listserv.membership import MembershipStage
 from listserv.smtp_in import ListHandler, server_factory
 from listserv.store import Store
 from listserv.transport import Transport, make_transport
+from listserv.unsubscribe import Tokens, UnsubscribeListener, load_secret
 
 __all__ = ["App", "run", "setup_logging", "load_or_create_key", "seed_lists"]
 
@@ -93,6 +94,7 @@ class App:
         self.fanout: Fanout | None = None
         self.handler: ListHandler | None = None
         self.port = 0
+        self.web: UnsubscribeListener | None = None
         self._server: asyncio.base_events.Server | None = None
         self._fanout_task: asyncio.Task[None] | None = None
         self._sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
@@ -108,10 +110,16 @@ class App:
         resolve = self._resolve_txt
         if resolve is None:
             resolve = dns_txt_resolver()
-        self.membership = MembershipStage(config, store, key)
+        self.tokens = Tokens(load_secret(config.server.state_dir))
+        self.membership = MembershipStage(config, store, key, tokens=self.tokens)
         self.archiver = Archiver(config, store)
         self.fanout = Fanout(config, store, transport, key, resolve, retry_initial=self._retry_initial,
-                             stages=(self.membership.process,), on_archived=self.archiver.on_archived)
+                             stages=(self.membership.process,), on_archived=self.archiver.on_archived,
+                             tokens=self.tokens)
+        if config.web.listen is not None:
+            self.web = UnsubscribeListener(config, store, self.tokens)
+            await self.web.start()
+            log.info("one-click unsubscribe listener on %s:%d", config.web.listen.host, self.web.port)
         self.handler = ListHandler(config, store, on_stored=self.fanout.wake)
         make = server_factory(config, self.handler)
 
@@ -134,6 +142,8 @@ class App:
             return
         server, self._server = self._server, None
         server.close()  # no new connections
+        if self.web is not None:
+            await self.web.stop()
         assert self.handler is not None and self.fanout is not None and self.store is not None
         try:  # transactions in DATA get their answer (and their commit)
             await asyncio.wait_for(self.handler.idle.wait(), grace)

@@ -608,15 +608,21 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
                 done += len(metas)
                 if progress:
                     progress("pages", done, total)
+        if progress:
+            progress("months", 0, 1)
         await store.archive_recount_months(info.id)
         months = await store.archive_months(info.id)
         month_names = [m for m, _ in months]
         await run(_render_months, [_MonthJob(store.path, info, scratch, tuple(c))
                                    for c in _chunks(month_names, max(1, len(month_names) // (nprocs * 2) + 1))])
+        if progress:
+            progress("home", 0, 1)
         render_list_home(info, scratch, months, await store.archive_latest(info.id, 400))
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
+    if progress:
+        progress("swap", 0, 1)
     built = scratch / info.name
     built.mkdir(parents=True, exist_ok=True)
     old = info.root / f".{info.name}.old"

@@ -15,6 +15,7 @@ addresses, and are kept as they are in the mbox copy's threading headers.
 from __future__ import annotations
 
 import codecs
+import email.header
 import email.utils
 import html
 import re
@@ -488,9 +489,9 @@ def mbox_entry(mail: Mail, attachment_names: list[str]) -> bytes:
     when = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(h.date))
     lines = [
         f"From archive {when}",
-        f"From: {_one_line(h.author)}",
+        f"From: {_encoded(h.author)}",
         f"Date: {_one_line(mail.date_header) or email.utils.formatdate(h.date)}",
-        f"Subject: {_one_line(h.subject)}",
+        f"Subject: {_encoded(h.subject)}",
         f"Message-ID: <{_one_line(h.message_id)}>",
     ]
     if h.references:
@@ -507,6 +508,14 @@ def mbox_entry(mail: Mail, attachment_names: list[str]) -> bytes:
 
 def _one_line(text: str) -> str:
     return re.sub(r"[\r\n]+", " ", text)
+
+
+def _encoded(text: str) -> str:
+    """An unstructured header value; RFC 2047 encoded when it is not ASCII."""
+    line = _one_line(text)
+    if line.isascii():
+        return line
+    return email.header.Header(line, "utf-8", maxlinelen=10_000).encode()
 
 
 def message_hash(message_id: str) -> str:

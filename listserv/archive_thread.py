@@ -145,19 +145,38 @@ def thread_messages(nodes: Iterable[Node]) -> dict[int, Threaded]:
         return p.mid if p is not None else ""
 
     # Subject fallback: a root that is a reply by its subject but has no
-    # References joins the latest earlier thread with the same subject.
+    # References joins (with its whole tree) the latest earlier thread with
+    # the same subject.
+    def first_node(c: _Container) -> Node | None:
+        stack, best = [c], None
+        while stack:
+            x = stack.pop()
+            if x.node is not None and (best is None or (x.node.date, x.node.key) < (best.date, best.key)):
+                best = x.node
+            stack.extend(x.children)
+        return best
+
+    roots: list[tuple[Node, _Container]] = []
+    for c in table.values():
+        if c.parent is None:
+            head = c.node or first_node(c)
+            if head is not None:
+                roots.append((head, c))
     by_subject: dict[str, str] = {}
-    result: dict[int, Threaded] = {}
-    for c in sorted(order, key=lambda c: (c.node.date if c.node else 0.0, c.node.key if c.node else 0)):
-        assert c.node is not None
-        root = top(c)
+    merged: dict[str, str] = {}
+    for head, root in sorted(roots, key=lambda item: (item[0].date, item[0].key)):
         thread = root.mid
-        subject = normalize_subject(c.node.subject)
-        if root is c and not c.node.references and is_reply_subject(c.node.subject) and subject in by_subject:
+        subject = normalize_subject(head.subject)
+        if root.node is head and not head.references and is_reply_subject(head.subject) and subject in by_subject:
             thread = by_subject[subject]
-        if subject and (subject not in by_subject or not is_reply_subject(c.node.subject)):
+            merged[root.mid] = thread
+        if subject and (subject not in by_subject or not is_reply_subject(head.subject)):
             by_subject.setdefault(subject, thread)
-        result[c.node.key] = Threaded(thread=thread, parent=nearest_real(c))
+    result: dict[int, Threaded] = {}
+    for c in order:
+        assert c.node is not None
+        top_mid = top(c).mid
+        result[c.node.key] = Threaded(thread=merged.get(top_mid, top_mid), parent=nearest_real(c))
     return result
 
 

@@ -700,5 +700,224 @@ async def archive_remove(cfg: config_mod.Config, store: Store, message_id: str) 
     click.echo(f"removed {message_id} from {count} archive{'s' if count != 1 else ''}")
 
 
+# -- operator's view: status, explain, backup ---------------------------------------------------
+
+STATUS_HORIZON = 7 * 86400  # `status` counts copies of messages queued this long (plus the retry period) ago
+
+
+async def probe_server(host: str, port: int, timeout: float = 3.0) -> tuple[bool, str]:
+    """Is listserv answering on host:port?  Reads the greeting (RFC 5321 §4.2: 220) and says QUIT."""
+    import contextlib
+
+    if port == 0:
+        return False, f"{host}:0 in the config (a port chosen at start): cannot check"
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError) as exc:
+        reason = ("connection refused" if isinstance(exc, ConnectionRefusedError)
+                  else "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc))
+        return False, f"nothing answers on {host}:{port}: {reason}"
+    greeting = ""
+    try:
+        greeting = (await asyncio.wait_for(reader.readline(), timeout)).decode("ascii", "replace").strip()
+        writer.write(b"QUIT\r\n")
+        await writer.drain()
+        await asyncio.wait_for(reader.readline(), timeout)
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    if greeting.startswith("220") and "listserv" in greeting:
+        return True, f"{host}:{port} answers: {greeting}"
+    return False, f"{host}:{port} answers, but not as listserv: {greeting or '(no greeting)'}"
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    if seconds < 86400:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
+
+
+@main.command("status")
+@with_store
+async def status_cmd(cfg: config_mod.Config, store: Store) -> None:
+    """Up or down, queue depths, traffic in the last hour and day, the last errors.
+
+    Exits 3 when the server does not answer (as LSB init scripts do for "not running").
+    """
+    now = time.time()
+    up, detail = await probe_server(cfg.server.listen.host, cfg.server.listen.port)
+    horizon = STATUS_HORIZON + cfg.delivery.retry_period
+    s = await store.operator_status(now, horizon)
+    errors = await store.recent_errors(now, horizon)
+    click.echo(f"server: {'up' if up else 'DOWN'}, {detail}")
+    click.echo("queue:")
+    for key, what in (
+        ("incoming", "received, not yet processed"),
+        ("held", "posts waiting for a moderator (listserv held list)"),
+        ("waiting", "copies not yet tried"),
+        ("retrying", "copies to be tried again after a temporary failure"),
+        ("failed", f"copies given up for good (messages of the last {horizon // 86400} days)"),
+    ):
+        click.echo(f"  {key:<10}{s[key]:>7}  {what}")
+    oldest = s["oldest_waiting"]
+    if oldest is None:
+        click.echo("  oldest waiting: none")
+    else:
+        click.echo(
+            f"  oldest waiting: outbox {oldest['outbox_id']} ({oldest['list'] or '-'}, {oldest['kind']}"
+            f"{', <' + oldest['message_id'] + '>' if oldest['message_id'] else ''}), queued"
+            f" {_when(oldest['queued_at'])}, {_ago(now - oldest['queued_at'])} ago"
+        )
+    if s["oldest_incoming_at"] is not None and s["incoming"]:
+        click.echo(f"  oldest incoming: received {_when(s['oldest_incoming_at'])}, "
+                   f"{_ago(now - s['oldest_incoming_at'])} ago")
+    click.echo(f"traffic:{'last hour':>22}{'last day':>11}")
+    for label, hour, day in (
+        ("posts received", s["posts_hour"], s["posts_day"]),
+        ("copies sent", s["sent_hour"], s["sent_day"]),
+        ("bounces", s["bounced_hour"], s["bounced_day"]),
+    ):
+        click.echo(f"  {label:<16}{hour:>12}{day:>11}")
+    if not errors:
+        click.echo("last errors: none")
+    else:
+        click.echo("last errors:")
+        for e in errors:
+            click.echo(f"  {_when(e['at'])}  {e['outcome']}  {e['list'] or '-'}  "
+                       f"<{e['message_id'] or '-'}>  {e['recipient']}  {e['reply']}")
+    if not up:
+        sys.exit(3)
+
+
+def _verdict_text(verdict: Any) -> str:
+    from listserv.types import Accept, Discard, Hold, Reject
+
+    if verdict is None:
+        return "pass"
+    if isinstance(verdict, Reject):
+        return f"reject: {verdict.reply}"
+    kind = {Accept: "accept", Hold: "hold", Discard: "discard"}[type(verdict)]
+    return f"{kind}: {verdict.reason}"
+
+
+@main.command("explain")
+@click.argument("name")
+@click.argument("eml", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--from", "envelope_from", default=None, metavar="ADDRESS",
+              help="Envelope sender (MAIL FROM). Default: the message's Return-Path, else its From; "
+                   "--from '' for a null sender.")
+@with_store
+async def explain_cmd(cfg: config_mod.Config, store: Store, name: str, eml: Path,
+                      envelope_from: str | None) -> None:
+    """Run list NAME's posting policy on a saved message EML and print each rule's verdict.
+
+    Nothing is stored or sent; the rules see the list, the member and the bans as they are now.
+    """
+    from listserv import message as msg
+    from listserv.pipeline import decide, explain
+    from listserv.rewrite import header_values
+    from listserv.smtp_in import _banned
+
+    raw = eml.read_bytes()
+    parsed = msg.parse(raw)
+    source = "--from"
+    if envelope_from is None:
+        return_path = header_values(raw).get("return-path", [""])[0].strip()
+        if return_path:
+            envelope_from, source = return_path, "Return-Path"
+        else:
+            envelope_from = parsed.from_addresses[0] if parsed.from_addresses else ""
+            source = "From"
+    mail_from = envelope_from.strip().strip("<>").strip()
+    sender = msg.sender_of(mail_from, parsed)
+    await store.get_list(name)  # an unknown list is an error with the list's name in it
+    snap = await store.policy_snapshot(name, sender)
+    assert snap is not None
+    settings = effective_settings(cfg.list_defaults, snap.settings_json)
+    post = msg.Post(
+        list_name=name,
+        list_label=f"{name}.{cfg.server.domain}",
+        mail_from=mail_from,
+        sender=sender,
+        message=parsed,
+        membership=msg.Membership(snap.role, snap.moderated) if snap.role else None,
+        banned=bool(sender) and _banned(sender, snap.ban_patterns),
+        always_accept=snap.always_accept,
+    )
+    standing = (f"{snap.role}{', moderated' if snap.moderated else ''}" if snap.role else "not a member")
+    click.echo(f"message-id: <{parsed.message_id}>" if parsed.message_id else "message-id: (none)")
+    click.echo(f"subject: {parsed.subject or '(none)'}")
+    click.echo(f"envelope sender: <{mail_from}> (from {source})")
+    click.echo(f"sender: {sender or '(none)'} ({standing} of {name}{', banned' if post.banned else ''})")
+    verdicts = explain(post, settings)
+    width = max(len(rule) for rule, _ in verdicts)
+    decided = False
+    for rule, verdict in verdicts:
+        # The first verdict decides (pipeline.decide); later ones are shown for the curious.
+        mark = "  <- decides" if verdict is not None and not decided else ""
+        decided = decided or verdict is not None
+        click.echo(f"{rule:<{width}}  {_verdict_text(verdict)}{mark}")
+    click.echo(f"decision: {_verdict_text(decide(post, settings))}")
+
+
+@main.command("backup")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@with_store
+async def backup_cmd(cfg: config_mod.Config, store: Store, file: Path) -> None:
+    """Write a consistent copy of the state database to FILE, safely while the server runs.
+
+    FILE must not exist.  The database is not everything: copy the DKIM key,
+    the config and the archive folder too (see docs/deploy.md).
+    """
+    started = time.perf_counter()
+    await store.backup(file)
+    click.echo(f"wrote {file} ({file.stat().st_size} bytes) in {time.perf_counter() - started:.1f} s")
+    click.echo(f"also copy: {cfg.dkim.private_key}, {cfg.source or 'the config'}, {cfg.archive.dir}")
+
+
+# -- bounces: reading saved bounce messages (issue 6) -----------------------------------
+
+
+@main.group("bounces", invoke_without_command=False)
+def bounces_group() -> None:
+    """Bounces: read saved bounce messages and see why they were (not) counted."""
+
+
+@bounces_group.command("parse")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+def bounces_parse(files: tuple[Path, ...]) -> None:
+    """Run the bounce reader on saved messages: one JSON object per FILE per line.
+
+    Keys, in this order: file, addresses, kind (permanent | temporary | none),
+    cause, status (RFC 3463), diagnostic.  Every file is read before anything is
+    printed, so an unreadable one stops the command with nothing half-printed.
+    """
+    # Imported here: the reader (and flufl.bounce) is needed by this command only.
+    from listserv.bounces import read_bounce
+
+    raws: list[tuple[Path, bytes]] = []
+    for file in files:
+        try:
+            raws.append((file, file.read_bytes()))
+        except OSError as exc:
+            _fail(f"cannot read {file}: {exc.strerror or exc}")
+    for file, raw in raws:
+        report = read_bounce(raw)
+        click.echo(json.dumps({
+            "file": str(file),
+            "addresses": list(report.addresses),
+            "kind": report.kind,
+            "cause": report.cause,
+            "status": report.status,
+            "diagnostic": report.diagnostic,
+        }, ensure_ascii=False))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -87,6 +87,14 @@ class ArchiveConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebConfig:
+    """The small HTTP listener for one-click unsubscribe (RFC 8058)."""
+
+    listen: HostPort | None  # None: no listener
+    base_url: str  # the public https:// URL the reverse proxy serves it at; "" = mailto only
+
+
+@dataclass(frozen=True, slots=True)
 class LimitsConfig:
     """Abuse resistance for the mail listserv sends in answer to mail (RFC 3834 §2)."""
 
@@ -116,6 +124,7 @@ class Config:
     list_defaults: ListSettings
     lists: tuple[SeedList, ...] = field(default=())
     limits: LimitsConfig = field(default_factory=lambda: LimitsConfig(3600, 3, 1000, 10))
+    web: WebConfig = field(default_factory=lambda: WebConfig(None, ""))
     source: Path | None = None
 
     @property
@@ -288,7 +297,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
 
 def from_mapping(data: Mapping[str, Any], *, base: Path, source: Path | None = None) -> Config:
     """Validate an already-parsed TOML document (tests build configs this way)."""
-    known = {"server", "delivery", "dkim", "archive", "list_defaults", "lists", "limits"}
+    known = {"server", "delivery", "dkim", "archive", "list_defaults", "lists", "limits", "web"}
     for key in data:
         if key not in known:
             raise ConfigError(f"unknown section [{key}]; known sections: {', '.join(sorted(known))}")
@@ -358,6 +367,17 @@ def from_mapping(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     )
     li.finish()
 
+    w = _Section("web", data.get("web", {}))
+    web_listen = w.get("listen", _str, "")
+    web = WebConfig(
+        listen=_host_port(web_listen) if web_listen else None,
+        base_url=w.get("base_url", _base_url, ""),
+    )
+    w.finish()
+    if web.base_url and not web.base_url.startswith("https://"):
+        # RFC 8058 §3.1: the one-click URI must be HTTPS.
+        raise ConfigError("[web] base_url: must be an https:// URL (RFC 8058 one-click needs HTTPS)")
+
     raw_defaults = data.get("list_defaults", {})
     if not isinstance(raw_defaults, dict):
         raise ConfigError("[list_defaults] must be a table")
@@ -386,7 +406,7 @@ def from_mapping(data: Mapping[str, Any], *, base: Path, source: Path | None = N
             )
         )
         t.finish()
-    return Config(server, delivery, dkim, archive, list_defaults, lists=tuple(seeds), limits=limits, source=source)
+    return Config(server, delivery, dkim, archive, list_defaults, lists=tuple(seeds), limits=limits, web=web, source=source)
 
 
 def _str_list(value: Any) -> list[str]:

@@ -22,6 +22,7 @@ only the recipients of the batches that were on the wire can get a copy twice.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import random
@@ -34,10 +35,11 @@ from listserv import dkim
 from listserv.config import Config
 from listserv.dmarc import TxtResolver, is_strict
 from listserv.message import archiving_refused
-from listserv.rewrite import ListContext, message_id_hash, rewrite
+from listserv.rewrite import ListContext, header_values, message_id_hash, rewrite
 from listserv.settings import ListSettings, effective_settings
 from listserv.store import ArchiveEntry, DueDelivery, IncomingRecord, Outcome, Store
 from listserv.transport import Transport
+from listserv.unsubscribe import Tokens, unsubscribe_headers, unsubscribe_url
 
 
 __all__ = ["Batch", "Fanout", "bounces_address", "plan_batches", "retry_delay"]
@@ -45,6 +47,9 @@ __all__ = ["Batch", "Fanout", "bounces_address", "plan_batches", "retry_delay"]
 log = logging.getLogger("listserv.fanout")
 
 MAX_BACKOFF = 4 * 3600.0
+PROBE_EVERY = 10  # verp = "probe": one post in this many goes VERP'd
+OUTCOME_FLUSH_SIZE = 64  # single copies recorded per transaction at most
+OUTCOME_FLUSH_DELAY = 0.02  # seconds an outcome may wait for others
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,12 +58,22 @@ class Batch:
     deliveries: tuple[DueDelivery, ...]
 
 
+# Outbox kinds sent one recipient per transaction: the envelope (VERP) or the
+# copy itself (personalized) differs per recipient.
+PER_RECIPIENT_KINDS = frozenset({"post-verp", "post-personal"})
+PERSONAL_PLACEHOLDER = "@@LISTSERV_UNSUBSCRIBE_URL@@"
+
+
 def plan_batches(due: Sequence[DueDelivery], max_recipients: int) -> list[Batch]:
-    """Group due copies by message and cut them into transactions of at most max_recipients."""
+    """Group due copies by message and cut them into transactions of at most max_recipients.
+
+    VERP'd and personalized copies go one recipient per transaction.
+    """
     batches: list[Batch] = []
     current: list[DueDelivery] = []
     for item in due:
-        if current and (item.outbox_id != current[0].outbox_id or len(current) >= max_recipients):
+        limit = 1 if item.kind in PER_RECIPIENT_KINDS else max_recipients
+        if current and (item.outbox_id != current[0].outbox_id or len(current) >= limit):
             batches.append(Batch(current[0].outbox_id, tuple(current)))
             current = []
         current.append(item)
@@ -68,14 +83,68 @@ def plan_batches(due: Sequence[DueDelivery], max_recipients: int) -> list[Batch]
 
 
 def bounces_address(list_name: str, domain: str, recipient: str | None = None) -> str:
-    """The envelope sender of a copy.  (VERP per recipient comes with bounce handling.)"""
+    """The envelope sender of a copy: LIST-bounces@domain, or with VERP
+    LIST-bounces+anna=gmina.pl@domain (the recipient's '@' as '='), so a
+    bounce names its recipient even when its text cannot be parsed."""
+    if recipient:
+        local, _, rdomain = recipient.rpartition("@")
+        return f"{list_name}-bounces+{local}={rdomain}@{domain}"
     return f"{list_name}-bounces@{domain}"
+
+
+def verp_recipient(detail: str) -> str | None:
+    """The recipient encoded in the +detail of a VERP bounce address, or None."""
+    local, eq, rdomain = detail.rpartition("=")
+    if not eq or not local or "." not in rdomain:
+        return None
+    return f"{local}@{rdomain}".lower()
+
+
+@dataclass(frozen=True, slots=True)
+class PersonalTemplate:
+    """A rewritten post split where each member's copy differs, hashed once.
+
+    The body is hashed up to the unsubscribe link once per post; each copy
+    extends a copy of that hash state with its link and the rest (RFC 6376
+    simple body canonicalization is a plain byte stream, so this is exact).
+    """
+
+    list_name: str
+    head: bytes  # header block with the shared List-Unsubscribe line removed
+    prefix: bytes
+    suffix: bytes  # b"" and no link in the body when the footer could not carry one
+    prefix_hash: dkim.BodyHasher
+    has_link: bool
+
+    @classmethod
+    def build(cls, list_name: str, data: bytes, shared_unsubscribe: bytes) -> PersonalTemplate:
+        head, body = dkim.split_message(data)
+        head = head.replace(shared_unsubscribe, b"", 1)
+        marker = PERSONAL_PLACEHOLDER.encode()
+        if body.count(marker) == 1:
+            prefix, suffix = body.split(marker)
+            return cls(list_name, head, prefix, suffix, dkim.BodyHasher(prefix), True)
+        return cls(list_name, head, body, b"", dkim.BodyHasher(body), False)
+
+    def copy_for(self, headers: list[tuple[str, str]], link: str, key: dkim.DkimKey) -> bytes:
+        extra = b"".join(f"{name}: {value}\r\n".encode() for name, value in headers)
+        hasher = self.prefix_hash.copy()
+        tail = (link.encode() + self.suffix) if self.has_link else b""
+        hasher.update(tail)
+        message = self.head + extra + b"\r\n" + self.prefix + tail
+        return dkim.sign(message, key, body_hash=hasher.b64digest()) + message
 
 
 def retry_delay(attempts: int, initial: float, rng: Callable[[], float] = random.random) -> float:
     """Exponential backoff with ±20 % jitter, so retries of many copies spread out."""
     base = min(initial * 2.0 ** max(attempts - 1, 0), MAX_BACKOFF)
     return base * (0.8 + 0.4 * rng())
+
+
+def message_id_of(data: bytes) -> str:
+    """The Message-ID a copy carries, without angle brackets: what `grep` looks for in the log."""
+    values = header_values(data).get("message-id", [])
+    return values[0].strip().strip("<>").strip() if values else ""
 
 
 def generated_message_id(record: IncomingRecord, domain: str) -> str:
@@ -97,6 +166,7 @@ class Fanout:
         clock: Callable[[], float] = time.time,
         on_archived: Callable[[str, str], Awaitable[None]] | None = None,
         stages: Sequence[Callable[[], Awaitable[None]]] = (),
+        tokens: Tokens | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -110,6 +180,13 @@ class Fanout:
         self.on_archived = on_archived
         # Other work the worker does each pass (e-mail commands, held posts).
         self.stages = tuple(stages)
+        # Member tokens for one-click unsubscribe; None: no personalized copies.
+        self.tokens = tokens
+        self._templates: OrderedDict[int, PersonalTemplate] = OrderedDict()
+        self._outcomes: list[Outcome] = []
+        self._outcome_ids: list[int] = []
+        self._flush_task: asyncio.Task[None] | None = None
+        self._flush_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._stopping = False
         self._inflight: set[int] = set()
@@ -171,6 +248,10 @@ class Fanout:
         for task in self._senders:
             task.cancel()
         await asyncio.gather(*self._senders, return_exceptions=True)
+        try:
+            await self.flush()  # what went out is recorded, so it is not sent again
+        except Exception:  # noqa: BLE001
+            log.exception("could not record the last outcomes; those copies may go out twice")
         await self.transport.close()
 
     async def drain(self, timeout: float = 60.0) -> None:
@@ -179,14 +260,19 @@ class Fanout:
         while time.monotonic() < deadline:
             self.wake()
             await asyncio.sleep(0.02)
-            if self._queued_batches or self._busy_senders:
+            if self._queued_batches or self._busy_senders or self._outcomes:
                 continue
             if await self.store.incoming_with("post", "accepted", limit=1):
                 continue
             nxt = await self.store.next_attempt_at()
             if nxt is None or nxt > self.clock():
                 return
-        raise TimeoutError("fan-out did not drain")
+        accepted = await self.store.incoming_with("post", "accepted", limit=5)
+        raise TimeoutError(
+            f"fan-out did not drain: queued={self._queued_batches} busy={self._busy_senders} "
+            f"unrecorded={len(self._outcomes)} accepted={[r.id for r in accepted]} "
+            f"next_attempt_at={await self.store.next_attempt_at()} now={self.clock()}"
+        )
 
     # -- prepare ---------------------------------------------------------------
 
@@ -222,8 +308,21 @@ class Fanout:
             ctx = ListContext(name=name, domain=domain, settings=settings,
                               archive_base_url=self.config.archive.base_url)
             munge = await self._munge_from(settings, record.sender)
+            personal = settings.personalize and self.tokens is not None
+            if personal:
+                ctx = dataclasses.replace(ctx, unsubscribe_placeholder=PERSONAL_PLACEHOLDER)
             rewritten = rewrite(record.data, ctx, message_id=message_id, munge_from=munge, author=record.sender)
-            signed = self._sign(rewritten.data)
+            if personal and rewritten.data.count(PERSONAL_PLACEHOLDER.encode()) != 1:
+                # The footer went where the marker cannot be found (a base64
+                # body): no per-member link in the body, only in the headers.
+                ctx = dataclasses.replace(ctx, unsubscribe_placeholder="")
+                rewritten = rewrite(record.data, ctx, message_id=message_id, munge_from=munge,
+                                    author=record.sender)
+            if personal:
+                kind, data = "post-personal", rewritten.data  # signed per copy
+            else:
+                verp = settings.verp == "always" or (settings.verp == "probe" and record.id % PROBE_EVERY == 0)
+                kind, data = ("post-verp" if verp else "post"), self._sign(rewritten.data)
             recipients = await self.store.recipients(record.list_id)
             archive = None
             if not archiving_refused(record.data):
@@ -237,7 +336,7 @@ class Fanout:
             )
             return
         outbox_id = await self.store.enqueue(
-            list_id=record.list_id, kind="post", envelope_from=bounces_address(name, domain), data=signed,
+            list_id=record.list_id, kind=kind, envelope_from=bounces_address(name, domain), data=data,
             recipients=recipients, incoming_id=record.id, incoming_status="queued", incoming_expect="accepted",
             archive=archive,
         )
@@ -248,8 +347,8 @@ class Fanout:
                 log.exception("archive update failed for %s; `listserv archive build` repairs it", message_id)
         if rewritten.stripped:
             log.info("stripped list=%s message_id=%s types=%s", name, message_id, ",".join(rewritten.stripped))
-        log.info("queued list=%s message_id=%s outbox=%s recipients=%d", name, message_id, outbox_id,
-                 len(recipients))
+        log.info("queued list=%s message_id=%s outbox=%s recipients=%d mode=%s", name, message_id, outbox_id,
+                 len(recipients), kind)
 
     async def _forward_owner_mail(self, record: IncomingRecord) -> None:
         domain = self.config.server.domain
@@ -302,15 +401,38 @@ class Fanout:
                 await self._send_batch(batch)
             except Exception:  # noqa: BLE001 - never lose the sender task
                 log.exception("batch for outbox %s failed; it stays pending", batch.outbox_id)
+                self._finished.extend(d.id for d in batch.deliveries)
             finally:
                 self._busy_senders -= 1
-                self._finished.extend(d.id for d in batch.deliveries)
                 self._batches.task_done()
                 self.wake()
 
+    async def _template(self, outbox_id: int, data: bytes) -> PersonalTemplate:
+        template = self._templates.get(outbox_id)
+        if template is None:
+            lst = await self.store.outbox_list(outbox_id)
+            shared = f"List-Unsubscribe: <mailto:{lst}-leave@{self.config.server.domain}>\r\n".encode()
+            template = PersonalTemplate.build(lst, data, shared)
+            self._templates[outbox_id] = template
+            while len(self._templates) > 8:
+                self._templates.popitem(last=False)
+        return template
+
     async def _send_batch(self, batch: Batch) -> None:
         envelope_from, data = await self._message(batch.outbox_id)
+        # Every line of a copy's story names its list and Message-ID, so that
+        # `grep MESSAGE-ID` over the log tells what became of a post.
+        story = f"list={await self.store.outbox_list_name(batch.outbox_id)} message_id={message_id_of(data)}"
         recipients = [d.recipient for d in batch.deliveries]
+        kind = batch.deliveries[0].kind
+        if kind in PER_RECIPIENT_KINDS:
+            (rcpt,) = recipients
+            list_name = envelope_from.split("-bounces@", 1)[0]
+            envelope_from = bounces_address(list_name, self.config.server.domain, rcpt)
+            if kind == "post-personal" and self.tokens is not None:
+                template = await self._template(batch.outbox_id, data)
+                data = template.copy_for(unsubscribe_headers(self.config, self.tokens, list_name, rcpt),
+                                         unsubscribe_url(self.config, self.tokens, list_name, rcpt), self.key)
         refused = await self.transport.send(envelope_from, recipients, data)
         now = self.clock()
         outcomes = []
@@ -323,19 +445,67 @@ class Fanout:
             elif reply.permanent:
                 outcomes.append(Outcome(d.id, "failed", str(reply), now))
                 failed += 1
-                log.info("bounced outbox=%s rcpt=%s reply=%r", batch.outbox_id, d.recipient, str(reply))
+                log.info("bounced %s outbox=%s rcpt=%s reply=%r", story, batch.outbox_id, d.recipient, str(reply))
             elif now - d.first_attempt_at >= self.config.delivery.retry_period:
                 outcomes.append(Outcome(d.id, "failed", f"gave up after retry period: {reply}", now))
                 failed += 1
-                log.info("bounced outbox=%s rcpt=%s reply=%r (retry period over)", batch.outbox_id,
+                log.info("bounced %s outbox=%s rcpt=%s reply=%r (retry period over)", story, batch.outbox_id,
                          d.recipient, str(reply))
             else:
                 outcomes.append(
                     Outcome(d.id, "pending", str(reply), now + retry_delay(d.attempts + 1, self.retry_initial))
                 )
                 deferred += 1
-        await self.store.record_outcomes(outcomes)
-        log.info("delivered outbox=%s sent=%d failed=%d deferred=%d%s", batch.outbox_id, sent, failed, deferred,
-                 f" reply={next(iter(refused.values()))}" if deferred else "")
+        await self._record(outcomes)
+        if len(recipients) == 1 and sent:
+            # A batch of one (VERP'd, personalized) names its recipient, as an
+            # MTA's log does: `grep` by Message-ID or by address finds it.
+            log.info("delivered %s outbox=%s rcpt=%s", story, batch.outbox_id, recipients[0])
+        elif len(recipients) > 1 or deferred:  # (a batch of one that bounced has its line above)
+            log.info("%s %s outbox=%s sent=%d failed=%d deferred=%d%s",
+                     "delivered" if sent else "deferred" if deferred else "bounced", story, batch.outbox_id, sent,
+                     failed, deferred,
+                     f" reply={next(iter(refused.values()))}" if deferred else "")
+
+    async def _record(self, outcomes: list[Outcome]) -> None:
+        """Store outcomes, many copies per transaction.
+
+        A copy leaves the in-flight set only once its outcome is committed;
+        until then it cannot be claimed again.  A crash before the commit
+        sends those few copies again: the duplicates allowed for what is on
+        the wire.
+        """
+        self._outcomes.extend(outcomes)
+        # A batch is recorded at once (one transaction for many recipients
+        # anyway); single-copy transactions are gathered a few at a time.
+        if len(outcomes) > 1 or len(self._outcomes) >= OUTCOME_FLUSH_SIZE:
+            await self.flush()
+        elif self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        # Loop: outcomes that arrive while a flush is committing would
+        # otherwise wait for the next copy to be sent, maybe for ever.
+        while self._outcomes:
+            await asyncio.sleep(OUTCOME_FLUSH_DELAY)
+            try:
+                await self.flush()
+            except Exception:  # noqa: BLE001 - retried on the next round
+                log.exception("could not record delivery outcomes; retrying")
+
+    async def flush(self) -> None:
+        async with self._flush_lock:
+            outcomes, self._outcomes = self._outcomes, []
+            if not outcomes:
+                return
+            try:
+                await self.store.record_outcomes(outcomes)
+            except BaseException:
+                # Not recorded: the copies stay pending and in flight until
+                # the next flush tries again.
+                self._outcomes[:0] = outcomes
+                raise
+            self._finished.extend(o.delivery_id for o in outcomes)
+            self.wake()
 
 

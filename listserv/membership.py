@@ -40,6 +40,7 @@ from listserv.message import normalize_address
 from listserv.settings import ListSettings, effective_settings
 from listserv.store import IncomingRecord, Store, TokenRecord
 from listserv.texts import compose
+from listserv.unsubscribe import Tokens, member_for_token
 
 __all__ = ["MembershipStage", "automatic_reason"]
 
@@ -107,8 +108,9 @@ def _message_info(raw: bytes) -> tuple[str, str, str, str]:
 
 class MembershipStage:
     def __init__(self, config: Config, store: Store, key: dkim.DkimKey,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, tokens: Tokens | None = None) -> None:
         self.config = config
+        self.tokens = tokens
         self.store = store
         self.key = key
         self.clock = clock
@@ -202,6 +204,8 @@ class MembershipStage:
         reply = {"in_reply_to": msgid, "references": refs}
         if record.kind == "join":
             return "; ".join(await self._join(view, requester, requester, msgid, refs))
+        if record.kind == "leave" and record.detail:
+            return await self._one_click_leave(view, record.detail, requester, msgid, refs)
         if record.kind == "leave":
             return "; ".join(await self._leave(view, requester, requester, msgid, refs))
         if record.kind == "confirm":
@@ -282,6 +286,25 @@ class MembershipStage:
             return [_t(view, f"Prośba dla {target} przyjęta.", f"Request for {target} received.")]
         sent = await self._confirmation(view, target, "join", requester, msgid, refs)
         return [sent]
+
+    async def _one_click_leave(self, view: ListView, token: str, requester: str, msgid: str, refs: str) -> str:
+        """LIST-leave+TOKEN (the mailto form of RFC 8058's List-Unsubscribe): no confirmation
+        round trip, because the token proves the copy was addressed to that member."""
+        address = None
+        if self.tokens is not None:
+            address = await member_for_token(self.store, self.tokens, view.name, token)
+        if address is None:
+            await self._send(view, requester, "command_reply",
+                             {"results": [_t(view, "Ten link do wypisania jest nieważny albo adres nie jest już "
+                                                   "na liście. Aby się wypisać, napisz na " + view.addr("leave"),
+                                             "This unsubscribe link is not valid, or the address is no longer "
+                                             "on the list. To leave, write to " + view.addr("leave"))],
+                              "subject": ""}, kind="reply", in_reply_to=msgid, references=refs)
+            return "refused: invalid unsubscribe token"
+        if await self.store.leave(view.id, address, method="email", detail="one-click mailto unsubscribe"):
+            await self._send(view, address, "goodbye", {"address": address}, kind="reply", limited=False,
+                             in_reply_to=msgid, references=refs)
+        return f"{address} left by one-click mailto"
 
     async def _leave(self, view: ListView, target: str, requester: str, msgid: str, refs: str) -> list[str]:
         if await self.store.member(view.id, target) is None:

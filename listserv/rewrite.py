@@ -70,6 +70,9 @@ class ListContext:
     domain: str
     settings: ListSettings
     archive_base_url: str = ""
+    # Personalized copies: the footer's unsubscribe line carries this marker,
+    # which the fan-out replaces with each member's own link.
+    unsubscribe_placeholder: str = ""
 
     @property
     def post_address(self) -> str:
@@ -166,6 +169,10 @@ _NO_SUBJECT = {"pl": "(bez tematu)", "en": "(no subject)"}
 _BUILTIN_FOOTER = {
     "pl": "-- \n{title}\nLista: {post_address}\nWypisanie: napisz na {leave_address}\n",
     "en": "-- \n{title}\nList: {post_address}\nUnsubscribe: write to {leave_address}\n",
+}
+_PERSONAL_UNSUBSCRIBE_LINE = {
+    "pl": ("Wypisanie: napisz na {leave_address}\n", "Wypisanie jednym kliknięciem:\n{unsubscribe_url}\n"),
+    "en": ("Unsubscribe: write to {leave_address}\n", "Unsubscribe with one click:\n{unsubscribe_url}\n"),
 }
 _BUILTIN_ARCHIVE_LINE = {"pl": "Archiwum: {archive_url}\n", "en": "Archive: {archive_url}\n"}
 
@@ -275,6 +282,10 @@ def render_footer(ctx: ListContext) -> str:
     template = ctx.settings.footer
     if not template.strip():
         template = _BUILTIN_FOOTER[language]
+        if ctx.unsubscribe_placeholder:
+            # On a line of its own, so the link never makes a quoted-printable
+            # line longer than RFC 2045 §6.7 allows.
+            template = template.replace(*_PERSONAL_UNSUBSCRIBE_LINE[language])
         if ctx.archive_url:
             template += _BUILTIN_ARCHIVE_LINE[language]
     values = {
@@ -288,6 +299,7 @@ def render_footer(ctx: ListContext) -> str:
         "request_address": ctx.request_address,
         "owner_address": ctx.owner_address,
         "archive_url": ctx.archive_url,
+        "unsubscribe_url": ctx.unsubscribe_placeholder or f"mailto:{ctx.leave_address}",
     }
     # Not str.format: a stray brace or unknown name in an admin's text must not
     # crash delivery.

@@ -92,6 +92,8 @@ class ListSettings:
     confirm_expiry: int = 3 * 86400
     notify_held_sender: bool = True
     held_expiry: int = 14 * 86400
+    personalize: bool = True
+    verp: str = "always"
     archive_policy: str = "public"
 
     def to_display(self) -> dict[str, str]:
@@ -252,6 +254,8 @@ SETTINGS: Mapping[str, Setting] = {
         Setting("confirm_expiry", _parse_duration, "How long a join/leave confirmation stays valid, e.g. 3d"),
         Setting("notify_held_sender", _parse_bool, "Tell the sender (once) that their post waits for a moderator"),
         Setting("held_expiry", _parse_duration, "A held post nobody decides on expires after this long (sender told), e.g. 14d"),
+        Setting("personalize", _parse_bool, "Each member's copy carries its own one-click unsubscribe (RFC 8058); sent one transaction per member"),
+        Setting("verp", _choice("always", "never", "probe"), "Envelope sender per recipient (LIST-bounces+user=domain): always, never, or probe (one post in 10); personalized copies are always VERP'd"),
         Setting("archive_policy", _choice("public", "private", "none"), "Web archive: public, private (a separate folder served behind a login), none"),
     )
 }

@@ -175,13 +175,20 @@ class ListHandler:
             if row is not None:
                 rows.append(row)
 
+        for rcpt, target in targets:
+            # LMTP refuses per list, SMTP the whole post: either way each
+            # refusing list gets its line, with the Message-ID to grep for.
+            refusal = replies.get(rcpt)
+            if refusal is not None and not 200 <= refusal.code < 300:
+                log.info("rejected list=%s message_id=%s from=%s rcpt=%s reply=%r",
+                         target.list_name if isinstance(target, Target) else "", parsed.message_id, sender, rcpt,
+                         str(refusal))
         if not lmtp:
             # One SMTP reply covers every recipient.  If any list refuses the
             # post, refuse it whole and store nothing: the sender sees why, and
             # no list gets a post its sender was told failed.
             refusals = [r for r in replies.values() if not 200 <= r.code < 300]
             if refusals:
-                log.info("rejected from=%s message_id=%s reply=%r", sender, parsed.message_id, str(refusals[0]))
                 return str(refusals[0])
         if rows:
             await self.store.submit_incoming(rows)

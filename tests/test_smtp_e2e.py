@@ -12,6 +12,7 @@ from pathlib import Path
 import dkim as dkimpy
 import pytest
 
+from listserv.fanout import bounces_address
 from conftest import DOMAIN, SinkHandler, dkim_dnsfunc, make_config, verify_with_perl
 
 LIST = "seap-planning"
@@ -64,20 +65,24 @@ def test_member_post_reaches_every_member_signed(running, tmp_path: Path) -> Non
     server.drain()
     got = sorted(sink.recipients())
     assert got == sorted(MEMBERS + [OWNER])  # the owner is a member too
-    copy = sink.messages[0]
-    assert copy.mail_from == f"{LIST}-bounces@{DOMAIN}"
+    # Personalized (the default): one transaction per member, VERP envelope.
+    assert all(len(m.rcpt_tos) == 1 for m in sink.messages)
+    copy = sink.copies_for(MEMBERS[1])[0]
+    assert copy.mail_from == f"{LIST}-bounces+lukasz=um.krakow.pl@{DOMAIN}"
     msg = email.message_from_bytes(copy.data, policy=email.policy.default)
     assert msg["Subject"] == "[seap-planning] Zażółć gęślą jaźń — harmonogram SEAP"
     assert msg["List-Id"].endswith(f"<{LIST}.{DOMAIN}>")
     assert msg["List-Post"] == f"<mailto:{POST_ADDR}>"
-    assert msg["List-Unsubscribe"] == f"<mailto:{LIST}-leave@{DOMAIN}>"
+    token = server.app.tokens.token(LIST, MEMBERS[1])
+    assert msg["List-Unsubscribe"] == f"<mailto:{LIST}-leave+{token}@{DOMAIN}>"
+    assert msg["List-Unsubscribe-Post"] is None  # no https base_url configured: mailto only (RFC 8058 §3.1)
     assert msg["Precedence"] == "list"
     assert msg["Archived-At"].startswith(f"<https://archiwum.example.org/{LIST}/m/")
     assert POST_ADDR in msg["From"] and "Anna Kowalska" in str(msg["From"])
     assert "anna.kowalska@gmina-wieliczka.pl" in str(msg["Reply-To"])
     body = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     assert "przesyłam harmonogram prac nad SEAP" in body
-    assert f"{LIST}-leave@{DOMAIN}" in body  # the footer
+    assert f"mailto:{LIST}-leave+{token}@{DOMAIN}" in body  # the footer's own link
     # Signed by the list domain: dkimpy and the independent Perl verifier agree.
     assert dkimpy.verify(copy.data, dnsfunc=dkim_dnsfunc(server.key))
     result = verify_with_perl(copy.data, server.key, tmp_path)
@@ -86,12 +91,23 @@ def test_member_post_reaches_every_member_signed(running, tmp_path: Path) -> Non
     tampered = copy.data.replace(b"harmonogram", b"HARMONOGRAM", 1)
     assert not dkimpy.verify(tampered, dnsfunc=dkim_dnsfunc(server.key))
     assert verify_with_perl(tampered, server.key, tmp_path).returncode != 0
+    # Every member's copy verifies on its own, and fails once its token is swapped for another's.
+    other = server.app.tokens.token(LIST, MEMBERS[2])
+    for rcpt in MEMBERS + [OWNER]:
+        (mine,) = sink.copies_for(rcpt)
+        assert dkimpy.verify(mine.data, dnsfunc=dkim_dnsfunc(server.key)), rcpt
+        result = verify_with_perl(mine.data, server.key, tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+    swapped = copy.data.replace(token.encode(), other.encode())
+    assert swapped != copy.data
+    assert not dkimpy.verify(swapped, dnsfunc=dkim_dnsfunc(server.key))
+    assert verify_with_perl(swapped, server.key, tmp_path).returncode != 0
 
 
 def test_batches_respect_max_recipients(tmp_path: Path, sink, start_server) -> None:  # type: ignore[no-untyped-def]
     handler, port = sink
     server = start_server(make_config(tmp_path, port, delivery={"max_recipients": 7}))
-    server.call(server.store.create_list(LIST, {}, [OWNER]))
+    server.call(server.store.create_list(LIST, {"personalize": False, "verp": "never"}, [OWNER]))
     members = [f"czlonek{i}@gmina{i % 5}.pl" for i in range(40)]
     server.call(server.store.add_members(LIST, [(m, "", "") for m in members]))
     send(server.port, members[3], [POST_ADDR], POLISH_POST.replace(b"anna.kowalska@gmina-wieliczka.pl", members[3].encode()))
@@ -204,7 +220,7 @@ def test_two_lists_in_one_transaction_each_once(running) -> None:  # type: ignor
     assert per_rcpt[MEMBERS[0]] == 2
     assert per_rcpt["jan@nfosigw.gov.pl"] == 1
     assert per_rcpt[MEMBERS[1]] == 1
-    assert len(sink.messages) == 2
+    assert len(sink.messages) == len(MEMBERS) + 1 + 3  # personalized: one transaction per copy
 
 
 def test_owner_mail_forwarded_and_commands_stored(running) -> None:  # type: ignore[no-untyped-def]
@@ -325,7 +341,8 @@ def test_maildir_mode_writes_a_signed_copy_per_member(tmp_path: Path, start_serv
         files = list((server.config.maildir_root / rcpt / "new").iterdir())
         assert len(files) == 1, rcpt
         data = files[0].read_bytes()
-        assert data.startswith(f"Return-Path: <{LIST}-bounces@{DOMAIN}>\nDelivered-To: {rcpt}\n".encode())
+        verp = bounces_address(LIST, DOMAIN, rcpt)
+        assert data.startswith(f"Return-Path: <{verp}>\nDelivered-To: {rcpt}\n".encode())
         assert dkimpy.verify(data.split(b"\n", 2)[2], dnsfunc=dkim_dnsfunc(server.key))
 
 

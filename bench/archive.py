@@ -1,0 +1,182 @@
+"""Benchmark the static archive: import + full build, peak RSS, one incremental add; MHonArc beside it.
+
+    python bench/archive.py                     # linux-mips (3,072) and generated 10,000 and 100,000
+    python bench/archive.py --sizes 10000       # only the generated sizes given (0: none)
+    python bench/archive.py --no-mhonarc --adds 5
+
+Each build runs ``listserv archive import`` in a fresh process on a fresh state
+folder, so the time is import + full build, and the peak RSS is that of the
+largest process (main or render worker; from wait4).  The incremental figure
+is the median time of ``Archiver.add`` for new replies (each in an existing
+thread) put into the built archive, measured in a fresh process.  MHonArc
+(Debian ``mhonarc``, with its UTF-8 resource file) converts the same mbox when
+installed.  Output folders go under --workdir (default: a temporary folder
+beside the checkout, on the same disk as a real archive would be).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("LISTSERV_SHARED", ROOT.parent / "shared"))
+MIPS = SHARED / "corpora" / "mbox_linux_mips" / "linux-mips-2012.mbox"
+GEN = SHARED / "tools" / "gen_mbox.py"
+MHONARC_RC = Path("/usr/share/doc/mhonarc/examples/utf-8.mrc")
+
+ADD_SCRIPT = r"""
+import asyncio, json, statistics, sys, time
+from listserv import archive, config
+from listserv.store import Store
+
+async def main(cfg_path, name, count):
+    cfg = config.load(cfg_path)
+    store = await Store.open(cfg.db_path)
+    try:
+        lst = await store.get_list(name)
+        months = await store.archive_months(lst.id)
+        latest = await store.archive_month_meta(lst.id, months[len(months) // 2][0])
+        archiver = archive.Archiver(cfg, store)
+        times = []
+        for i in range(count):
+            parent = latest[(i * 7) % len(latest)]
+            raw = (f"From: Bench <bench@example.org>\r\nSubject: Re: {parent.subject}\r\n"
+                   f"Date: Mon, 1 Jan 2024 10:00:00 +0000\r\nMessage-ID: <bench.{i}.{time.time()}@example.org>\r\n"
+                   f"In-Reply-To: <{parent.message_id}>\r\nReferences: {' '.join('<%s>' % r for r in parent.refs)} <{parent.message_id}>\r\n"
+                   "Content-Type: text/plain; charset=utf-8\r\n\r\nOdpowiedź z benchmarku: zażółć gęślą jaźń.\r\n").encode()
+            entry = archive.import_entry(raw, None)
+            await store.archive_import(lst.id, [entry])
+            started = time.perf_counter()
+            await archiver.add(name, entry[1])
+            times.append(time.perf_counter() - started)
+        print(json.dumps({"median": statistics.median(times), "max": max(times), "all": times}))
+    finally:
+        await store.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+def run_measured(cmd: list[str], **kwargs: object) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (KiB) of the largest process in the tree, stdout."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)  # type: ignore[call-overload]
+    out = proc.stdout.read() if proc.stdout else b""
+    err = proc.stderr.read() if proc.stderr else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.decode(errors='replace')[-3000:]}")
+    return elapsed, usage.ru_maxrss, out.decode(errors="replace")
+
+
+def count_messages(mbox: Path) -> int:
+    n = 0
+    prev_blank = True
+    with open(mbox, "rb") as fh:
+        for line in fh:
+            if prev_blank and line.startswith(b"From "):
+                n += 1
+            prev_blank = line in (b"\n", b"\r\n")
+    return n
+
+
+def bench_listserv(name: str, mbox: Path, work: Path, adds: int) -> dict[str, float]:
+    folder = work / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    cfg = folder / "listserv.toml"
+    cfg.write_text(
+        '[server]\ndomain = "lists.example.org"\nstate_dir = "state"\n[dkim]\nprivate_key = "state/dkim.key"\n'
+        '[archive]\ndir = "www"\nbase_url = "https://archiwum.example.org/"\n'
+        f'[[lists]]\nname = "{name}"\ntitle = "{name}"\nowners = ["owner@lists.example.org"]\n'
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    messages = count_messages(mbox)
+    elapsed, rss, out = run_measured(
+        [sys.executable, "-m", "listserv", "--config", str(cfg), "archive", "import", name, str(mbox)], env=env)
+    result = {"messages": messages, "seconds": elapsed, "per_second": messages / elapsed, "peak_rss_mib": rss / 1024}
+    print(f"  listserv import + full build: {elapsed:.1f} s, {messages / elapsed:,.0f} messages/s, "
+          f"peak RSS {rss / 1024:.0f} MiB", flush=True)
+    for line in out.strip().split("\n"):
+        print(f"    {line}")
+    if adds:
+        _, _, out = run_measured([sys.executable, "-c", ADD_SCRIPT, str(cfg), name, str(adds)], env=env)
+        add = json.loads(out.strip().split("\n")[-1])
+        result["add_median_s"] = add["median"]
+        result["add_share_of_build"] = add["median"] / elapsed
+        print(f"  incremental add (median of {adds}): {add['median'] * 1000:.0f} ms "
+              f"(max {add['max'] * 1000:.0f} ms) = {100 * add['median'] / elapsed:.2f} % of the full build", flush=True)
+    return result
+
+
+def bench_mhonarc(name: str, mbox: Path, work: Path) -> dict[str, float] | None:
+    exe = shutil.which("mhonarc")
+    if exe is None:
+        print("  MHonArc: not installed (apt-get install mhonarc)")
+        return None
+    out = work / f"{name}-mhonarc"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    cmd = [exe, "-quiet", "-outdir", str(out)]
+    if MHONARC_RC.exists():
+        cmd += ["-rcfile", str(MHONARC_RC)]
+    messages = count_messages(mbox)
+    elapsed, rss, _ = run_measured([*cmd, str(mbox)])
+    print(f"  MHonArc: {elapsed:.1f} s, {messages / elapsed:,.0f} messages/s, peak RSS {rss / 1024:.0f} MiB", flush=True)
+    return {"seconds": elapsed, "per_second": messages / elapsed, "peak_rss_mib": rss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10000,100000", help="generated mbox sizes, comma-separated (0: none)")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--adds", type=int, default=5, help="incremental adds to time per archive")
+    parser.add_argument("--no-mhonarc", action="store_true")
+    parser.add_argument("--mhonarc-max", type=int, default=10000, help="skip MHonArc above this many messages")
+    parser.add_argument("--keep", action="store_true", help="keep the output folders")
+    args = parser.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="listserv-bench-archive-", dir=ROOT.parent))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"cores: {os.cpu_count()}, output under {work}")
+    corpora: list[tuple[str, Path]] = []
+    if MIPS.exists():
+        corpora.append(("linux-mips", MIPS))
+    else:
+        print(f"{MIPS} not found; skipping it")
+    for size in [int(s) for s in args.sizes.split(",") if s.strip() and int(s) > 0]:
+        path = work / f"gen-{size}.mbox"
+        if not path.exists():
+            print(f"generating {size:,} messages with gen_mbox.py ...", flush=True)
+            subprocess.run([sys.executable, str(GEN), str(size), "-o", str(path)], check=True,
+                           stdout=subprocess.DEVNULL)
+        corpora.append((f"gen-{size}", path))
+    summary = {}
+    try:
+        for name, mbox in corpora:
+            print(f"\n{name}: {mbox} ({mbox.stat().st_size / 1e6:.0f} MB)", flush=True)
+            row: dict[str, object] = {"listserv": bench_listserv(name, mbox, work, args.adds)}
+            if not args.no_mhonarc and count_messages(mbox) <= args.mhonarc_max:
+                row["mhonarc"] = bench_mhonarc(name, mbox, work)
+            ls, mh = row["listserv"], row.get("mhonarc")
+            if isinstance(ls, dict) and isinstance(mh, dict):
+                print(f"  speed-up over MHonArc: {ls['per_second'] / mh['per_second']:.1f}x")
+            summary[name] = row
+        print("\n" + json.dumps(summary, indent=1))
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

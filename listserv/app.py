@@ -22,6 +22,7 @@ from listserv.config import Config
 from listserv.dmarc import TxtResolver, dns_txt_resolver
 from listserv.errors import DuplicateError
 from listserv.archive import Archiver
+from listserv.bounce_scores import BounceStage
 from listserv.fanout import Fanout
 from listserv.membership import MembershipStage
 from listserv.smtp_in import ListHandler, server_factory
@@ -113,9 +114,11 @@ class App:
         self.tokens = Tokens(load_secret(config.server.state_dir))
         self.membership = MembershipStage(config, store, key, tokens=self.tokens)
         self.archiver = Archiver(config, store)
+        self.bounce_stage = BounceStage(config, store, key)
         self.fanout = Fanout(config, store, transport, key, resolve, retry_initial=self._retry_initial,
-                             stages=(self.membership.process,), on_archived=self.archiver.on_archived,
-                             tokens=self.tokens)
+                             stages=(self.membership.process, self.bounce_stage.process),
+                             on_archived=self.archiver.on_archived, tokens=self.tokens,
+                             on_failed=self.bounce_stage.on_delivery_failure)
         if config.web.listen is not None:
             self.web = UnsubscribeListener(config, store, self.tokens)
             await self.web.start()

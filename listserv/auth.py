@@ -67,6 +67,7 @@ __all__ = [
     "arc_seal",
     "check_spf",
     "client_from_trusted_received",
+    "our_auth_results",
     "strip_our_auth_results",
     "verify_arc",
     "verify_inbound",
@@ -291,6 +292,22 @@ def strip_our_auth_results(raw: bytes, authserv_id: str) -> bytes:
         return raw
     header_end = sum(len(t) for _, t in fields)
     return b"".join(kept) + raw[header_end:body_at] + raw[body_at:]
+
+
+def our_auth_results(raw: bytes, authserv_id: str) -> str | None:
+    """The value of the topmost Authentication-Results field with ``authserv_id`` (unfolded), if any.
+
+    After ``strip_our_auth_results`` on arrival, the only such field is the
+    one we prepended: this is what to pass to ``arc_seal`` as ``auth_results``.
+    """
+    ours = authserv_id.lower()
+    fields, _ = _header_fields(raw)
+    for name, text in fields:
+        if name.lower() == b"authentication-results":
+            value = _unfolded_value(text)
+            if _authserv_id(value) == ours:
+                return re.sub(r"\s+", " ", value)
+    return None
 
 
 _RECEIVED_FROM = re.compile(r"^\s*from\s+(\S+)(.*?)(?:\sby\s|;|$)", re.I | re.S)

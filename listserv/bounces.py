@@ -651,6 +651,13 @@ def _clean_verp(verp_address: str | None) -> str | None:
     return addr if _is_address(addr) else None
 
 
+def classify_reply(code: int, enhanced: str, text: str) -> tuple[str, str]:
+    """(kind, cause) of a reply the relay gave at delivery time, by the same rules as DSNs."""
+    kind = "permanent" if code >= 500 else "temporary"
+    status = enhanced or ("5.0.0" if code >= 500 else "4.0.0")
+    return kind, _cause(kind, status, text, text)
+
+
 def read_bounce(raw: bytes, verp_address: str | None = None) -> BounceReport:
     """Read one message that arrived at a bounce address.  Pure; never raises.
 

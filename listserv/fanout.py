@@ -39,6 +39,7 @@ from listserv.rewrite import ListContext, header_values, message_id_hash, rewrit
 from listserv.settings import ListSettings, effective_settings
 from listserv.store import ArchiveEntry, DueDelivery, IncomingRecord, Outcome, Store
 from listserv.transport import Transport
+from listserv.types import Reply
 from listserv.unsubscribe import Tokens, unsubscribe_headers, unsubscribe_url
 
 
@@ -98,6 +99,15 @@ def verp_recipient(detail: str) -> str | None:
     if not eq or not local or "." not in rdomain:
         return None
     return f"{local}@{rdomain}".lower()
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    envelope_from: str
+    data: bytes
+    list_id: int
+    list_name: str
+    message_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +177,7 @@ class Fanout:
         on_archived: Callable[[str, str], Awaitable[None]] | None = None,
         stages: Sequence[Callable[[], Awaitable[None]]] = (),
         tokens: Tokens | None = None,
+        on_failed: Callable[[int, str, Reply], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -182,6 +193,9 @@ class Fanout:
         self.stages = tuple(stages)
         # Member tokens for one-click unsubscribe; None: no personalized copies.
         self.tokens = tokens
+        # Told (list id, recipient, reply) of each copy of a post that failed
+        # for good: bounce scoring counts the member's own failures.
+        self.on_failed = on_failed
         self._templates: OrderedDict[int, PersonalTemplate] = OrderedDict()
         self._outcomes: list[Outcome] = []
         self._outcome_ids: list[int] = []
@@ -193,7 +207,7 @@ class Fanout:
         self._finished: list[int] = []
         self._batches: asyncio.Queue[Batch] = asyncio.Queue()
         self._queued_batches = 0
-        self._messages: OrderedDict[int, tuple[str, bytes]] = OrderedDict()
+        self._messages: OrderedDict[int, OutboxMessage] = OrderedDict()
         self._senders: list[asyncio.Task[None]] = []
         self._busy_senders = 0
 
@@ -252,6 +266,9 @@ class Fanout:
             await self.flush()  # what went out is recorded, so it is not sent again
         except Exception:  # noqa: BLE001
             log.exception("could not record the last outcomes; those copies may go out twice")
+        if self._flush_task is not None:
+            self._flush_task.cancel()
+            await asyncio.gather(self._flush_task, return_exceptions=True)
         await self.transport.close()
 
     async def drain(self, timeout: float = 60.0) -> None:
@@ -383,10 +400,13 @@ class Fanout:
             self._queued_batches += 1
             self._batches.put_nowait(batch)
 
-    async def _message(self, outbox_id: int) -> tuple[str, bytes]:
+    async def _message(self, outbox_id: int) -> OutboxMessage:
+        """A queued message with what every copy needs, read and parsed once per message."""
         cached = self._messages.get(outbox_id)
         if cached is None:
-            cached = await self.store.outbox_message(outbox_id)
+            envelope_from, data = await self.store.outbox_message(outbox_id)
+            list_id, list_name = await self.store.outbox_list_ref(outbox_id)
+            cached = OutboxMessage(envelope_from, data, list_id, list_name, message_id_of(data))
             self._messages[outbox_id] = cached
             while len(self._messages) > 32:
                 self._messages.popitem(last=False)
@@ -410,7 +430,7 @@ class Fanout:
     async def _template(self, outbox_id: int, data: bytes) -> PersonalTemplate:
         template = self._templates.get(outbox_id)
         if template is None:
-            lst = await self.store.outbox_list(outbox_id)
+            lst = (await self._message(outbox_id)).list_name
             shared = f"List-Unsubscribe: <mailto:{lst}-leave@{self.config.server.domain}>\r\n".encode()
             template = PersonalTemplate.build(lst, data, shared)
             self._templates[outbox_id] = template
@@ -419,15 +439,15 @@ class Fanout:
         return template
 
     async def _send_batch(self, batch: Batch) -> None:
-        envelope_from, data = await self._message(batch.outbox_id)
+        message = await self._message(batch.outbox_id)
+        envelope_from, data, list_name = message.envelope_from, message.data, message.list_name
         # Every line of a copy's story names its list and Message-ID, so that
         # `grep MESSAGE-ID` over the log tells what became of a post.
-        story = f"list={await self.store.outbox_list_name(batch.outbox_id)} message_id={message_id_of(data)}"
+        story = f"list={list_name} message_id={message.message_id}"
         recipients = [d.recipient for d in batch.deliveries]
         kind = batch.deliveries[0].kind
         if kind in PER_RECIPIENT_KINDS:
             (rcpt,) = recipients
-            list_name = envelope_from.split("-bounces@", 1)[0]
             envelope_from = bounces_address(list_name, self.config.server.domain, rcpt)
             if kind == "post-personal" and self.tokens is not None:
                 template = await self._template(batch.outbox_id, data)
@@ -457,6 +477,14 @@ class Fanout:
                 )
                 deferred += 1
         await self._record(outcomes)
+        if failed and self.on_failed is not None and kind.startswith("post"):
+            for d in batch.deliveries:
+                reply = refused.get(d.recipient)
+                if reply is not None and (reply.permanent or now - d.first_attempt_at >= self.config.delivery.retry_period):
+                    try:
+                        await self.on_failed(message.list_id, d.recipient, reply)
+                    except Exception:  # noqa: BLE001 - scoring must never stop delivery
+                        log.exception("could not record the bounce of %s", d.recipient)
         if len(recipients) == 1 and sent:
             # A batch of one (VERP'd, personalized) names its recipient, as an
             # MTA's log does: `grep` by Message-ID or by address finds it.

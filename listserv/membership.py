@@ -347,6 +347,15 @@ class MembershipStage:
             return _t(view, "Nieznany kod potwierdzenia.", "Unknown confirmation code.")
         if tok.action == "moderate":
             return await self._moderate(view, tok, who, record)
+        if tok.action == "reenable":
+            # Any reply to the "delivery paused" notice proves the mailbox works again.
+            if tok.expires_at <= now or not await self.store.use_token(token, who, now):
+                return _t(view, "Ten kod jest już nieważny.", "This code is no longer valid.")
+            if await self.store.reenable(view.id, tok.address):
+                log.info("re-enabled list=%s rcpt=%s", view.name, tok.address)
+                return _t(view, f"Wznowiono wysyłanie do {tok.address}.", f"Delivery to {tok.address} resumed.")
+            return _t(view, f"Wysyłanie do {tok.address} nie było wstrzymane.",
+                      f"Delivery to {tok.address} was not paused.")
         if tok.used_at is not None:
             return _t(view, "Ten kod został już użyty.", "This confirmation code was already used.")
         if tok.expires_at <= now:

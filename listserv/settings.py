@@ -94,6 +94,9 @@ class ListSettings:
     held_expiry: int = 14 * 86400
     personalize: bool = True
     verp: str = "always"
+    bounce_score_threshold: float = 5.0
+    bounce_warnings: int = 3
+    bounce_warning_interval: int = 7 * 86400
     archive_policy: str = "public"
 
     def to_display(self) -> dict[str, str]:
@@ -136,6 +139,18 @@ def _parse_count(value: Any) -> int:
     if not isinstance(value, int) or value < 1:
         raise ValueError(f"expected a whole number of at least 1, got {value!r}")
     return value
+
+
+def _parse_score(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number like 5 or 2.5, got {value!r}") from None
+    if not 0 < number <= 1000:
+        raise ValueError(f"expected a number above 0, got {value!r}")
+    return number
 
 
 def _choice(*choices: str) -> Callable[[Any], str]:
@@ -210,7 +225,7 @@ def render_duration(seconds: int) -> str:
 
 
 def _render(value: Any, name: str = "") -> str:
-    if name in ("confirm_expiry", "held_expiry") and isinstance(value, int):
+    if name in ("confirm_expiry", "held_expiry", "bounce_warning_interval") and isinstance(value, int):
         return render_duration(value)
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -256,6 +271,9 @@ SETTINGS: Mapping[str, Setting] = {
         Setting("held_expiry", _parse_duration, "A held post nobody decides on expires after this long (sender told), e.g. 14d"),
         Setting("personalize", _parse_bool, "Each member's copy carries its own one-click unsubscribe (RFC 8058); sent one transaction per member"),
         Setting("verp", _choice("always", "never", "probe"), "Envelope sender per recipient (LIST-bounces+user=domain): always, never, or probe (one post in 10); personalized copies are always VERP'd"),
+        Setting("bounce_score_threshold", _parse_score, "Bounce score at which delivery to a member is paused (a dead mailbox adds 1 a day at most; scores halve every 7 days)"),
+        Setting("bounce_warnings", _parse_count, "Reminders a paused member gets before removal"),
+        Setting("bounce_warning_interval", _parse_duration, "Time between those reminders, e.g. 7d"),
         Setting("archive_policy", _choice("public", "private", "none"), "Web archive: public, private (a separate folder served behind a login), none"),
     )
 }

@@ -205,6 +205,29 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (list_id, month)
     ) WITHOUT ROWID;
     """,
+    # 4 -> 5: bounces.  Every bounce read (or refusal at delivery) is an
+    # event; only the member's own failures raise their score.
+    """
+    CREATE TABLE bounce_events (
+        id          INTEGER PRIMARY KEY,
+        list_id     INTEGER NOT NULL,
+        address     TEXT NOT NULL,
+        at          REAL NOT NULL,
+        kind        TEXT NOT NULL,              -- permanent | temporary
+        cause       TEXT NOT NULL,
+        status      TEXT NOT NULL DEFAULT '',
+        diagnostic  TEXT NOT NULL DEFAULT '',
+        source      TEXT NOT NULL,              -- dsn | relay
+        counted     INTEGER NOT NULL DEFAULT 0  -- 1: it raised the member's score
+    );
+    CREATE INDEX bounce_events_by_address ON bounce_events(list_id, address, at);
+    ALTER TABLE members ADD COLUMN bounce_score REAL NOT NULL DEFAULT 0;
+    ALTER TABLE members ADD COLUMN bounce_scored_at REAL;
+    ALTER TABLE members ADD COLUMN bounce_reason TEXT NOT NULL DEFAULT '';
+    ALTER TABLE members ADD COLUMN disabled_at REAL;
+    ALTER TABLE members ADD COLUMN warnings_sent INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE members ADD COLUMN warned_at REAL;
+    """,
 )
 
 ROLES = ("member", "moderator", "owner")
@@ -284,6 +307,18 @@ class DueDelivery:
     attempts: int
     first_attempt_at: float  # when the copy was queued (for the retry period)
     kind: str = "post"  # the outbox kind: post | post-verp | post-personal | owner | notice
+
+
+@dataclass(frozen=True, slots=True)
+class BounceState:
+    address: str
+    score: float
+    scored_at: float | None
+    reason: str
+    delivery: str
+    disabled_at: float | None
+    warnings_sent: int
+    warned_at: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -875,6 +910,17 @@ class Store:
         row = await self._fetchone("SELECT min(next_attempt_at) FROM deliveries WHERE status = 'pending'")
         return float(row[0]) if row and row[0] is not None else None
 
+    async def outbox_list_ref(self, outbox_id: int) -> tuple[int, str]:
+        """(list id, list name) of a queued message; the name is "" if the list was removed."""
+        row = await self._fetchone(
+            "SELECT o.list_id, coalesce(l.name, '') FROM outbox o LEFT JOIN lists l ON l.id = o.list_id"
+            " WHERE o.id = ?",
+            (outbox_id,),
+        )
+        if row is None:
+            raise StoreError(f"no outbox message {outbox_id}")
+        return int(row[0]), str(row[1])
+
     async def outbox_list(self, outbox_id: int) -> str:
         row = await self._fetchone(
             "SELECT coalesce(l.name, '') FROM outbox o LEFT JOIN lists l ON l.id = o.list_id WHERE o.id = ?",
@@ -906,6 +952,105 @@ class Store:
                 "UPDATE deliveries SET next_attempt_at = 0 WHERE status = 'pending'"
             )
             return cur.rowcount
+
+    # -- bounces ----------------------------------------------------------------------
+
+    async def record_bounce(
+        self, list_id: int, address: str, *, kind: str, cause: str, status: str, diagnostic: str, source: str,
+        weight: float, now: float, half_life: float,
+    ) -> BounceState | None:
+        """Record one bounce; if weight > 0, raise the member's decayed score (once a day at most).
+
+        Returns the member's bounce state after it, or None if not a member.
+        """
+        async with self.transaction() as db:
+            row = await (await db.execute(
+                "SELECT bounce_score, bounce_scored_at, delivery FROM members WHERE list_id = ? AND address = ?",
+                (list_id, address),
+            )).fetchone()
+            counted = False
+            if row is not None and weight > 0:
+                score, scored_at = float(row[0]), row[1]
+                # At most one increment per day: a dead mailbox bounces every
+                # post, and a busy day must not remove a member at once.
+                if scored_at is None or now - float(scored_at) >= 86400:
+                    if scored_at is not None:
+                        score *= 0.5 ** ((now - float(scored_at)) / half_life)
+                    score += weight
+                    counted = True
+                    await db.execute(
+                        "UPDATE members SET bounce_score = ?, bounce_scored_at = ?, bounce_reason = ?"
+                        " WHERE list_id = ? AND address = ?",
+                        (score, now, f"{status} {cause}: {diagnostic}"[:300], list_id, address),
+                    )
+            await db.execute(
+                "INSERT INTO bounce_events (list_id, address, at, kind, cause, status, diagnostic, source, counted)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (list_id, address, now, kind, cause, status, diagnostic[:500], source, int(counted)),
+            )
+        return await self.bounce_state(list_id, address)
+
+    async def bounce_state(self, list_id: int, address: str) -> BounceState | None:
+        row = await self._fetchone(
+            "SELECT address, bounce_score, bounce_scored_at, bounce_reason, delivery, disabled_at, warnings_sent,"
+            " warned_at FROM members WHERE list_id = ? AND address = ?",
+            (list_id, address),
+        )
+        return BounceState(*row) if row else None
+
+    async def bounce_states(self, list_id: int | None = None) -> list[tuple[str, BounceState]]:
+        sql = (
+            "SELECT l.name, m.address, m.bounce_score, m.bounce_scored_at, m.bounce_reason, m.delivery,"
+            " m.disabled_at, m.warnings_sent, m.warned_at FROM members m JOIN lists l ON l.id = m.list_id"
+            " WHERE (m.bounce_score > 0 OR m.delivery = 'disabled')"
+        )
+        params: tuple[Any, ...] = ()
+        if list_id is not None:
+            sql += " AND m.list_id = ?"
+            params = (list_id,)
+        rows = await self._fetchall(sql + " ORDER BY l.name, m.bounce_score DESC, m.address", params)
+        return [(r[0], BounceState(*r[1:])) for r in rows]
+
+    async def disable_for_bounces(self, list_id: int, address: str, now: float) -> bool:
+        async with self.transaction() as db:
+            cur = await db.execute(
+                "UPDATE members SET delivery = 'disabled', disabled_at = ?, warnings_sent = 1, warned_at = ?"
+                " WHERE list_id = ? AND address = ? AND delivery = 'enabled'",
+                (now, now, list_id, address),
+            )
+            return cur.rowcount == 1
+
+    async def note_warning(self, list_id: int, address: str, now: float) -> None:
+        async with self.transaction() as db:
+            await db.execute(
+                "UPDATE members SET warnings_sent = warnings_sent + 1, warned_at = ? WHERE list_id = ? AND address = ?",
+                (now, list_id, address),
+            )
+
+    async def reenable(self, list_id: int, address: str) -> bool:
+        async with self.transaction() as db:
+            cur = await db.execute(
+                "UPDATE members SET delivery = 'enabled', disabled_at = NULL, warnings_sent = 0, warned_at = NULL,"
+                " bounce_score = 0, bounce_reason = '' WHERE list_id = ? AND address = ? AND delivery = 'disabled'",
+                (list_id, address),
+            )
+            return cur.rowcount == 1
+
+    async def disabled_members(self) -> list[tuple[int, str, BounceState]]:
+        rows = await self._fetchall(
+            "SELECT list_id, address, bounce_score, bounce_scored_at, bounce_reason, delivery, disabled_at,"
+            " warnings_sent, warned_at FROM members WHERE delivery = 'disabled' AND disabled_at IS NOT NULL"
+        )
+        return [(r[0], r[1], BounceState(*r[1:])) for r in rows]
+
+    async def policy_bounces_since(self, since: float) -> list[tuple[int, str, int, str]]:
+        """Policy refusals (the post's or author's fault) per list: (list_id, status+cause, count, example)."""
+        rows = await self._fetchall(
+            "SELECT list_id, status, count(*), max(diagnostic) FROM bounce_events"
+            " WHERE cause = 'policy' AND at >= ? GROUP BY list_id, status ORDER BY list_id",
+            (since,),
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
 
     # -- membership by e-mail: tokens, consent, reply limits ------------------------
 

@@ -25,6 +25,7 @@ from listserv.auth import (
     arc_seal,
     check_spf,
     client_from_trusted_received,
+    our_auth_results,
     strip_our_auth_results,
     verify_arc,
     verify_inbound,
@@ -391,6 +392,15 @@ def test_strip_removes_only_our_authserv_id(member_key: DkimKey) -> None:
     # The body is never touched, even where it looks like a header.
     body_ar = POST + b"Authentication-Results: lists.example.org; dkim=pass\r\n"
     assert strip_our_auth_results(body_ar, AUTHSERV) == body_ar
+
+
+def test_our_auth_results_reads_back_what_we_wrote() -> None:
+    result = AuthResult(dkim=(DkimVerdict(MEMBER_DOMAIN, "s2023", "pass"),), spf="pass",
+                        spf_domain=MEMBER_DOMAIN, dmarc="pass", dmarc_policy="reject", from_domain=MEMBER_DOMAIN)
+    other = b"Authentication-Results: mx.google.com; dkim=fail\r\n"
+    stored = b"Received: from x by y; date\r\n" + result.header_field(AUTHSERV) + other + POST
+    assert our_auth_results(stored, AUTHSERV) == result.header(AUTHSERV)
+    assert our_auth_results(POST, AUTHSERV) is None
 
 
 async def test_strip_keeps_author_signature_valid(zone: dict[str, list[str]], member_key: DkimKey) -> None:

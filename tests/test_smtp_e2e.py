@@ -234,9 +234,12 @@ def test_owner_mail_forwarded_and_commands_stored(running) -> None:  # type: ign
     help_reply = email.message_from_bytes(sink.copies_for("ktos@example.com")[0].data, policy=email.policy.default)
     assert help_reply["Auto-Submitted"] == "auto-replied" and f"{LIST}-join@{DOMAIN}" in help_reply.get_content()
     assert server.call(server.store.incoming_with("request", "done"))[0].sender == "ktos@example.com"
-    # Bounces are never answered: they wait for bounce processing.
-    bounce = server.call(server.store.incoming_with("bounces", "new"))[0]
+    # Bounces are never answered; the VERP address names the recipient even
+    # though the text says nothing useful.
+    bounce = server.call(server.store.incoming_with("bounces", "done"))[0]
     assert bounce.detail == "ktos=example.com" and bounce.mail_from == ""
+    assert "ktos@example.com" in bounce.reason
+    assert [m for m in sink.messages if "ktos@example.com" in m.rcpt_tos and b"bounce" in m.data.lower()] == []
 
 
 def test_loops_and_automatic_mail_are_not_distributed(running) -> None:  # type: ignore[no-untyped-def]

@@ -249,6 +249,63 @@ class Sink:
         self.log.close()
 
 
+class DnsStub:
+    """A tiny authoritative DNS server on 127.0.0.1 (UDP, a thread of this process).
+
+    listserv checks SPF/DKIM/DMARC of arriving mail through DNS; a benchmark must not
+    ask the outside world (and a sandbox without DNS would make every post wait for a
+    timeout).  ``records`` maps (name, type) to TXT strings; every other question is
+    answered NXDOMAIN at once.  ``queries`` counts the questions.
+    """
+
+    def __init__(self, records: dict[tuple[str, str], list[str]] | None = None) -> None:
+        import threading
+
+        self.records = {(n.lower().rstrip("."), t.upper()): v for (n, t), v in (records or {}).items()}
+        self.queries = 0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self._stop = False
+        self.thread = threading.Thread(target=self._serve, name="dns-stub", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import dns.message
+        import dns.rcode
+        import dns.rdatatype
+        import dns.rrset
+
+        while not self._stop:
+            try:
+                data, addr = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            try:
+                query = dns.message.from_wire(data)
+            except Exception:  # noqa: BLE001 - not DNS: ignore
+                continue
+            self.queries += 1
+            response = dns.message.make_response(query)
+            response.flags |= 0x0400  # AA
+            question = query.question[0]
+            name = question.name.to_text().lower().rstrip(".")
+            texts = self.records.get((name, dns.rdatatype.to_text(question.rdtype)))
+            if texts is None:
+                response.set_rcode(dns.rcode.NXDOMAIN)
+            else:
+                quoted = ['"' + t.replace('"', '\\"') + '"' for t in texts]
+                response.answer.append(dns.rrset.from_text(question.name, 300, "IN", question.rdtype, *quoted))
+            try:
+                self.sock.sendto(response.to_wire(), addr)
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
 def proc_cpu_seconds(pid: int) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

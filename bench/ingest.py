@@ -31,6 +31,7 @@ Goal: at least 1,000 durable posts/s with reused connections (mode a).
 
 Usage (from the repo root):  python bench/ingest.py [--seconds 8] [--clients 16]
                              [--client-procs 2] [--hold] [--log-level info] [--modes reuse,new]
+                             [--list-default archive_policy=none ...]
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import smtplib
 import sqlite3
@@ -224,20 +226,44 @@ def _stop(proc: subprocess.Popen[Any]) -> None:
             proc.wait()
 
 
-def _write_config(state: Path, port: int, relay_port: int, log_level: str, hold: bool) -> Path:
+def _toml_value(text: str) -> str:
+    if text in ("true", "false") or re.fullmatch(r"-?\d+", text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _write_config(state: Path, port: int, relay_port: int, log_level: str, hold: bool,
+                  list_defaults: list[str], dns_port: int) -> Path:
     mapping = C.config_mapping(state, listen_port=port, relay_port=relay_port, log_level=log_level)
     text = C.to_toml(mapping)
+    if dns_port:
+        text += f'[dns]\nnameservers = ["127.0.0.1:{dns_port}"]\n\n'
     owners = f'"{AUTHOR}"'
+    defaults: dict[str, str] = {}
     if hold:
         # Every post waits for a moderator; nobody to notify (no owners, sender not told):
         # the fan-out has nothing to do, and receiving is measured alone.
-        text += "[list_defaults]\nemergency_moderation = true\nnotify_held_sender = false\n\n"
+        defaults.update(emergency_moderation="true", notify_held_sender="false")
         owners = ""
+    for item in list_defaults:
+        key, _, value = item.partition("=")
+        defaults[key.strip()] = _toml_value(value.strip())
+    if defaults:
+        text += "[list_defaults]\n" + "".join(f"{k} = {v}\n" for k, v in defaults.items()) + "\n"
     text += (f'[[lists]]\nname = "{LIST}"\ntitle = "Dyskusja o energii"\nowners = [{owners}]\n'
              'language = "pl"\n')
     path = state / "listserv.toml"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def _server_has_dns_section() -> bool:
+    """Whether this listserv's config knows [dns] (it checks arriving mail through DNS)."""
+    try:
+        from listserv.config import DnsConfig  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _stored(db_path: Path) -> dict[str, int]:
@@ -262,6 +288,8 @@ def main() -> None:
     p.add_argument("--client-procs", type=int, default=2, help="processes the client threads are spread over")
     p.add_argument("--modes", default="reuse,new", help="reuse, new, or both (default)")
     p.add_argument("--hold", action="store_true", help="emergency moderation: every post is held, no fan-out")
+    p.add_argument("--list-default", action="append", default=[], metavar="KEY=VALUE",
+                   help="a [list_defaults] setting for the server, e.g. archive_policy=none (repeatable)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-baseline", action="store_true", help="skip the do-nothing aiosmtpd reference")
     p.add_argument("--profile", metavar="FILE", help="run the server under py-spy, raw output into FILE")
@@ -289,7 +317,8 @@ def main() -> None:
     print(C.load_line())
     print(f"{args.clients} clients (smtplib threads in {args.client_procs} processes), posts of 2-5 KB, "
           f"{args.seconds:g} s per run; server log level {args.log_level}; "
-          f"{'every post held (no fan-out)' if args.hold else 'posts accepted and fanned out to 1 member'}")
+          f"{'every post held (no fan-out)' if args.hold else 'posts accepted and fanned out to 1 member'}"
+          + (f"; list defaults: {', '.join(args.list_default)}" if args.list_default else ""))
     results: dict[str, dict[str, Any]] = {}
     try:
         if not args.no_baseline:
@@ -308,12 +337,20 @@ def main() -> None:
 
         print("listserv serve (durable: committed to SQLite before 250)")
         sink = C.Sink(tmp / "sink")
+        dns = None
+        if _server_has_dns_section():
+            # The author's domain publishes SPF (this machine) and DMARC p=none, as a real one would.
+            domain = AUTHOR.rpartition("@")[2]
+            dns = C.DnsStub({(domain, "TXT"): ["v=spf1 ip4:127.0.0.1 -all"],
+                             (f"_dmarc.{domain}", "TXT"): ["v=DMARC1; p=none"]})
         try:
             for mode in modes:
                 state = tmp / f"state-{mode}"
                 state.mkdir()
                 port = C.free_port()
-                cfg = _write_config(state, port, sink.port, args.log_level, args.hold)
+                cfg = _write_config(state, port, sink.port, args.log_level, args.hold, args.list_default,
+                                    dns.port if dns else 0)
+                dns_before = dns.queries if dns else 0
                 log_path = state / "server.log"
                 with open(log_path, "wb") as log:
                     cmd = [sys.executable, "-m", "listserv", "serve", "--config", str(cfg)]
@@ -342,6 +379,8 @@ def main() -> None:
                 r["stored"] = at_end
                 results[f"listserv-{mode}"] = r
                 _print_mode(label[mode], r)
+                if dns:
+                    print(f"    DNS questions to the local stub: {(dns.queries - dns_before) / max(r['ok'], 1):.1f} per post")
                 print(f"    stored posts == answered 250: {check}; by status at the end of the run: "
                       + ", ".join(f"{k} {v}" for k, v in sorted(at_end.items()))
                       + f"; server CPU per post {1e6 * r['server_cpu'] / max(r['ok'], 1):.0f} µs")
@@ -351,6 +390,8 @@ def main() -> None:
                     print(f"    server log has {len(errors)} error lines, e.g. {errors[0][:200]}")
         finally:
             sink.stop()
+            if dns:
+                dns.stop()
     finally:
         if args.keep:
             print(f"kept {tmp}")

@@ -118,6 +118,7 @@ def main() -> None:
         csv_path = tmp / "members.csv"
         write_csv(csv_path, args.members)
         print(C.machine_line())
+        print(C.load_line())
         print(f"{csv_path.name}: {args.members:,} rows, {csv_path.stat().st_size / 1024:.0f} KB, e.g. "
               f"{csv_path.read_text(encoding='utf-8').splitlines()[1]!r}")
 
@@ -155,6 +156,7 @@ def main() -> None:
         print(f"  CLI overhead beyond the in-process work (start-up, imports, asyncio.run): {overhead:.3f} s")
         med = statistics.median(cli_runs)
         print()
+        print(C.load_line())
         print(f"summary: {med:.3f} s for {args.members:,} members with the CLI "
               f"(~{args.members / med:,.0f} members/s) -> goal (< {GOAL:g} s) {'MET' if med < GOAL else 'NOT MET'}"
               f"; Mailman 3: ~125 s")

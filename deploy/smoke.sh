@@ -80,6 +80,11 @@ private_key = "$WORK/state/dkim.key"
 [archive]
 dir = "$WORK/archive"
 base_url = ""
+
+# The smoke test runs offline: no resolver to ask (posts stay "unverified").
+[dns]
+nameservers = ["127.0.0.1:9"]
+timeout = 0.5
 EOF
 say "wrote $CONFIG"
 export LISTSERV_CONFIG="$CONFIG"

@@ -19,7 +19,8 @@ from aiosmtpd.smtp import SMTP
 
 from listserv import dkim
 from listserv.config import Config
-from listserv.dmarc import TxtResolver, dns_txt_resolver
+from listserv.dmarc import TxtResolver
+from listserv.dns import DnspythonResolver, Resolver
 from listserv.errors import DuplicateError
 from listserv.archive import Archiver
 from listserv.bounce_scores import BounceStage
@@ -84,11 +85,13 @@ class App:
         config: Config,
         *,
         transport: Transport | None = None,
+        resolver: Resolver | None = None,
         resolve_txt: TxtResolver | None = None,
         retry_initial: float = 60.0,
     ) -> None:
         self.config = config
         self._transport = transport
+        self._resolver = resolver
         self._resolve_txt = resolve_txt
         self._retry_initial = retry_initial
         self.store: Store | None = None
@@ -108,9 +111,10 @@ class App:
         self.store = store = await Store.open(config.db_path)
         await seed_lists(store, config)
         transport = self._transport or make_transport(config.delivery, config.maildir_root, config.server.hostname)
-        resolve = self._resolve_txt
-        if resolve is None:
-            resolve = dns_txt_resolver()
+        # One resolver for every DNS question (RFC 7489 policies, SPF, DKIM
+        # keys); tests inject an in-memory one.
+        resolver = self._resolver or DnspythonResolver(config.dns.nameservers, timeout=config.dns.timeout)
+        resolve = self._resolve_txt or resolver.txt
         self.tokens = Tokens(load_secret(config.server.state_dir))
         self.membership = MembershipStage(config, store, key, tokens=self.tokens)
         self.archiver = Archiver(config, store)
@@ -123,7 +127,7 @@ class App:
             self.web = UnsubscribeListener(config, store, self.tokens)
             await self.web.start()
             log.info("one-click unsubscribe listener on %s:%d", config.web.listen.host, self.web.port)
-        self.handler = ListHandler(config, store, on_stored=self.fanout.wake)
+        self.handler = ListHandler(config, store, on_stored=self.fanout.wake, resolver=resolver)
         make = server_factory(config, self.handler)
 
         def factory() -> SMTP:

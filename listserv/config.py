@@ -59,6 +59,7 @@ class ServerConfig:
     hostname: str
     timeout: int  # seconds an idle client may keep a session open
     log_level: str
+    trusted_relays: tuple[str, ...] = ()  # IPs/networks of the MTA in front of us (SPF looks past them)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +85,14 @@ class DkimConfig:
 class ArchiveConfig:
     dir: Path
     base_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """The one resolver every DNS check goes through (DMARC, SPF, DKIM keys)."""
+
+    nameservers: tuple[str, ...]  # "ip" or "ip:port"; empty: the system's
+    timeout: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +134,7 @@ class Config:
     lists: tuple[SeedList, ...] = field(default=())
     limits: LimitsConfig = field(default_factory=lambda: LimitsConfig(3600, 3, 1000, 10))
     web: WebConfig = field(default_factory=lambda: WebConfig(None, ""))
+    dns: DnsConfig = field(default_factory=lambda: DnsConfig((), 5.0))
     source: Path | None = None
 
     @property
@@ -297,7 +307,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
 
 def from_mapping(data: Mapping[str, Any], *, base: Path, source: Path | None = None) -> Config:
     """Validate an already-parsed TOML document (tests build configs this way)."""
-    known = {"server", "delivery", "dkim", "archive", "list_defaults", "lists", "limits", "web"}
+    known = {"server", "delivery", "dkim", "archive", "list_defaults", "lists", "limits", "web", "dns"}
     for key in data:
         if key not in known:
             raise ConfigError(f"unknown section [{key}]; known sections: {', '.join(sorted(known))}")
@@ -316,6 +326,7 @@ def from_mapping(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         hostname=s.get("hostname", _str, ""),
         timeout=s.get("timeout", _duration, 300),
         log_level=s.get("log_level", _choice("debug", "info", "warning", "error"), "info"),
+        trusted_relays=tuple(s.get("trusted_relays", _networks, [])),
     )
     s.finish()
     if not server.hostname:
@@ -367,6 +378,13 @@ def from_mapping(data: Mapping[str, Any], *, base: Path, source: Path | None = N
     )
     li.finish()
 
+    n = _Section("dns", data.get("dns", {}))
+    dns = DnsConfig(
+        nameservers=tuple(n.get("nameservers", _nameservers, [])),
+        timeout=float(n.get("timeout", _seconds, 5.0)),
+    )
+    n.finish()
+
     w = _Section("web", data.get("web", {}))
     web_listen = w.get("listen", _str, "")
     web = WebConfig(
@@ -406,7 +424,40 @@ def from_mapping(data: Mapping[str, Any], *, base: Path, source: Path | None = N
             )
         )
         t.finish()
-    return Config(server, delivery, dkim, archive, list_defaults, lists=tuple(seeds), limits=limits, web=web, source=source)
+    return Config(server, delivery, dkim, archive, list_defaults, lists=tuple(seeds), limits=limits, web=web, dns=dns, source=source)
+
+
+def _networks(value: Any) -> list[str]:
+    import ipaddress
+
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError('expected a list of addresses or networks, like ["127.0.0.1", "10.0.0.0/8"]')
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network") from None
+    return list(value)
+
+
+def _nameservers(value: Any) -> list[str]:
+    import ipaddress
+
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError('expected a list like ["127.0.0.1", "192.0.2.53:5353"]')
+    for item in value:
+        host = item.rsplit(":", 1)[0] if item.count(":") == 1 else item.strip("[]").split("]:")[0]
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address (with an optional :port)") from None
+    return list(value)
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 60:
+        raise ValueError(f"expected seconds between 0 and 60, got {value!r}")
+    return float(value)
 
 
 def _str_list(value: Any) -> list[str]:

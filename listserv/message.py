@@ -11,7 +11,12 @@ import re
 from dataclasses import dataclass
 from email.utils import getaddresses
 
+from typing import TYPE_CHECKING
+
 from listserv.errors import AddressError
+
+if TYPE_CHECKING:
+    from listserv.auth import AuthResult
 
 __all__ = [
     "Membership",
@@ -124,6 +129,7 @@ class Post:
     membership: Membership | None
     banned: bool
     always_accept: bool = False  # a moderator chose "approve and always accept this sender"
+    auth: AuthResult | None = None  # what DKIM/SPF/DMARC said on arrival; None: not checked
 
 
 def sender_of(mail_from: str, message: ParsedMessage) -> str:

@@ -44,6 +44,20 @@ def banned(post: Post, settings: ListSettings) -> Verdict | None:
     return None
 
 
+def forged_sender(post: Post, settings: ListSettings) -> Verdict | None:
+    # RFC 7489 §6.6: the From domain asks receivers to quarantine or reject
+    # mail that fails DMARC, and this post definitely fails.  A DNS failure
+    # leaves it unverified (auth.forged is False): never held for that alone.
+    if settings.sender_authentication == "off" or post.auth is None or not post.auth.forged:
+        return None
+    why = f"possibly forged: DMARC fails for {post.auth.from_domain} (p={post.auth.dmarc_policy})"
+    if settings.sender_authentication == "reject":
+        return Reject(Reply(550, "5.7.1", f"Message rejected: {why}"))
+    if post.membership is not None or post.always_accept:
+        return Hold(why)
+    return None  # a non-member is held anyway, for being one
+
+
 def emergency(post: Post, settings: ListSettings) -> Verdict | None:
     if settings.emergency_moderation:
         return Hold("emergency moderation is on for this list")
@@ -97,6 +111,7 @@ RULES: tuple[Rule, ...] = (
     loop,
     automatic,
     banned,
+    forged_sender,
     emergency,
     poster_allowed,
     moderated_member,

@@ -93,6 +93,8 @@ class ListSettings:
     notify_held_sender: bool = True
     held_expiry: int = 14 * 86400
     personalize: bool = True
+    personal_footer: bool = True
+    sender_authentication: str = "hold"
     verp: str = "always"
     bounce_score_threshold: float = 5.0
     bounce_warnings: int = 3
@@ -270,6 +272,8 @@ SETTINGS: Mapping[str, Setting] = {
         Setting("notify_held_sender", _parse_bool, "Tell the sender (once) that their post waits for a moderator"),
         Setting("held_expiry", _parse_duration, "A held post nobody decides on expires after this long (sender told), e.g. 14d"),
         Setting("personalize", _parse_bool, "Each member's copy carries its own one-click unsubscribe (RFC 8058); sent one transaction per member"),
+        Setting("personal_footer", _parse_bool, "With personalize, the footer carries the member's own one-click link too (then the body differs per member and is not ARC-sealed)"),
+        Setting("sender_authentication", _choice("off", "hold", "reject"), "On arrival check DKIM/SPF/DMARC: off, hold (members' posts that definitely fail a strict DMARC policy), reject (550)"),
         Setting("verp", _choice("always", "never", "probe"), "Envelope sender per recipient (LIST-bounces+user=domain): always, never, or probe (one post in 10); personalized copies are always VERP'd"),
         Setting("bounce_score_threshold", _parse_score, "Bounce score at which delivery to a member is paused (a dead mailbox adds 1 a day at most; scores halve every 7 days)"),
         Setting("bounce_warnings", _parse_count, "Reminders a paused member gets before removal"),

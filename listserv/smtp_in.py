@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import ipaddress
 import logging
 import re
 import secrets
@@ -28,6 +29,8 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from listserv import message as msg
+from listserv.auth import AuthResult, client_from_trusted_received, strip_our_auth_results, verify_inbound
+from listserv.dns import Resolver
 from listserv.config import Config
 from listserv.message import Membership, Post
 from listserv.pipeline import decide
@@ -99,9 +102,14 @@ def _banned(sender: str, patterns: tuple[str, ...]) -> bool:
 class ListHandler:
     """The aiosmtpd handler: the hooks are the receive stage."""
 
-    def __init__(self, config: Config, store: Store, on_stored: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, config: Config, store: Store, on_stored: Callable[[], None] = lambda: None,
+                 resolver: Resolver | None = None) -> None:
         self.config = config
         self.store = store
+        # DNS for checking senders on arrival; None: not checked (tests of
+        # other things, and `sender_authentication = off` everywhere).
+        self.resolver = resolver
+        self._trusted = [ipaddress.ip_network(n, strict=False) for n in config.server.trusted_relays]
         self.on_stored = on_stored
         self._names: frozenset[str] = frozenset()
         self._names_at = 0.0
@@ -154,10 +162,18 @@ class ListHandler:
         targets: list[tuple[str, Target | Reply]] = [
             (rcpt, parse_recipient(rcpt, self.config.server.domain, names)) for rcpt in envelope.rcpt_tos
         ]
-        data = _received_header(self.config, session, envelope, lmtp) + raw
         parsed = msg.parse(raw)
         sender = msg.sender_of(mail_from, parsed)
         peer = f"{session.peer[0]}" if isinstance(session.peer, tuple) else str(session.peer)
+        auth_result: AuthResult | None = None
+        body = raw
+        if self.resolver is not None and any(isinstance(t, Target) and t.kind == "post" for _, t in targets):
+            auth_result = await self._authenticate(raw, mail_from, peer, session.host_name or "")
+            authserv_id = self.config.server.domain
+            # RFC 8601 §5: results claiming our authserv-id are ours to
+            # write; any that arrive with the message are forged.
+            body = auth_result.header_field(authserv_id) + strip_our_auth_results(raw, authserv_id)
+        data = _received_header(self.config, session, envelope, lmtp) + body
 
         replies: dict[str, Reply] = {}
         rows: list[IncomingRow] = []
@@ -170,7 +186,7 @@ class ListHandler:
             if key in seen:  # the same list twice in one transaction: deliver once
                 replies[rcpt] = seen[key]
                 continue
-            reply, row = await self._decide_one(target, rcpt, mail_from, sender, parsed, peer, data)
+            reply, row = await self._decide_one(target, rcpt, mail_from, sender, parsed, peer, data, auth_result)
             seen[key] = replies[rcpt] = reply
             if row is not None:
                 rows.append(row)
@@ -211,9 +227,23 @@ class ListHandler:
                 return target.list_name
         return ""
 
+    async def _authenticate(self, raw: bytes, mail_from: str, peer: str, helo: str) -> AuthResult:
+        client_ip = peer
+        try:
+            trusted = any(ipaddress.ip_address(peer) in net for net in self._trusted)
+        except ValueError:
+            trusted = False
+        if trusted:
+            # Postfix in front of us: SPF is about the client it talked to.
+            found = client_from_trusted_received(raw, self.config.server.trusted_relays)
+            client_ip, helo = found if found is not None else ("", "")
+        assert self.resolver is not None
+        return await verify_inbound(raw, mail_from=mail_from, client_ip=client_ip, helo=helo,
+                                    resolver=self.resolver, timeout=self.config.dns.timeout)
+
     async def _decide_one(
         self, target: Target, rcpt: str, mail_from: str, sender: str, parsed: msg.ParsedMessage, peer: str,
-        data: bytes,
+        data: bytes, auth_result: AuthResult | None = None,
     ) -> tuple[Reply, IncomingRow | None]:
         snap = await self.store.policy_snapshot(target.list_name, sender)
         if snap is None:  # removed between RCPT and DATA
@@ -240,6 +270,7 @@ class ListHandler:
             membership=Membership(snap.role, snap.moderated) if snap.role else None,
             banned=bool(sender) and _banned(sender, snap.ban_patterns),
             always_accept=snap.always_accept,
+            auth=auth_result,
         )
         verdict = decide(post, settings)
         if isinstance(verdict, Reject):

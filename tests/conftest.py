@@ -20,6 +20,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from listserv import config as config_mod
 from listserv import dkim
 from listserv.app import App
+from listserv.dns import DictResolver
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,6 +160,8 @@ class RunningServer:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
+        # No real DNS in tests: an in-memory resolver unless the test brings one.
+        app_kwargs.setdefault("resolver", DictResolver({}))
         self.app = App(config, **app_kwargs)
         self.call(self.app.start())
         self.port = self.app.port

@@ -183,7 +183,10 @@ def write_config(tmp_path: Path, listen_port: int, relay_port: int) -> Path:
         f"private_key = {q(str(tmp_path / 'dkim.key'))}\n"
         "\n[archive]\n"
         f"dir = {q(str(tmp_path / 'archive'))}\n"
-        'base_url = "https://archiwum.example.org/"\n',
+        'base_url = "https://archiwum.example.org/"\n'
+        "\n[dns]\n"  # no real DNS in tests: a closed local port answers nothing, at once
+        'nameservers = ["127.0.0.1:9"]\n'
+        "timeout = 0.5\n",
         encoding="utf-8",
     )
     return cfg

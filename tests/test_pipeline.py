@@ -275,7 +275,7 @@ def test_default_settings_hold_no_attachment_type() -> None:
 
 def test_rules_are_in_the_documented_order() -> None:
     assert [r.__name__ for r in RULES] == [
-        "loop", "automatic", "banned", "emergency", "poster_allowed", "moderated_member",
+        "loop", "automatic", "banned", "forged_sender", "emergency", "poster_allowed", "moderated_member",
         "too_many_recipients", "no_subject", "held_attachment", "accept",
     ]
 

@@ -4,11 +4,13 @@ Set-up: a real server, ``python -m listserv serve --config tmp.toml``, alone in 
 process, with a temporary state dir and DKIM key.  One list, ``dyskusja``, whose only
 member is its owner, the author of every post; delivery mode "smtp" to the shared
 counting sink (``../shared/tools/smtp_sink.py``) in another process, so each accepted
-post is also rewritten, signed and delivered to that one member while ingest runs
-(as on a real server).  ``--hold`` measures receiving alone: emergency moderation on,
-no owners, senders not notified, so every post is stored as held and the fan-out has
-nothing to do.  The server logs at
-``--log-level`` (default info, as in production) into a file.
+post is also rewritten, signed, archived and delivered to that one member while
+ingest runs (as on a real server).  ``--hold`` measures receiving alone: emergency
+moderation on, no owners, senders not notified, so every post is stored as held and
+the fan-out has nothing to do.  DNS (listserv checks SPF/DKIM/DMARC of arriving posts)
+goes to a stub server on 127.0.0.1 that knows the author's domain (an SPF record
+listing 127.0.0.1, DMARC p=none) and answers NXDOMAIN to anything else.  The server
+logs at ``--log-level`` (default info, as in production) into a file.
 
 Clients: 16 concurrent SMTP clients (threads with smtplib, spread over 2 client
 processes so the client side is not held back by one GIL) post member posts of
@@ -20,8 +22,9 @@ processes so the client side is not held back by one GIL) post member posts of
 A post counts once it is answered 250: the server answers only after the post is
 committed to SQLite (group commit, synchronous=FULL).  Printed for each mode: posts/s
 (count / time from the start signal to the last answer), latency percentiles, CPU
-seconds of the server and of the clients, and a check that the database holds
-exactly as many received posts as were answered 250.
+seconds of the server and of the clients, server CPU per post, DNS questions per
+post, and a check that the database holds exactly as many received posts as were
+answered 250.
 
 For reference the same clients run against a do-nothing aiosmtpd server (a handler that
 answers 250 to everything, in its own process): the ceiling of this machine with this
@@ -31,7 +34,7 @@ Goal: at least 1,000 durable posts/s with reused connections (mode a).
 
 Usage (from the repo root):  python bench/ingest.py [--seconds 8] [--clients 16]
                              [--client-procs 2] [--hold] [--log-level info] [--modes reuse,new]
-                             [--list-default archive_policy=none ...]
+                             [--list-default archive_policy=none ...] [--profile FILE]
 """
 
 from __future__ import annotations

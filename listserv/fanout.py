@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from listserv import dkim
+from listserv.auth import arc_seal, our_auth_results
 from listserv.config import Config
 from listserv.dmarc import TxtResolver, is_strict
 from listserv.message import archiving_refused
@@ -326,7 +327,7 @@ class Fanout:
                               archive_base_url=self.config.archive.base_url)
             munge = await self._munge_from(settings, record.sender)
             personal = settings.personalize and self.tokens is not None
-            if personal:
+            if personal and settings.personal_footer:
                 ctx = dataclasses.replace(ctx, unsubscribe_placeholder=PERSONAL_PLACEHOLDER)
             rewritten = rewrite(record.data, ctx, message_id=message_id, munge_from=munge, author=record.sender)
             if personal and rewritten.data.count(PERSONAL_PLACEHOLDER.encode()) != 1:
@@ -335,11 +336,19 @@ class Fanout:
                 ctx = dataclasses.replace(ctx, unsubscribe_placeholder="")
                 rewritten = rewrite(record.data, ctx, message_id=message_id, munge_from=munge,
                                     author=record.sender)
+            prepared = rewritten.data
+            if PERSONAL_PLACEHOLDER.encode() not in prepared:
+                # RFC 8617: sealed once, over what every copy shares.  A body
+                # with each member's own link cannot be sealed once (the seal
+                # covers the body), so personal_footer lists go unsealed.
+                authserv_id = self.config.server.domain
+                prepared = await arc_seal(prepared, self.key, authserv_id=authserv_id,
+                                          auth_results=our_auth_results(record.data, authserv_id) or "arc=none")
             if personal:
-                kind, data = "post-personal", rewritten.data  # signed per copy
+                kind, data = "post-personal", prepared  # signed per copy
             else:
                 verp = settings.verp == "always" or (settings.verp == "probe" and record.id % PROBE_EVERY == 0)
-                kind, data = ("post-verp" if verp else "post"), self._sign(rewritten.data)
+                kind, data = ("post-verp" if verp else "post"), self._sign(prepared)
             recipients = await self.store.recipients(record.list_id)
             archive = None
             if not archiving_refused(record.data):

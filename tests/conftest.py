@@ -54,14 +54,15 @@ def perl_verifier() -> Path:
     return script
 
 
-def verify_with_perl(data: bytes, key: dkim.DkimKey, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+def verify_with_perl(data: bytes, key: dkim.DkimKey, tmp_path: Path,
+                     arc: bool = False) -> subprocess.CompletedProcess[str]:
     script = perl_verifier()
     msg = tmp_path / f"msg-{time.monotonic_ns()}.eml"
     msg.write_bytes(data if data.endswith(b"\n") else data + b"\r\n")
     txt = tmp_path / "dns.txt"
     txt.write_text(dkim.dns_txt_value(key))
     return subprocess.run(
-        ["perl", str(script), str(msg), f"{key.selector}._domainkey.{key.domain}={txt}"],
+        ["perl", str(script), *(["--arc"] if arc else []), str(msg), f"{key.selector}._domainkey.{key.domain}={txt}"],
         capture_output=True, text=True,
     )
 

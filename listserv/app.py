@@ -45,7 +45,10 @@ def setup_logging(level: str) -> None:
     logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
-def load_or_create_key(config: Config) -> dkim.DkimKey:
+def load_or_create_key(config: Config) -> dkim.KeySet:
+    """The signing keys: the RSA key (generated, with a warning, if missing) and the
+    Ed25519 one when configured (never generated: a configured path that does not
+    exist is a mistake to report, not to paper over)."""
     path = config.dkim.private_key
     if not path.exists():
         dkim.generate_key(path)
@@ -54,8 +57,7 @@ def load_or_create_key(config: Config) -> dkim.DkimKey:
             "no DKIM key at %s: generated one; publish this DNS record:\n%s",
             path, dkim.dns_txt_record(key.private_key, config.dkim.selector, config.server.domain),
         )
-        return key
-    return dkim.DkimKey.load(path, domain=config.server.domain, selector=config.dkim.selector)
+    return dkim.load_keys(config.dkim, config.server.domain)
 
 
 async def seed_lists(store: Store, config: Config) -> None:

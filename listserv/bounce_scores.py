@@ -52,7 +52,7 @@ def weight_of(kind: str, cause: str) -> float:
 
 
 class BounceStage:
-    def __init__(self, config: Config, store: Store, key: dkim.DkimKey,
+    def __init__(self, config: Config, store: Store, key: dkim.Signer,
                  clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.store = store

@@ -517,7 +517,7 @@ async def held_reject(cfg: config_mod.Config, store: Store, held_id: int, reason
         raise StoreError(f"message {held_id} is not held (it is {record.status})")
     lst = await store.get_list_by_id(record.list_id)
     settings = effective_settings(cfg.list_defaults, lst.settings_json)
-    key = dkim.DkimKey.load(cfg.dkim.private_key, domain=cfg.server.domain, selector=cfg.dkim.selector)
+    key = dkim.load_keys(cfg.dkim, cfg.server.domain)
     to = record.sender or record.mail_from
     if not to:
         raise StoreError(f"message {held_id} has no sender address to tell")
@@ -585,20 +585,30 @@ def dkim_group() -> None:
 @dkim_group.command("keygen")
 @config_option
 @click.option("--force", is_flag=True, help="Replace an existing key (mail signed with it stops verifying).")
-def dkim_keygen(config_path: Path | None, force: bool) -> None:
-    """Write an RSA-2048 key to [dkim] private_key and print the DNS record to publish."""
+@click.option("--ed25519", "ed25519_key", is_flag=True,
+              help="Write the Ed25519 key (RFC 8463) to [dkim] ed25519_private_key instead.")
+def dkim_keygen(config_path: Path | None, force: bool, ed25519_key: bool) -> None:
+    """Write an RSA-2048 key to [dkim] private_key (or with --ed25519 an Ed25519 key
+    to [dkim] ed25519_private_key) and print the DNS record to publish."""
     cfg = _load(config_path)
+    path, selector = cfg.dkim.private_key, cfg.dkim.selector
+    if ed25519_key:
+        if cfg.dkim.ed25519_private_key is None:
+            _fail("set [dkim] ed25519_selector and ed25519_private_key in the config first")
+            return
+        path, selector = cfg.dkim.ed25519_private_key, cfg.dkim.ed25519_selector
     try:
-        cfg.dkim.private_key.parent.mkdir(parents=True, exist_ok=True)
-        key = dkim.generate_key(cfg.dkim.private_key, force=force)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key: dkim.PublishableKey = (dkim.generate_ed25519_key(path, force=force) if ed25519_key
+                                    else dkim.generate_key(path, force=force))
     except FileExistsError:
-        _fail(f"{cfg.dkim.private_key} exists; use --force to replace it")
+        _fail(f"{path} exists; use --force to replace it")
         return
     except OSError as exc:
-        _fail(f"cannot write {cfg.dkim.private_key}: {exc.strerror}")
+        _fail(f"cannot write {path}: {exc.strerror}")
         return
-    click.echo(f"wrote {cfg.dkim.private_key}; publish this record:", err=True)
-    click.echo(dkim.dns_txt_record(key, cfg.dkim.selector, cfg.server.domain))
+    click.echo(f"wrote {path}; publish this record:", err=True)
+    click.echo(dkim.dns_txt_record(key, selector, cfg.server.domain))
 
 
 # -- archive ------------------------------------------------------------------------------------
@@ -884,9 +894,27 @@ async def backup_cmd(cfg: config_mod.Config, store: Store, file: Path) -> None:
 # -- bounces: reading saved bounce messages (issue 6) -----------------------------------
 
 
-@main.group("bounces", invoke_without_command=False)
-def bounces_group() -> None:
-    """Bounces: read saved bounce messages and see why they were (not) counted."""
+@main.group("bounces", invoke_without_command=True)
+@config_option
+@click.pass_context
+def bounces_group(ctx: click.Context, config_path: Path | None) -> None:
+    """Bounce scores per member (`bounces` alone is `bounces show`); read saved bounce messages."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(bounces_show, config_path=config_path, name=None)
+
+
+@bounces_group.command("show")
+@click.argument("name", required=False)
+@with_store
+async def bounces_show(cfg: config_mod.Config, store: Store, name: str | None) -> None:
+    """One line per member with a bounce score or paused delivery: list, address, score, delivery, last reason."""
+    list_id = (await store.get_list(name)).id if name else None
+    rows = await store.bounce_states(list_id)
+    if not rows:
+        click.echo(f"no bounces on {name}" if name else "no bounces")
+    for list_name, state in rows:
+        reason = " ".join(state.reason.split()) or "-"  # one line, whatever the remote server wrote
+        click.echo(f"{list_name}\t{state.address}\t{state.score:.2f}\t{state.delivery}\t{reason}")
 
 
 @bounces_group.command("parse")

@@ -79,6 +79,9 @@ class DeliveryConfig:
 class DkimConfig:
     selector: str
     private_key: Path
+    # Optional second signature, Ed25519 (RFC 8463); None = off.
+    ed25519_selector: str = ""
+    ed25519_private_key: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,13 +357,23 @@ def from_mapping(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         raise ConfigError("[delivery] username: required when password_file is set")
 
     k = _Section("dkim", data.get("dkim", {}))
+    ed25519_key = k.get("ed25519_private_key", _str, "")
     dkim = DkimConfig(
         selector=k.get("selector", _str, "listserv"),
         private_key=k.get("private_key", path_of, "state/dkim.key"),
+        ed25519_selector=k.get("ed25519_selector", _str, ""),
+        ed25519_private_key=path_of(ed25519_key) if ed25519_key else None,
     )
     k.finish()
     if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$", dkim.selector):
         raise ConfigError(f"[dkim] selector: {dkim.selector!r} is not a valid DKIM selector")
+    if bool(dkim.ed25519_selector) != (dkim.ed25519_private_key is not None):
+        raise ConfigError("[dkim] ed25519_selector and ed25519_private_key: set both (or neither)")
+    if dkim.ed25519_selector:
+        if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$", dkim.ed25519_selector):
+            raise ConfigError(f"[dkim] ed25519_selector: {dkim.ed25519_selector!r} is not a valid DKIM selector")
+        if dkim.ed25519_selector.lower() == dkim.selector.lower():
+            raise ConfigError("[dkim] ed25519_selector: must differ from selector (one key per DNS name)")
 
     a = _Section("archive", data.get("archive", {}))
     archive = ArchiveConfig(

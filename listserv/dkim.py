@@ -26,6 +26,18 @@ of each copy.  For personalized copies hash the shared body prefix once, then
 ``copy()`` the hasher per member and ``update()`` it with that member's
 footer.
 
+A second signature with Ed25519 (RFC 8463) is optional: an ``Ed25519Key``
+signs like a ``DkimKey`` (``a=ed25519-sha256``, the same ``c=``, ``h=``, ``t=``
+and ``bh=``), and a ``KeySet`` holds the RSA key and, when configured, the
+Ed25519 one.  ``sign``/``sign_message`` take either a single key or a
+``KeySet`` and then add one DKIM-Signature per key.  RFC 8463 §3: Ed25519
+(PureEdDSA) signs the 32-byte SHA-256 hash of the header data, not the data
+itself, which is what dkimpy and Mail::DKIM verify.  The RSA signature goes
+topmost: verifiers that look only at the first signature (dkimpy's
+``verify()`` by default, some filters) get the one every verifier supports;
+the signatures do not cover each other (``dkim-signature`` is not in ``h=``),
+so their order changes nothing else.
+
 Line endings: messages may use LF or CRLF.  The header ``sign`` returns uses
 the message's own line ending (that of its first line), so ``sign_message``
 never mixes the two; the SMTP sender converts to CRLF on the wire, and both
@@ -35,6 +47,7 @@ forms verify the same (canonicalization works on CRLF lines, §3.4).
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import hashlib
 import os
@@ -43,15 +56,18 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 import dkim  # type: ignore[import-untyped]
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from listserv.errors import ListservError
+
+if TYPE_CHECKING:
+    from listserv.config import DkimConfig
 
 __all__ = [
     "KEY_BITS",
@@ -61,10 +77,17 @@ __all__ = [
     "DkimKey",
     "DkimKeyError",
     "DkimMessageError",
+    "Ed25519Key",
+    "KeySet",
+    "PublishableKey",
+    "Signer",
+    "SigningKey",
     "body_hash",
     "dns_txt_record",
     "dns_txt_value",
+    "generate_ed25519_key",
     "generate_key",
+    "load_keys",
     "sign",
     "sign_message",
     "split_message",
@@ -114,8 +137,8 @@ class DkimError(ListservError):
 
 
 class DkimKeyError(DkimError):
-    """The private key file is missing, unreadable or not a usable RSA key,
-    or the selector/domain it is meant for is malformed."""
+    """The private key file is missing, unreadable or not a usable RSA (or
+    Ed25519) key, or the selector/domain it is meant for is malformed."""
 
 
 class DkimMessageError(DkimError):
@@ -134,9 +157,7 @@ class DkimKey:
     private_key: rsa.RSAPrivateKey = field(repr=False)
 
     def __post_init__(self) -> None:
-        for what, value in (("domain", self.domain), ("selector", self.selector)):
-            if not _DNS_NAME.match(value) or len(value) > 253:
-                raise DkimKeyError(f"DKIM {what} {value!r} is not a valid DNS name")
+        _check_names(self.domain, self.selector)
         if not isinstance(self.private_key, rsa.RSAPrivateKey):
             raise DkimKeyError("DKIM key must be an RSA private key")
         if self.private_key.key_size < _MIN_KEY_BITS:
@@ -170,6 +191,128 @@ class DkimKey:
             raise DkimKeyError(f"DKIM key {path}: {exc}") from exc
 
 
+def _check_names(domain: str, selector: str) -> None:
+    for what, value in (("domain", domain), ("selector", selector)):
+        if not _DNS_NAME.match(value) or len(value) > 253:
+            raise DkimKeyError(f"DKIM {what} {value!r} is not a valid DNS name")
+
+
+@dataclass(frozen=True, slots=True)
+class Ed25519Key:
+    """An Ed25519 private key for a second signature (RFC 8463), and the DNS name of its public half.
+
+    A class of its own rather than a wider ``DkimKey.private_key``, so code
+    that needs RSA (ARC sealing, the key-size checks) keeps its exact type.
+    """
+
+    domain: str
+    selector: str
+    private_key: ed25519.Ed25519PrivateKey = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_names(self.domain, self.selector)
+        if not isinstance(self.private_key, ed25519.Ed25519PrivateKey):
+            raise DkimKeyError("DKIM Ed25519 key must be an Ed25519 private key")
+
+    @classmethod
+    def load(cls, path: Path | str, *, domain: str, selector: str) -> Ed25519Key:
+        """Read an Ed25519 key: unencrypted PEM (PKCS#8, what ``generate_ed25519_key``
+        and ``openssl genpkey -algorithm ed25519`` write), or the base64 32-byte
+        seed that dkimpy's ``dknewkey --ktype ed25519`` writes."""
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise DkimKeyError(f"cannot read DKIM key {path}: {exc.strerror or exc}") from exc
+        key: object
+        if b"-----BEGIN" in data:
+            try:
+                key = serialization.load_pem_private_key(data, password=None)
+            except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+                raise DkimKeyError(
+                    f"DKIM key {path} is not an unencrypted PEM private key: {exc}"
+                ) from exc
+        else:
+            try:
+                seed = base64.b64decode(data.strip(), validate=True)
+            except binascii.Error:
+                seed = b""
+            if len(seed) != 32:
+                raise DkimKeyError(
+                    f"DKIM key {path} is neither a PEM private key nor a base64 Ed25519 seed"
+                )
+            key = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise DkimKeyError(
+                f"DKIM key {path} is a {type(key).__name__}, not an Ed25519 private key"
+            )
+        try:
+            return cls(domain=domain, selector=selector, private_key=key)
+        except DkimKeyError as exc:
+            raise DkimKeyError(f"DKIM key {path}: {exc}") from exc
+
+
+#: One key that signs: one DKIM-Signature.
+SigningKey: TypeAlias = DkimKey | Ed25519Key
+
+
+@dataclass(frozen=True, slots=True)
+class KeySet:
+    """The keys every copy is signed with: the RSA key, and optionally an Ed25519 key.
+
+    ``sign_message`` adds one DKIM-Signature per key, RSA topmost (see the
+    module docstring).  Without ``ed25519`` it signs exactly as the RSA key
+    alone does.
+    """
+
+    rsa: DkimKey
+    ed25519: Ed25519Key | None = None
+
+    def __post_init__(self) -> None:
+        if self.ed25519 is not None:
+            if self.ed25519.domain != self.rsa.domain:
+                raise DkimKeyError("the RSA and Ed25519 keys must sign for the same domain")
+            if self.ed25519.selector.lower() == self.rsa.selector.lower():
+                # One DNS name cannot usefully hold both records: verifiers
+                # read one TXT record per selector (RFC 6376 §3.6.2.2).
+                raise DkimKeyError("the RSA and Ed25519 keys need different selectors")
+
+    @classmethod
+    def of(cls, key: DkimKey | KeySet) -> KeySet:
+        """``key`` as a KeySet (a lone RSA key signs alone)."""
+        return key if isinstance(key, KeySet) else cls(key)
+
+    @property
+    def keys(self) -> tuple[SigningKey, ...]:
+        """The keys in the order their signatures appear, top to bottom."""
+        return (self.rsa,) if self.ed25519 is None else (self.rsa, self.ed25519)
+
+    def sign(self, message: bytes, *, body_hash: str | None = None,
+             timestamp: int | None = None) -> bytes:
+        """The DKIM-Signature header fields for ``message`` (see the module ``sign``)."""
+        return sign(message, self, body_hash=body_hash, timestamp=timestamp)
+
+    def sign_message(self, message: bytes, *, body_hash: str | None = None,
+                     timestamp: int | None = None) -> bytes:
+        """``message`` with its DKIM-Signature header fields prepended."""
+        return sign_message(message, self, body_hash=body_hash, timestamp=timestamp)
+
+
+#: Whatever ``sign`` accepts: one key, or a KeySet (one signature per key).
+Signer: TypeAlias = DkimKey | Ed25519Key | KeySet
+
+
+def load_keys(settings: DkimConfig, domain: str) -> KeySet:
+    """The configured keys (``[dkim]``): the RSA key, and the Ed25519 one when
+    ``ed25519_private_key`` is set.  Raises ``DkimKeyError``; creates nothing."""
+    rsa_key = DkimKey.load(settings.private_key, domain=domain, selector=settings.selector)
+    ed_key = None
+    if settings.ed25519_private_key is not None:
+        ed_key = Ed25519Key.load(settings.ed25519_private_key, domain=domain,
+                                 selector=settings.ed25519_selector)
+    return KeySet(rsa_key, ed_key)
+
+
 def generate_key(path: Path | str, *, force: bool = False) -> rsa.RSAPrivateKey:
     """Make a new RSA-2048 key and write it to ``path`` as PKCS#8 PEM, mode 0600.
 
@@ -184,6 +327,27 @@ def generate_key(path: Path | str, *, force: bool = False) -> rsa.RSAPrivateKey:
             f"DKIM key {path} already exists; refusing to overwrite it (use force to replace it)"
         )
     key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write_secret(path, pem, replace=force)
+    return key
+
+
+def generate_ed25519_key(path: Path | str, *, force: bool = False) -> ed25519.Ed25519PrivateKey:
+    """Make a new Ed25519 key and write it to ``path`` as PKCS#8 PEM, mode 0600.
+
+    Written like ``generate_key`` (atomically; an existing file is kept and
+    ``FileExistsError`` raised unless ``force``).
+    """
+    path = Path(path)
+    if not force and path.exists():
+        raise FileExistsError(
+            f"DKIM key {path} already exists; refusing to overwrite it (use force to replace it)"
+        )
+    key = ed25519.Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -229,14 +393,26 @@ def _write_secret(path: Path, data: bytes, *, replace: bool) -> None:
         os.close(dir_fd)
 
 
-def dns_txt_value(key: rsa.RSAPrivateKey | rsa.RSAPublicKey | DkimKey) -> str:
+#: What ``dns_txt_value`` and ``dns_txt_record`` accept.
+PublishableKey: TypeAlias = (
+    rsa.RSAPrivateKey | rsa.RSAPublicKey | ed25519.Ed25519PrivateKey
+    | ed25519.Ed25519PublicKey | DkimKey | Ed25519Key
+)
+
+
+def dns_txt_value(key: PublishableKey) -> str:
     """The TXT record value publishing ``key``: ``v=DKIM1; k=rsa; p=...`` (RFC 6376 §3.6.1).
 
-    ``p=`` is the base64 DER SubjectPublicKeyInfo, the form dkimpy, Mail::DKIM
-    and OpenDKIM all read.
+    For RSA ``p=`` is the base64 DER SubjectPublicKeyInfo, the form dkimpy,
+    Mail::DKIM and OpenDKIM all read; for Ed25519 (``k=ed25519``) it is the
+    base64 of the raw 32-byte public key (RFC 8463 §4.2).
     """
-    if isinstance(key, DkimKey):
+    if isinstance(key, (DkimKey, Ed25519Key)):
         key = key.private_key
+    if isinstance(key, (ed25519.Ed25519PrivateKey, ed25519.Ed25519PublicKey)):
+        ed_public = key.public_key() if isinstance(key, ed25519.Ed25519PrivateKey) else key
+        raw = ed_public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return "v=DKIM1; k=ed25519; p=" + base64.b64encode(raw).decode("ascii")
     public = key.public_key() if isinstance(key, rsa.RSAPrivateKey) else key
     der = public.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -244,9 +420,7 @@ def dns_txt_value(key: rsa.RSAPrivateKey | rsa.RSAPublicKey | DkimKey) -> str:
     return "v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode("ascii")
 
 
-def dns_txt_record(
-    key: rsa.RSAPrivateKey | rsa.RSAPublicKey | DkimKey, selector: str, domain: str
-) -> str:
+def dns_txt_record(key: PublishableKey, selector: str, domain: str) -> str:
     """The zone-file record to publish, e.g.::
 
         listserv._domainkey.example.org. IN TXT ( "v=DKIM1; k=rsa; "
@@ -379,13 +553,15 @@ def split_message(message: bytes) -> tuple[bytes, bytes]:
 
 def sign(
     message: bytes,
-    key: DkimKey,
+    key: Signer,
     *,
     body_hash: str | None = None,
     timestamp: int | None = None,
 ) -> bytes:
     """The ``DKIM-Signature`` header field for ``message``, folded and line-ending-terminated.
 
+    With a ``KeySet`` it is one header field per key (RSA first), all with the
+    same ``t=`` and ``bh=``; the headers are parsed and the body hashed once.
     Prepend it to the message (``sign_message`` does).  With ``body_hash``
     (the value ``body_hash()`` or ``BodyHasher.b64digest()`` gave for this
     message's body) the body is not read at all; the caller vouches that the
@@ -402,10 +578,22 @@ def sign(
         body_hash = BodyHasher(body).b64digest()
     if timestamp is None:
         timestamp = int(time.time())
+    canonical = dkim.RelaxedCanonicalization.canonicalize_headers(headers)
+    keys = key.keys if isinstance(key, KeySet) else (key,)
+    header = b"".join(_signature(canonical, k, body_hash, timestamp) for k in keys)
+    if not _uses_crlf(message):
+        header = header.replace(b"\r\n", b"\n")
+    return header
 
+
+def _signature(
+    canonical_headers: list[tuple[bytes, bytes]], key: SigningKey, body_hash: str, timestamp: int
+) -> bytes:
+    """One DKIM-Signature header field (CRLF line endings) over already canonicalized headers."""
+    algorithm = b"a=ed25519-sha256" if isinstance(key, Ed25519Key) else b"a=rsa-sha256"
     tags = [
         b"v=1",
-        b"a=rsa-sha256",
+        algorithm,
         b"c=relaxed/simple",
         b"d=" + key.domain.encode("ascii"),
         b"s=" + key.selector.encode("ascii"),
@@ -429,34 +617,35 @@ def sign(
     dkim.hash_headers(
         hasher,
         dkim.RelaxedCanonicalization,
-        dkim.RelaxedCanonicalization.canonicalize_headers(headers),
+        canonical_headers,
         SIGNED_HEADERS,
         (_HEADER_NAME, value),
         None,
     )
-    signature = key.private_key.sign(
-        hasher.digest(), padding.PKCS1v15(), Prehashed(hashes.SHA256())
-    )
+    if isinstance(key, Ed25519Key):
+        # RFC 8463 §3: PureEdDSA over the SHA-256 hash of the header data.
+        signature = key.private_key.sign(hasher.digest())
+    else:
+        signature = key.private_key.sign(
+            hasher.digest(), padding.PKCS1v15(), Prehashed(hashes.SHA256())
+        )
     b64 = base64.b64encode(signature)
     # Fold b= too (FWS is allowed inside it, §3.5); verifiers strip it with the value.
     first = _LINE_MAX - len(b" b=")
     chunks = [b64[:first]] + [
         b64[i : i + _LINE_MAX - 1] for i in range(first, len(b64), _LINE_MAX - 1)
     ]
-    header = unsigned + b"\r\n ".join(chunks) + b"\r\n"
-    if not _uses_crlf(message):
-        header = header.replace(b"\r\n", b"\n")
-    return header
+    return unsigned + b"\r\n ".join(chunks) + b"\r\n"
 
 
 def sign_message(
     message: bytes,
-    key: DkimKey,
+    key: Signer,
     *,
     body_hash: str | None = None,
     timestamp: int | None = None,
 ) -> bytes:
-    """``message`` with its ``DKIM-Signature`` prepended (see ``sign``)."""
+    """``message`` with its ``DKIM-Signature`` (one per key of a ``KeySet``) prepended (see ``sign``)."""
     return sign(message, key, body_hash=body_hash, timestamp=timestamp) + message
 
 

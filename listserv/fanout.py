@@ -137,7 +137,7 @@ class PersonalTemplate:
             return cls(list_name, head, prefix, suffix, dkim.BodyHasher(prefix), True)
         return cls(list_name, head, body, b"", dkim.BodyHasher(body), False)
 
-    def copy_for(self, headers: list[tuple[str, str]], link: str, key: dkim.DkimKey) -> bytes:
+    def copy_for(self, headers: list[tuple[str, str]], link: str, key: dkim.Signer) -> bytes:
         extra = b"".join(f"{name}: {value}\r\n".encode() for name, value in headers)
         hasher = self.prefix_hash.copy()
         tail = (link.encode() + self.suffix) if self.has_link else b""
@@ -171,7 +171,7 @@ class Fanout:
         config: Config,
         store: Store,
         transport: Transport,
-        key: dkim.DkimKey,
+        key: dkim.DkimKey | dkim.KeySet,
         resolve_txt: TxtResolver | None = None,
         retry_initial: float = 60.0,
         clock: Callable[[], float] = time.time,
@@ -183,7 +183,10 @@ class Fanout:
         self.config = config
         self.store = store
         self.transport = transport
-        self.key = key
+        # Every copy is signed with all of keys (RSA, and Ed25519 when
+        # configured); the ARC seal with the RSA key alone.
+        self.keys = dkim.KeySet.of(key)
+        self.key = self.keys.rsa
         self.resolve_txt = resolve_txt
         self.retry_initial = retry_initial
         self.clock = clock
@@ -280,7 +283,7 @@ class Fanout:
             await asyncio.sleep(0.02)
             if self._queued_batches or self._busy_senders or self._outcomes:
                 continue
-            if await self.store.incoming_with("post", "accepted", limit=1):
+            if await self.store.unhandled_incoming():
                 continue
             nxt = await self.store.next_attempt_at()
             if nxt is None or nxt > self.clock():
@@ -316,7 +319,7 @@ class Fanout:
         return await is_strict(author.rpartition("@")[2], self.resolve_txt)
 
     def _sign(self, data: bytes) -> bytes:
-        return dkim.sign_message(data, self.key)
+        return dkim.sign_message(data, self.keys)
 
     async def _prepare_post(self, record: IncomingRecord) -> None:
         domain = self.config.server.domain
@@ -461,7 +464,7 @@ class Fanout:
             if kind == "post-personal" and self.tokens is not None:
                 template = await self._template(batch.outbox_id, data)
                 data = template.copy_for(unsubscribe_headers(self.config, self.tokens, list_name, rcpt),
-                                         unsubscribe_url(self.config, self.tokens, list_name, rcpt), self.key)
+                                         unsubscribe_url(self.config, self.tokens, list_name, rcpt), self.keys)
         refused = await self.transport.send(envelope_from, recipients, data)
         now = self.clock()
         outcomes = []

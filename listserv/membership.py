@@ -107,7 +107,7 @@ def _message_info(raw: bytes) -> tuple[str, str, str, str]:
 
 
 class MembershipStage:
-    def __init__(self, config: Config, store: Store, key: dkim.DkimKey,
+    def __init__(self, config: Config, store: Store, key: dkim.Signer,
                  clock: Callable[[], float] = time.time, tokens: Tokens | None = None) -> None:
         self.config = config
         self.tokens = tokens

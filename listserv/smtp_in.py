@@ -35,7 +35,7 @@ from listserv.config import Config
 from listserv.message import Membership, Post
 from listserv.pipeline import decide
 from listserv.settings import effective_settings
-from listserv.store import IncomingRow, Store
+from listserv.store import IncomingRow, PolicySnapshot, Store
 from listserv.types import Accept, Discard, Hold, Reject, Reply
 
 __all__ = ["ListHandler", "Target", "parse_recipient", "server_factory"]
@@ -165,9 +165,19 @@ class ListHandler:
         parsed = msg.parse(raw)
         sender = msg.sender_of(mail_from, parsed)
         peer = f"{session.peer[0]}" if isinstance(session.peer, tuple) else str(session.peer)
+        # The store is read once per list: whether to check the sender, and
+        # then what the rules need.
+        snapshots: dict[str, PolicySnapshot | None] = {}
+        for _, t in targets:
+            if isinstance(t, Target) and t.list_name not in snapshots:
+                snapshots[t.list_name] = await self.store.policy_snapshot(t.list_name, sender)
         auth_result: AuthResult | None = None
         body = raw
-        if self.resolver is not None and any(isinstance(t, Target) and t.kind == "post" for _, t in targets):
+        if self.resolver is not None and any(
+            isinstance(t, Target) and t.kind == "post" and (snap := snapshots.get(t.list_name)) is not None
+            and effective_settings(self.config.list_defaults, snap.settings_json).sender_authentication != "off"
+            for _, t in targets
+        ):
             auth_result = await self._authenticate(raw, mail_from, peer, session.host_name or "")
             authserv_id = self.config.server.domain
             # RFC 8601 §5: results claiming our authserv-id are ours to
@@ -186,7 +196,8 @@ class ListHandler:
             if key in seen:  # the same list twice in one transaction: deliver once
                 replies[rcpt] = seen[key]
                 continue
-            reply, row = await self._decide_one(target, rcpt, mail_from, sender, parsed, peer, data, auth_result)
+            reply, row = await self._decide_one(target, snapshots.get(target.list_name), rcpt, mail_from, sender,
+                                                parsed, peer, data, auth_result)
             seen[key] = replies[rcpt] = reply
             if row is not None:
                 rows.append(row)
@@ -242,10 +253,9 @@ class ListHandler:
                                     resolver=self.resolver, timeout=self.config.dns.timeout)
 
     async def _decide_one(
-        self, target: Target, rcpt: str, mail_from: str, sender: str, parsed: msg.ParsedMessage, peer: str,
-        data: bytes, auth_result: AuthResult | None = None,
+        self, target: Target, snap: PolicySnapshot | None, rcpt: str, mail_from: str, sender: str,
+        parsed: msg.ParsedMessage, peer: str, data: bytes, auth_result: AuthResult | None = None,
     ) -> tuple[Reply, IncomingRow | None]:
-        snap = await self.store.policy_snapshot(target.list_name, sender)
         if snap is None:  # removed between RCPT and DATA
             return REPLY_UNKNOWN, None
 

@@ -790,6 +790,14 @@ class Store:
         )
         return [self._incoming(r) for r in rows]
 
+    async def unhandled_incoming(self) -> int:
+        """Received mail some stage still has to act on (posts to prepare, notices to send, commands)."""
+        row = await self._fetchone(
+            "SELECT count(*) FROM incoming WHERE status = 'accepted' OR (status = 'held' AND notified = 0)"
+            " OR (status = 'new' AND kind IN ('request', 'join', 'leave', 'confirm', 'owner', 'bounces'))"
+        )
+        return int(row[0]) if row else 0
+
     async def get_incoming(self, incoming_id: int) -> IncomingRecord:
         row = await self._fetchone(
             f"SELECT {self._INCOMING_COLS} FROM incoming i LEFT JOIN lists l ON l.id = i.list_id WHERE i.id = ?",

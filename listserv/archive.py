@@ -31,6 +31,7 @@ thread, its month (pages, mbox, search part), the list home and the feed.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import calendar
 import concurrent.futures
 import email.utils
@@ -140,23 +141,38 @@ def templates_dir() -> Path:
 _local = threading.local()
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+
+
+def _write_file(name: str, payload: bytes) -> None:
+    try:
+        fd = os.open(name, _WRITE_FLAGS, 0o666)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(name), exist_ok=True)
+        fd = os.open(name, _WRITE_FLAGS, 0o666)
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path | str, data: bytes | str) -> None:
     """Write a file so that a reader sees the old or the new content, never a part.
 
     Inside a full build (a fresh tree nobody reads yet, swapped in at the
     end) files are written in place: the swap is the atomic step.
     """
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    target = path if getattr(_local, "direct", False) else path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fh = open(target, "wb")
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(target, "wb")
-    with fh:
-        fh.write(payload)
-    if target is not path:
-        os.replace(target, path)
+    name = os.fspath(path)
+    if getattr(_local, "direct", False):
+        _write_file(name, payload)
+        return
+    folder, base = os.path.split(name)
+    tmp = os.path.join(folder, f".{base}.{os.getpid()}.tmp")
+    _write_file(tmp, payload)
+    os.replace(tmp, name)
 
 
 def _remove_tree(path: Path) -> None:
@@ -245,7 +261,21 @@ class Renderer:
             trim_blocks=True,
             lstrip_blocks=True,
             undefined=jinja2.StrictUndefined,
+            auto_reload=False,  # templates are read once per process (no stat per page)
         )
+        self._templates: dict[str, jinja2.Template] = {}
+
+    def prepare(self) -> None:
+        """Compile every template now (before worker processes are forked from this one)."""
+        for name in ("message.html", "thread.html", "month.html", "list_index.html", "search.html",
+                     "site_index.html", "redirect.html", "feed.atom"):
+            self.template(name)
+
+    def template(self, name: str) -> jinja2.Template:
+        tpl = self._templates.get(name)
+        if tpl is None:
+            tpl = self._templates[name] = self.env.get_template(name)
+        return tpl
 
     def page(self, name: str, info: ListInfo | None, depth: int, **ctx: Any) -> str:
         lang = info.lang if info else ctx.pop("lang", "pl")
@@ -255,7 +285,7 @@ class Renderer:
             "title": "", "info": info, "fmt": _fmt, "iso": _iso,
         }
         values.update(ctx)
-        return self.env.get_template(name).render(**values)
+        return self.template(name).render(values)
 
     def month_name(self, info: ListInfo, month: str) -> str:
         year, _, mm = month.partition("-")
@@ -307,6 +337,11 @@ def write_message_dir(info: ListInfo, root: Path, meta: ArchiveMeta, mail: Mail,
                       replies: Sequence[ArchiveMeta], thread_count: int) -> None:
     r = renderer()
     mdir = root / info.name / "m" / meta.msgid_hash
+    if getattr(_local, "direct", False):
+        try:
+            os.mkdir(mdir)  # a fresh tree: "m" exists, this folder (usually) not
+        except FileExistsError:
+            pass
     for a in mail.attachments:
         write_atomic(mdir / str(a.index) / a.filename, a.data)
     canonical = f"{info.list_url}m/{meta.msgid_hash}/" if info.list_url else ""
@@ -486,12 +521,65 @@ class _MonthJob:
     months: tuple[str, ...]
 
 
-def _scan(job: _ScanJob) -> list[tuple[int, str, tuple[str, ...], str, float]]:
+@dataclass(frozen=True, slots=True)
+class _PrescanJob:
+    db: Path
+    list_id: int
+    hashes: tuple[str, ...]
+
+
+Scan = tuple[int, str, tuple[str, ...], str, float]  # row id, Message-ID, References, Subject, date
+
+
+def _scan_rows(rows: dict[int, tuple[str, float, bytes]]) -> list[Scan]:
     out = []
-    for row_id, (mid, received, data) in Store.read_archive_data(job.db, job.ids).items():
+    for row_id, (mid, received, data) in rows.items():
         h = parse_headers(data, mid, received)
         out.append((row_id, h.message_id or strip_angles(mid), h.references, h.subject, h.date))
     return out
+
+
+def _scan(job: _ScanJob) -> list[Scan]:
+    return _scan_rows(Store.read_archive_data(job.db, job.ids))
+
+
+def _prescan(job: _PrescanJob) -> list[Scan]:
+    return _scan_rows(Store.read_archive_data_by_hash(job.db, job.list_id, job.hashes))
+
+
+# The worker processes of a full build.  An import starts them early and
+# has them read the headers of each batch it stores while it reads the next
+# one; the build that follows collects those results (they depend only on
+# the stored row, which never changes) and renders with the same workers.
+_POOL: concurrent.futures.ProcessPoolExecutor | None = None
+_POOL_SIZE = 0
+_PRESCANS: dict[tuple[str, int], list[concurrent.futures.Future[list[Scan]]]] = {}
+
+
+def _get_pool(nprocs: int) -> concurrent.futures.ProcessPoolExecutor:
+    global _POOL, _POOL_SIZE
+    if _POOL is not None and _POOL_SIZE != nprocs:
+        _release_pool()
+    if _POOL is None:
+        renderer().prepare()  # compiled once here, inherited by every worker
+        # Workers forked from this process start at once with everything
+        # imported and the templates compiled ("spawn" costs a second of
+        # interpreter start-up per worker); elsewhere, spawn.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        _POOL = concurrent.futures.ProcessPoolExecutor(nprocs, mp_context=multiprocessing.get_context(method))
+        _POOL_SIZE = nprocs
+    return _POOL
+
+
+def _release_pool() -> None:
+    global _POOL
+    pool, _POOL = _POOL, None
+    _PRESCANS.clear()
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+atexit.register(_release_pool)
 
 
 def _render_threads(job: _ThreadJob) -> list[ArchiveMeta]:
@@ -560,9 +648,19 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
     scratch.mkdir(parents=True)
     nprocs = workers or os.cpu_count() or 1
     parallel = nprocs > 1 and len(index) >= PARALLEL_FROM
-    pool: concurrent.futures.Executor | None = None
-    if parallel:
-        pool = concurrent.futures.ProcessPoolExecutor(nprocs, mp_context=multiprocessing.get_context("spawn"))
+    renderer().prepare()
+    for sub in ("m", "t", "search"):
+        (scratch / info.name / sub).mkdir(parents=True, exist_ok=True)
+    # Headers an import already read (in the workers, while it stored the mbox).
+    known: dict[int, Scan] = {}
+    for early in _PRESCANS.pop((str(store.path), info.id), []):
+        try:
+            known.update((scan[0], scan) for scan in await asyncio.wrap_future(early))
+        except Exception:  # noqa: BLE001 - read again below
+            log.warning("archive: an early header scan failed; reading those headers again", exc_info=True)
+    pool: concurrent.futures.Executor | None = _get_pool(nprocs) if parallel else None
+    if pool is None:
+        _release_pool()
     loop = asyncio.get_running_loop()
 
     async def run(fn: Callable[[Any], Any], jobs: Sequence[Any]) -> list[Any]:
@@ -574,9 +672,12 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
         total = len(index)
         if progress:
             progress("threading", 0, total)
-        scans = await run(_scan, [_ScanJob(store.path, tuple(c)) for c in _chunks([i for i, _, _ in index], 2000)])
+        missing = [i for i, _, _ in index if i not in known]
+        scan_size = max(250, -(-len(missing) // (nprocs * 3)))
+        for part in await run(_scan, [_ScanJob(store.path, tuple(c)) for c in _chunks(missing, scan_size)]):
+            known.update((scan[0], scan) for scan in part)
         nodes = [Node(key=row_id, message_id=mid, references=refs, subject=subject, date=date)
-                 for part in scans for row_id, mid, refs, subject, date in part]
+                 for row_id, mid, refs, subject, date in (known[i] for i, _, _ in index)]
         placed = thread_messages(nodes)
         by_thread: dict[str, list[int]] = {}
         for node in sorted(nodes, key=lambda n: (n.date, n.key)):
@@ -619,8 +720,7 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
             progress("home", 0, 1)
         render_list_home(info, scratch, months, await store.archive_latest(info.id, 400))
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
+        _release_pool()
     if progress:
         progress("swap", 0, 1)
     built = scratch / info.name
@@ -811,38 +911,84 @@ class Archiver:
 # -- import ---------------------------------------------------------------------------------------
 
 _MSGID_HEADER = re.compile(rb"(?im)^message-id:[ \t]*(?:\r?\n[ \t]+)?(<[^>\r\n]+>|[^\s]+)")
+_NO_ARCHIVE = re.compile(rb"(?im)^(?:x-no-archive|archive)[ \t]*:")  # not List-Archive:
 _DATE_HEADER = re.compile(rb"(?im)^date:[ \t]*([^\r\n]+)")
 _FROM_LINE = re.compile(rb"^From \S*\s+(.+?)\s*$")
-_ESCAPED_FROM = re.compile(rb"^>+From ")
 
 
-def read_mbox(path: Path) -> Iterator[tuple[bytes, float | None]]:
-    """The messages of an mbox file (mboxrd/mboxo), with the date of each "From " line."""
-    lines: list[bytes] = []
-    when: float | None = None
-    previous_blank = True
+def read_mbox(path: Path, block: int = 8 << 20) -> Iterator[tuple[bytes, float | None]]:
+    """The messages of an mbox file (mboxrd/mboxo), with the date of each "From " line.
+
+    A "From " line after a blank line (or first in the file) starts a
+    message; ">From " lines lose one ">"; trailing blank lines are dropped.
+    The file is read in large blocks and split with one regular expression.
+    """
     with open(path, "rb") as fh:
-        for line in fh:
-            if line.startswith(b"From ") and previous_blank:
-                if lines:
-                    yield _finish(lines), when
-                lines = []
-                m = _FROM_LINE.match(line)
-                when = _mbox_date(m.group(1)) if m else None
-                previous_blank = False
-                continue
-            if _ESCAPED_FROM.match(line):
-                line = line[1:]
-            lines.append(line)
-            previous_blank = line in (b"\n", b"\r\n")
-    if lines:
-        yield _finish(lines), when
+        buf = b"\n\n" + fh.read(block)  # as if a blank line came before the file
+        start = -1  # where the current message's "From " line starts
+        eof = False
+        while True:
+            for p in _separators(buf, start + 1 if start >= 0 else 0):
+                if start >= 0:
+                    yield _message_at(buf, start, p)
+                elif p > 2:
+                    yield _unescape(_finish_bytes(buf[2:p])), None
+                start = p
+            if eof:
+                break
+            if start > 0:
+                buf, start = buf[start:], 0
+            more = fh.read(block)
+            if not more:
+                eof = True
+                if start < 0:
+                    rest = buf[2:]
+                    if rest:
+                        yield _unescape(_finish_bytes(rest)), None
+                    return
+                yield _message_at(buf, start, len(buf))
+                return
+            buf += more
 
 
-def _finish(lines: list[bytes]) -> bytes:
-    while lines and lines[-1] in (b"\n", b"\r\n"):
-        lines.pop()
-    return b"".join(lines)
+
+
+def _separators(buf: bytes, pos: int) -> Iterator[int]:
+    """Offsets of the "From " lines that follow a blank line."""
+    while True:
+        at = buf.find(b"\nFrom ", pos)
+        if at < 0:
+            return
+        pos = at + 1
+        if at >= 1 and (buf[at - 1] == 10 or (buf[at - 1] == 13 and at >= 2 and buf[at - 2] == 10)):
+            yield at + 1
+_UNESCAPE = re.compile(rb"(?m)^>(>*From )")
+
+
+def _message_at(buf: bytes, start: int, end: int) -> tuple[bytes, float | None]:
+    eol = buf.find(b"\n", start, end)
+    line_end = end if eol < 0 else eol + 1
+    m = _FROM_LINE.match(buf[start:line_end])
+    when = _mbox_date(m.group(1)) if m else None
+    return _unescape(_finish_bytes(buf[line_end:end])), when
+
+
+def _finish_bytes(body: bytes) -> bytes:
+    """Without its trailing blank lines."""
+    while body:
+        if body.endswith(b"\n\n"):
+            body = body[:-1]
+        elif body.endswith(b"\n\r\n"):
+            body = body[:-2]
+        elif body in (b"\n", b"\r\n"):
+            return b""
+        else:
+            break
+    return body
+
+
+def _unescape(body: bytes) -> bytes:
+    return _UNESCAPE.sub(rb"\1", body) if b">From " in body else body
 
 
 def _mbox_date(text: bytes) -> float | None:
@@ -859,7 +1005,7 @@ def import_entry(raw: bytes, from_date: float | None) -> tuple[str, str, float, 
     if head_end < 0 or (0 <= crlf_end < head_end):
         head_end = crlf_end
     head = raw if head_end < 0 else raw[:head_end]
-    if (b"x-no-archive" in head.lower() or b"archive:" in head.lower()) and archiving_refused(raw):
+    if _NO_ARCHIVE.search(head) and archiving_refused(raw):
         return None
     m = _MSGID_HEADER.search(head)
     mid = strip_angles(m.group(1).decode("utf-8", "replace")) if m else ""
@@ -877,26 +1023,51 @@ def import_entry(raw: bytes, from_date: float | None) -> tuple[str, str, float, 
     return mid, message_id_hash(mid), received, raw
 
 
+PRESCAN_FROM = 2_000_000  # bytes of mbox from which an import reads headers in worker processes
+PRESCAN_JOB = 500
+
+
 async def import_mbox(store: Store, info: ListInfo, path: Path, progress: Progress | None = None,
                       batch: int = 5000) -> tuple[int, int]:
-    """Store every message of an mbox in the list's archive; returns (read, new)."""
+    """Store every message of an mbox in the list's archive; returns (read, new).
+
+    Batches grow from 500 messages to ``batch``.  For a large mbox on more
+    than one core, each stored batch's headers are read in the build's
+    worker processes while the next batch is read, and ``build_list``
+    picks the results up.
+    """
     read = new = 0
     pending: list[tuple[str, str, float, bytes]] = []
     size = max(path.stat().st_size, 1)
     done_bytes = 0
+    nprocs = os.cpu_count() or 1
+    prescan = nprocs > 1 and size >= PRESCAN_FROM and info.policy != "none"
+    pool = _get_pool(nprocs) if prescan else None
+    key = (str(store.path), info.id)
+    step = min(500, batch)
+
+    async def store_batch() -> int:
+        count = await store.archive_import(info.id, pending)
+        if pool is not None:
+            for chunk in _chunks([h for _, h, _, _ in pending], PRESCAN_JOB):
+                job = _PrescanJob(store.path, info.id, tuple(chunk))
+                _PRESCANS.setdefault(key, []).append(pool.submit(_prescan, job))
+        return count
+
     for raw, when in read_mbox(path):
         read += 1
         done_bytes += len(raw)
         entry = import_entry(raw, when)
         if entry is not None:
             pending.append(entry)
-        if len(pending) >= batch:
-            new += await store.archive_import(info.id, pending)
+        if len(pending) >= step:
+            new += await store_batch()
             pending = []
+            step = min(step * 2, batch)
             if progress:
                 progress("import", min(done_bytes, size), size)
     if pending:
-        new += await store.archive_import(info.id, pending)
+        new += await store_batch()
     if progress:
         progress("import", size, size)
     return read, new

@@ -14,11 +14,13 @@ addresses, and are kept as they are in the mbox copy's threading headers.
 
 from __future__ import annotations
 
+import base64
 import codecs
 import email.header
 import email.utils
 import html
 import re
+import string
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,7 +51,7 @@ SEARCH_TEXT = 600
 
 # The lookbehind makes each run of address characters tried once (linear time).
 _ADDRESS = re.compile(r"(?<![\w.!#$%&'*+/=?^`{|}~-])([\w.!#$%&'*+/=?^`{|}~-]+)@((?:[\w-]+\.)+[\w-]{2,})", re.UNICODE)
-_MBOX_FROM = re.compile(r"^>*From ")
+_MBOX_FROM_LINES = re.compile(r"^(?=>*From )", re.MULTILINE)
 _URL = re.compile(r"\bhttps?://[^\s<>\"'\x00-\x1f]+", re.IGNORECASE)
 _MSGID = re.compile(r"<([^<>\s]+)>")
 _TRAILING = ".,;:!?)]}'\""
@@ -113,18 +115,59 @@ def hide_addresses(text: str) -> str:
     """``jan.kowalski@example.org`` -> ``ja…@example.org``: readable, not harvestable."""
     if "@" not in text:
         return text
-    return _ADDRESS.sub(lambda m: f"{m.group(1)[:2]}…@{m.group(2)}", text)
+    if len(text) < 400:
+        return _ADDRESS.sub(_hide_one, text)
+    # A long text: the expression runs only over the words around each "@"
+    # (the run of address characters before it, the domain characters after
+    # it); every match lies inside such a window, so the result is the same.
+    out: list[str] = []
+    done = 0
+    win_start = win_end = -1
+    at = text.find("@")
+    while at >= 0:
+        j = at
+        while j > 0 and (text[j - 1] in _LOCAL_PUNCT or text[j - 1].isalnum()):
+            j -= 1
+        m = _DOMAIN_RUN.match(text, at + 1)
+        k = m.end() if m else at + 1
+        if win_start >= 0 and j <= win_end:
+            win_end = max(win_end, k)
+        else:
+            if win_start >= 0:
+                out.append(text[done:win_start])
+                out.append(_ADDRESS.sub(_hide_one, text[win_start:win_end]))
+                done = win_end
+            win_start, win_end = j, k
+        at = text.find("@", max(k, at + 1))
+    if win_start >= 0:
+        out.append(text[done:win_start])
+        out.append(_ADDRESS.sub(_hide_one, text[win_start:win_end]))
+        done = win_end
+    out.append(text[done:])
+    return "".join(out)
+
+
+def _hide_one(m: re.Match[str]) -> str:
+    return f"{m.group(1)[:2]}…@{m.group(2)}"
+
+
+_LOCAL_PUNCT = frozenset("_.!#$%&'*+/=?^`{|}~-")
+_DOMAIN_RUN = re.compile(r"[\w.-]*")
 
 
 def _clean(text: str) -> str:
     return _C1_CONTROL.sub("", text)
 
 
+# The headers the archive reads; the others are never decoded.
+_WANTED = frozenset({"subject", "from", "sender", "date", "message-id", "references", "in-reply-to"})
+
+
 def _raw_headers(msg: Message) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, value in msg.raw_items():
         key = name.lower()
-        if key in out:
+        if key in out or key not in _WANTED:
             continue
         if isinstance(value, str):
             raw: bytes | str = value.encode("ascii", "surrogateescape") if _has_surrogates(value) else value
@@ -135,6 +178,166 @@ def _raw_headers(msg: Message) -> dict[str, str]:
         except Exception:  # noqa: BLE001 - a header we cannot decode is shown as best we can
             out[key] = str(value).encode("utf-8", "replace").decode("utf-8", "replace")
     return out
+
+
+# compat32's feedparser: what may start a header line.
+_HEADER_LINE = re.compile(r"From |[\041-\071\073-\176]*:|[\t ]")
+
+
+def _quick_message(raw: bytes, with_body: bool = True) -> Message | None:
+    """The message as ``BytesParser(policy=compat32)`` reads it, quicker.
+
+    The header lines are split here and set on the ``Message`` as the
+    feedparser would (same names, same raw values, same defects skipped);
+    the rest becomes the payload, and a well-formed multipart body is split
+    into its parts the same way.  None for input the feedparser reads by its
+    own, rarer rules (lone CRs, envelope lines inside the headers, missing
+    boundaries, embedded messages, digests): the caller then uses the parser.
+    """
+    if not raw:
+        return None
+    text = raw.decode("ascii", "surrogateescape")
+    if "\r" in text and _LONE_CR_TEXT.search(text):
+        return None
+    msg = _quick_part(text, with_body)
+    if msg is None or not with_body or msg.get_content_maintype() != "multipart":
+        return msg
+    return msg if _split_multipart(msg, 0) else None
+
+
+_LONE_CR_TEXT = re.compile(r"\r(?!\n)")
+_EOL_END = re.compile(r"(\r\n|\n)\Z")
+
+
+def _quick_part(text: str, with_body: bool) -> Message | None:
+    """One entity (headers, then its body as the payload); no lone CRs in ``text``."""
+    if text.startswith("\n"):
+        head_len, body_at = 0, 1
+    elif text.startswith("\r\n"):
+        head_len, body_at = 0, 2
+    else:
+        ends = [x for x in (text.find("\n\n"), text.find("\n\r\n")) if x >= 0]
+        if ends:
+            head_len = min(ends) + 1
+            body_at = head_len + (1 if text[head_len : head_len + 1] == "\n" else 2)
+        else:
+            head_len = body_at = len(text)
+    lines = text[:head_len].split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+        last_open = False
+    else:
+        last_open = True  # no newline after the last header line
+    header_lines: list[str] = []
+    offset = 0
+    n = len(lines)
+    for lineno, line in enumerate(lines):
+        full = line if (last_open and lineno == n - 1) else line + "\n"
+        if not _HEADER_LINE.match(full):
+            body_at = offset  # the feedparser puts the line back into the body
+            break
+        offset += len(full)
+        header_lines.append(full)
+    pairs: list[tuple[str, list[str]]] = []
+    current: list[str] | None = None
+    for lineno, full in enumerate(header_lines):
+        if full[0] in " \t":
+            if current is not None:
+                current.append(full)
+            continue
+        current = None
+        if full.startswith("From "):
+            if lineno == 0:
+                continue
+            return None  # an envelope line inside the headers: the parser's rules
+        i = full.find(":")
+        if i <= 0:
+            continue
+        current = [full]
+        pairs.append((full[:i], current))
+    msg = Message()
+    for name, source in pairs:
+        value = source[0].split(":", 1)[1].lstrip(" \t") + "".join(source[1:])
+        msg.set_raw(name, value.rstrip("\r\n"))
+    if with_body:
+        msg.set_payload(text[body_at:])
+    return msg
+
+
+def _boundary_lines(body: str, marker: str) -> list[tuple[int, int, bool]]:
+    """(start, end after its newline, is the close delimiter) of each boundary line in ``body``."""
+    out: list[tuple[int, int, bool]] = []
+    pos = 0
+    size = len(marker)
+    while True:
+        at = body.find(marker, pos)
+        if at < 0:
+            return out
+        pos = at + size
+        if at and body[at - 1] != "\n":
+            continue
+        end = pos
+        close = body.startswith("--", end)
+        if close:
+            end += 2
+        while end < len(body) and body[end] in " \t":
+            end += 1
+        if body.startswith("\r\n", end):
+            end += 2
+        elif body.startswith("\n", end):
+            end += 1
+        elif end < len(body):
+            continue  # "--bx", "--b--x": not a boundary line
+        out.append((at, end, close))
+        pos = end
+
+
+def _split_multipart(msg: Message, depth: int) -> bool:
+    """Split a multipart payload into parts as the feedparser does; False when it needs the parser."""
+    boundary = msg.get_boundary()
+    body = getattr(msg, "_payload", None)  # as parsed: get_payload() would decode 8-bit text
+    if boundary is None or not isinstance(body, str) or depth > MAX_DEPTH:
+        return False
+    if msg.get_content_type() == "multipart/digest":
+        return False
+    marks = _boundary_lines(body, "--" + boundary)
+    if not marks or marks[0][2] or not any(close for _, _, close in marks):
+        return False
+    parts: list[Message] = []
+    for here, nxt in zip(marks, marks[1:]):
+        if here[2]:
+            break
+        if nxt[0] == here[1]:
+            return False  # repeated boundary lines: the parser's rules
+        chunk = body[here[1] : nxt[0]]
+        part = _quick_part(chunk, True)
+        if part is None:
+            return False
+        maintype = part.get_content_maintype()
+        if maintype == "message":
+            return False
+        if maintype == "multipart":
+            if not _split_multipart(part, depth + 1):
+                return False
+            epilogue = part.epilogue
+            if epilogue == "":
+                part.epilogue = None
+            elif epilogue is not None:
+                part.epilogue = _EOL_END.sub("", epilogue, count=1)
+        else:
+            payload = getattr(part, "_payload", None)
+            if isinstance(payload, str):
+                part.set_payload(_EOL_END.sub("", payload, count=1))
+        parts.append(part)
+    close = next(m for m in marks if m[2])
+    preamble = body[: marks[0][0]]
+    msg.preamble = _EOL_END.sub("", preamble, count=1) if preamble else None
+    epilogue = body[close[1] :]
+    msg.epilogue = epilogue
+    setattr(msg, "_payload", None)
+    for part in parts:
+        msg.attach(part)
+    return True
 
 
 def _has_surrogates(value: str) -> bool:
@@ -168,10 +371,33 @@ def _date(value: str, fallback: float) -> float:
     return fallback
 
 
+# "Name <addr>", "\"Name\" <addr>", "addr": the shapes most mail uses, read as parseaddr reads them.
+_SIMPLE_ADDR = r"[A-Za-z0-9._%+=-]+@[A-Za-z0-9.-]+"
+_NAME_ADDR = re.compile(r"[ \t]*(?:([^()<>@,:;\"\[\]\\\r\n]+?)|\"([^\"\\\r\n]*)\")[ \t]*<(" + _SIMPLE_ADDR + r")>[ \t]*")
+_ADDR_ONLY = re.compile(r"[ \t]*(" + _SIMPLE_ADDR + r")[ \t]*")
+_WSP = re.compile(r"[ \t]+")
+
+
+def _parse_from(value: str) -> tuple[str, str]:
+    m = _NAME_ADDR.fullmatch(value)
+    if m is not None:
+        addr = m.group(3)
+        if ".." not in addr and not addr.startswith(".") and not addr.endswith("."):
+            if m.group(2) is not None:
+                return m.group(2), addr
+            name = " ".join(w for w in _WSP.split(m.group(1)) if w)
+            if name and "." not in name:
+                return name, addr
+    m = _ADDR_ONLY.fullmatch(value)
+    if m is not None and ".." not in m.group(1) and not m.group(1).startswith(".") and not m.group(1).endswith("."):
+        return "", m.group(1)
+    return email.utils.parseaddr(value)
+
+
 def _author(headers: dict[str, str]) -> str:
     value = headers.get("from", "") or headers.get("sender", "")
     try:
-        name, addr = email.utils.parseaddr(value)
+        name, addr = _parse_from(value)
     except Exception:  # noqa: BLE001
         name, addr = "", value
     name = _clean(name.strip().strip('"').strip())
@@ -199,7 +425,7 @@ def _headers_of(msg: Message, message_id: str, fallback_date: float) -> tuple[He
 def parse_headers(raw: bytes, message_id: str, fallback_date: float) -> Headers:
     """Only the headers: for threading a whole list quickly."""
     try:
-        msg = BytesHeaderParser(policy=policy.compat32).parsebytes(raw)
+        msg = _quick_message(raw, with_body=False) or BytesHeaderParser(policy=policy.compat32).parsebytes(raw)
         return _headers_of(msg, message_id, fallback_date)[0]
     except Exception:  # noqa: BLE001 - never crash on a message
         return Headers(strip_angles(message_id), (), "", "?", fallback_date)
@@ -303,10 +529,14 @@ def _linkify(text: str) -> str:
 
 
 _QUOTE = re.compile(r"^\s{0,3}>")
+_ANY_QUOTE = re.compile(r"^\s{0,3}>", re.MULTILINE)  # a match spanning lines implies a quoted line too
 
 
 def text_to_html(text: str, quoted_label: str = "") -> str:
     """Plain text as HTML: escaped, links clickable, runs of quoted lines folded."""
+    if not _ANY_QUOTE.search(text):  # no quoted line: one block
+        body = text.rstrip("\n")
+        return f'<pre class="text">{_linkify(body)}</pre>' if body.strip() else ""
     lines = text.split("\n")
     chunks: list[str] = []
     plain: list[str] = []
@@ -383,10 +613,7 @@ def _iter_parts(msg: Message, depth: int = 0) -> Iterator[tuple[str, Message]]:
         for part in parts[:MAX_PARTS]:
             yield from _iter_parts(part, depth + 1)
         return
-    filename = ""
-    if disposition == "attachment" or msg.get_param("name") is not None or msg.get_filename() is not None:
-        filename = "x"
-    if ctype == "text/plain" and not (disposition == "attachment" and filename):
+    if ctype == "text/plain" and disposition != "attachment":
         yield "text", msg
     elif ctype == "text/html" and disposition != "attachment":
         yield "html", msg
@@ -424,8 +651,8 @@ def parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Labels
 def _parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Labels) -> Mail:
     # Most list mail is one text part: read only the headers and decode the
     # body directly; parse the MIME tree only when there is one.
-    msg = BytesParser(policy=policy.compat32).parsebytes(raw, headersonly=True)
-    if msg.get_content_maintype() in ("multipart", "message"):
+    msg = _quick_message(raw) or BytesParser(policy=policy.compat32).parsebytes(raw, headersonly=True)
+    if msg.get_content_maintype() in ("multipart", "message") and not msg.is_multipart():
         msg = BytesParser(policy=policy.compat32).parsebytes(raw)
     headers, raw_headers = _headers_of(msg, message_id, fallback_date)
     blocks: list[str] = []
@@ -498,11 +725,12 @@ def mbox_entry(mail: Mail, attachment_names: list[str]) -> bytes:
         lines.append(f"In-Reply-To: <{_one_line(h.references[-1])}>")
         lines.append("References: " + " ".join(f"<{_one_line(r)}>" for r in h.references))
     lines += ["MIME-Version: 1.0", "Content-Type: text/plain; charset=utf-8", "Content-Transfer-Encoding: 8bit", ""]
-    body = mail.text.split("\n")
+    body = mail.text
     if attachment_names:
-        body += [""] + [f"[{name}]" for name in attachment_names]
-    for line in body:
-        lines.append(">" + line if line[:1] in (">", "F") and _MBOX_FROM.match(line) else line)
+        body += "\n\n" + "\n".join(f"[{name}]" for name in attachment_names)
+    if "From " in body:
+        body = _MBOX_FROM_LINES.sub(">", body)  # mboxrd: ">" before every line that is >*"From "
+    lines.append(body)
     return ("\n".join(lines) + "\n\n").encode("utf-8", "replace")
 
 
@@ -511,11 +739,25 @@ def _one_line(text: str) -> str:
 
 
 def _encoded(text: str) -> str:
-    """An unstructured header value; RFC 2047 encoded when it is not ASCII."""
+    """An unstructured header value; RFC 2047 encoded when it is not ASCII.
+
+    One UTF-8 encoded word, Q or B, whichever is shorter: what
+    ``email.header.Header(line, "utf-8", maxlinelen=10_000).encode()`` writes
+    for these short values, without its per-character bookkeeping.
+    """
     line = _one_line(text)
     if line.isascii():
         return line
-    return email.header.Header(line, "utf-8", maxlinelen=10_000).encode()
+    data = line.encode("utf-8", "replace")
+    q = data.decode("latin-1").translate(_Q_MAP)
+    b64_len = (len(data) + 2) // 3 * 4
+    if b64_len < len(q):
+        return f"=?utf-8?b?{base64.b64encode(data).decode('ascii')}?="
+    return f"=?utf-8?q?{q}?="
+
+
+_Q_SAFE = set(b"-!*+/" + string.ascii_letters.encode() + string.digits.encode())
+_Q_MAP = {c: (chr(c) if c in _Q_SAFE else "_" if c == 32 else f"={c:02X}") for c in range(256)}
 
 
 def message_hash(message_id: str) -> str:

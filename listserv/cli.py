@@ -947,5 +947,39 @@ def bounces_parse(files: tuple[Path, ...]) -> None:
         }, ensure_ascii=False))
 
 
+# -- doctor -------------------------------------------------------------------------------------
+
+
+@main.command("doctor")
+@config_option
+@click.option("--public-ip", default=None, metavar="IP",
+              help="The public address the MTA sends our copies from (when [delivery] relay is local).")
+def doctor_cmd(config_path: Path | None, public_ip: str | None) -> None:
+    """Check what receivers check: DKIM keys in DNS, SPF, DMARC, MX, and the config.
+
+    One line per check (OK, WARN or FAIL), with the DNS record to publish under
+    each failure; exits 1 if any check fails.
+    """
+    import ipaddress
+
+    from listserv import doctor
+
+    cfg = _load(config_path)
+    if public_ip is not None:
+        try:
+            public_ip = str(ipaddress.ip_address(public_ip.strip()))
+        except ValueError:
+            raise click.BadParameter(f"{public_ip!r} is not an IP address", param_hint="--public-ip") from None
+    checks = asyncio.run(doctor.run_checks(cfg, doctor.make_resolver(cfg), public_ip=public_ip))
+    for check in checks:
+        click.echo(check.line())
+        for i, line in enumerate(check.publish.splitlines()):
+            click.echo(f"      {'publish: ' if i == 0 else '         '}{line}")
+    failed = sum(c.status == "FAIL" for c in checks)
+    if failed:
+        click.echo(f"listserv: error: {failed} check(s) failed", err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -131,6 +131,11 @@ class DnspythonResolver:
             self._resolver.nameserver_ports = {h: p for h, p in servers}
             self._resolver.port = servers[0][1]
         self._resolver.lifetime = timeout
+        # Posts from one municipality ask the same questions again and again;
+        # answers are kept for their TTL (NXDOMAIN included).
+        import dns.resolver
+
+        self._resolver.cache = dns.resolver.LRUCache(10000)
         self._resolver.timeout = min(timeout, 2.0)
 
     async def _query(self, name: str, rdtype: str) -> list[object]:

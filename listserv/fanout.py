@@ -126,6 +126,9 @@ class PersonalTemplate:
     suffix: bytes  # b"" and no link in the body when the footer could not carry one
     prefix_hash: dkim.BodyHasher
     has_link: bool
+    # Filled by _stuffed() on first use: the dot-stuffed parts, made once per post.
+    stuffed_cache: dict[str, tuple[bytes, bytes, bytes, bytes]] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, list_name: str, data: bytes, shared_unsubscribe: bytes) -> PersonalTemplate:
@@ -138,12 +141,41 @@ class PersonalTemplate:
         return cls(list_name, head, body, b"", dkim.BodyHasher(body), False)
 
     def copy_for(self, headers: list[tuple[str, str]], link: str, key: dkim.Signer) -> bytes:
+        return self._copy(headers, link, key, wire=False)
+
+    def wire_copy_for(self, headers: list[tuple[str, str]], link: str, key: dkim.Signer) -> bytes:
+        """The same copy as DATA sends it (dot-stuffed, ending CRLF.CRLF), from parts stuffed once."""
+        return self._copy(headers, link, key, wire=True)
+
+    def _copy(self, headers: list[tuple[str, str]], link: str, key: dkim.Signer, *, wire: bool) -> bytes:
         extra = b"".join(f"{name}: {value}\r\n".encode() for name, value in headers)
         hasher = self.prefix_hash.copy()
         tail = (link.encode() + self.suffix) if self.has_link else b""
         hasher.update(tail)
         message = self.head + extra + b"\r\n" + self.prefix + tail
-        return dkim.sign(message, key, body_hash=hasher.b64digest()) + message
+        signature = dkim.sign(message, key, body_hash=hasher.b64digest())
+        if not wire:
+            return signature + message
+        stuffed = self._stuffed()
+        link_part = link.encode() if self.has_link else b""
+        return b"".join((signature, stuffed[0], extra, b"\r\n", stuffed[1], link_part, stuffed[2], stuffed[3]))
+
+    def _stuffed(self) -> tuple[bytes, bytes, bytes, bytes]:
+        # RFC 5321 §4.5.2 transparency, done once per post: every part starts
+        # at the beginning of a line except the suffix, which starts right
+        # after the link (a line the link begins and that never starts with ".").
+        cached = self.stuffed_cache.get("parts")
+        if cached is None:
+            def stuff(part: bytes, at_line_start: bool) -> bytes:
+                out = part.replace(b"\r\n.", b"\r\n..")
+                return b"." + out if at_line_start and out.startswith(b".") else out
+
+            tail = self.suffix if self.has_link else b""
+            last = self.prefix + tail
+            ending = b".\r\n" if last.endswith(b"\r\n") or not last else b"\r\n.\r\n"
+            cached = (stuff(self.head, True), stuff(self.prefix, True), stuff(tail, False), ending)
+            self.stuffed_cache["parts"] = cached
+        return cached
 
 
 def retry_delay(attempts: int, initial: float, rng: Callable[[], float] = random.random) -> float:
@@ -206,6 +238,7 @@ class Fanout:
         self._flush_task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        self._deliver_wake = asyncio.Event()
         self._stopping = False
         self._inflight: set[int] = set()
         self._finished: list[int] = []
@@ -214,36 +247,69 @@ class Fanout:
         self._messages: OrderedDict[int, OutboxMessage] = OrderedDict()
         self._senders: list[asyncio.Task[None]] = []
         self._busy_senders = 0
+        # While the relay itself is down (421, unreachable, timed out), every
+        # copy waits for the same next round, so that when it is back the
+        # queue goes out in its order: oldest post first.
+        self._relay_failures = 0
+        self._relay_retry_at = 0.0
 
     def wake(self) -> None:
+        """New mail arrived (or a test wants a pass now): prepare, then deliver."""
         self._wake.set()
+        self._deliver_wake.set()
 
     # -- main loop -------------------------------------------------------------
 
     async def run(self) -> None:
+        """Two loops: one prepares what arrived (and runs the stages), one feeds the senders.
+
+        They are apart so that each finished batch wakes only the cheap
+        scheduling step, not a round of queries for new mail.
+        """
         self._senders = [
             asyncio.create_task(self._sender(i), name=f"fanout-sender-{i}")
             for i in range(self.config.delivery.connections)
         ]
+        scheduler = asyncio.create_task(self._schedule_loop(), name="fanout-scheduler")
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                try:
+                    await self.prepare()
+                except Exception:  # noqa: BLE001 - the worker must survive anything
+                    log.exception("preparing mail failed; retrying shortly")
+                self._deliver_wake.set()  # what was just queued may be due
+                if self._stopping:
+                    break
+                # Poll at least every second: the CLI (another process)
+                # approves held posts and queues notices through the database.
+                try:
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                except TimeoutError:
+                    pass
+        finally:
+            scheduler.cancel()
+            await asyncio.gather(scheduler, return_exceptions=True)
+
+    async def _schedule_loop(self) -> None:
         while not self._stopping:
-            self._wake.clear()
+            self._deliver_wake.clear()
             try:
-                await self.prepare()
                 await self.schedule()
                 timeout = await self._sleep_for()
             except Exception:  # noqa: BLE001 - the worker must survive anything
-                log.exception("fan-out step failed; retrying shortly")
+                log.exception("scheduling deliveries failed; retrying shortly")
                 timeout = 1.0
-            if self._stopping:
-                break
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                await asyncio.wait_for(self._deliver_wake.wait(), timeout)
             except TimeoutError:
                 pass
 
     async def _sleep_for(self) -> float:
-        # Poll at least every second: the CLI (another process) approves held
-        # posts and queues notices by writing to the database.
+        if self._queued_batches or self._busy_senders or self._outcomes:
+            # Copies on the wire are still "pending" and due in the database;
+            # the senders wake us as they finish, so no busy polling here.
+            return 1.0
         nxt = await self.store.next_attempt_at()
         if nxt is None:
             return 1.0
@@ -257,6 +323,7 @@ class Fanout:
         """
         self._stopping = True
         self._wake.set()
+        self._deliver_wake.set()
         while not self._batches.empty():
             self._batches.get_nowait()
             self._batches.task_done()
@@ -431,13 +498,24 @@ class Fanout:
             self._busy_senders += 1
             try:
                 await self._send_batch(batch)
-            except Exception:  # noqa: BLE001 - never lose the sender task
+            except Exception as exc:  # noqa: BLE001 - never lose the sender task
                 log.exception("batch for outbox %s failed; it stays pending", batch.outbox_id)
-                self._finished.extend(d.id for d in batch.deliveries)
+                # Retried later like a temporary failure, never in a tight loop.
+                now = self.clock()
+                try:
+                    await self._record([
+                        Outcome(d.id, "pending", f"451 4.3.0 internal error: {exc!r}"[:300],
+                                now + retry_delay(d.attempts + 1, self.retry_initial))
+                        for d in batch.deliveries
+                    ])
+                except Exception:  # noqa: BLE001
+                    log.exception("could not record the failure either")
+                    self._finished.extend(d.id for d in batch.deliveries)
             finally:
                 self._busy_senders -= 1
                 self._batches.task_done()
-                self.wake()
+                if self._queued_batches <= self.config.delivery.connections:
+                    self._deliver_wake.set()  # running low: claim more
 
     async def _template(self, outbox_id: int, data: bytes) -> PersonalTemplate:
         template = self._templates.get(outbox_id)
@@ -463,9 +541,20 @@ class Fanout:
             envelope_from = bounces_address(list_name, self.config.server.domain, rcpt)
             if kind == "post-personal" and self.tokens is not None:
                 template = await self._template(batch.outbox_id, data)
-                data = template.copy_for(unsubscribe_headers(self.config, self.tokens, list_name, rcpt),
-                                         unsubscribe_url(self.config, self.tokens, list_name, rcpt), self.keys)
+                member_headers = unsubscribe_headers(self.config, self.tokens, list_name, rcpt)
+                link = unsubscribe_url(self.config, self.tokens, list_name, rcpt)
+                send_wire = getattr(self.transport, "send_wire", None)
+                if send_wire is not None:
+                    wire = template.wire_copy_for(member_headers, link, self.keys)
+                    refused = await send_wire(envelope_from, recipients, wire)
+                    await self._after_send(batch, kind, message, story, recipients, refused)
+                    return
+                data = template.copy_for(member_headers, link, self.keys)
         refused = await self.transport.send(envelope_from, recipients, data)
+        await self._after_send(batch, kind, message, story, recipients, refused)
+
+    async def _after_send(self, batch: Batch, kind: str, message: OutboxMessage, story: str,
+                          recipients: list[str], refused: dict[str, Reply]) -> None:
         now = self.clock()
         outcomes = []
         sent = failed = deferred = 0
@@ -484,10 +573,10 @@ class Fanout:
                 log.info("bounced %s outbox=%s rcpt=%s reply=%r (retry period over)", story, batch.outbox_id,
                          d.recipient, str(reply))
             else:
-                outcomes.append(
-                    Outcome(d.id, "pending", str(reply), now + retry_delay(d.attempts + 1, self.retry_initial))
-                )
+                outcomes.append(Outcome(d.id, "pending", str(reply), self._retry_at(now, d.attempts + 1, reply)))
                 deferred += 1
+        if sent:
+            self._relay_failures, self._relay_retry_at = 0, 0.0
         await self._record(outcomes)
         if failed and self.on_failed is not None and kind.startswith("post"):
             for d in batch.deliveries:
@@ -506,6 +595,14 @@ class Fanout:
                      "delivered" if sent else "deferred" if deferred else "bounced", story, batch.outbox_id, sent,
                      failed, deferred,
                      f" reply={next(iter(refused.values()))}" if deferred else "")
+
+    def _retry_at(self, now: float, attempts: int, reply: Reply) -> float:
+        if not (reply.code == 421 or reply.enhanced.startswith("4.4.")):  # this copy's own trouble
+            return now + retry_delay(attempts, self.retry_initial)
+        if now >= self._relay_retry_at:  # the first failure of a new round
+            self._relay_failures += 1
+            self._relay_retry_at = now + retry_delay(max(self._relay_failures, attempts), self.retry_initial)
+        return self._relay_retry_at
 
     async def _record(self, outcomes: list[Outcome]) -> None:
         """Store outcomes, many copies per transaction.
@@ -546,6 +643,6 @@ class Fanout:
                 self._outcomes[:0] = outcomes
                 raise
             self._finished.extend(o.delivery_id for o in outcomes)
-            self.wake()
+            self._deliver_wake.set()
 
 

@@ -445,7 +445,11 @@ def _normalize(raw: bytes) -> bytes:
     Bare CR and bare LF become CRLF as the email package reads them; RFC 2045
     §2.7/§2.8 does not allow them outside CRLF in 7bit or 8bit data anyway.
     """
-    data = _EOL.sub(b"\r\n", raw)
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\n") == crlf and raw.count(b"\r") == crlf:
+        data = raw  # already CRLF throughout (what arrives over SMTP): skip the regex
+    else:
+        data = _EOL.sub(b"\r\n", raw)
     if data.startswith(b"From ") and not _HEADER_NAME.match(data):  # but "From : x" is a field
         eol = data.find(b"\r\n")
         data = b"" if eol < 0 else data[eol + 2 :]

@@ -117,11 +117,13 @@ class ListHandler:
         self.idle = asyncio.Event()
         self.idle.set()
 
-    async def _list_names(self, wanted: str) -> frozenset[str]:
+    async def _list_names(self, wanted: str | None) -> frozenset[str]:
         # Cached briefly so a busy MTA's RCPTs don't each cost a query; a miss
         # always reloads, so a list created a moment ago is found at once.
+        # (None: any cached set will do, the recipients were checked at RCPT.)
         now = time.monotonic()
-        if now - self._names_at > 5.0 or not any(wanted.startswith(n) for n in self._names):
+        stale = now - self._names_at > 5.0
+        if stale or (wanted is not None and not any(wanted.startswith(n) for n in self._names)):
             self._names = frozenset(await self.store.list_names())
             self._names_at = now
         return self._names
@@ -158,7 +160,7 @@ class ListHandler:
         if not envelope.rcpt_tos:
             return str(REPLY_NO_RCPT)
         mail_from = _reverse_path(envelope.mail_from)
-        names = await self._list_names("")
+        names = await self._list_names(None)
         targets: list[tuple[str, Target | Reply]] = [
             (rcpt, parse_recipient(rcpt, self.config.server.domain, names)) for rcpt in envelope.rcpt_tos
         ]
@@ -333,11 +335,26 @@ class _SizeReplies:
         await super().push(status)  # type: ignore[misc]
 
 
-class ListSMTP(_SizeReplies, SMTP):
+_SIMPLE_PATH = re.compile(r"^<([^<>\s\"\\@]+@[A-Za-z0-9.-]+)>$")
+
+
+class _FastAddresses:
+    """aiosmtpd parses every MAIL/RCPT path with the email package's full RFC 5322
+    parser; plain ``<local@domain>`` (nearly all of them) needs only a regex."""
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        head, _, rest = arg.partition(" ")
+        m = _SIMPLE_PATH.match(head)
+        if m is not None:
+            return m.group(1), (" " + rest if rest else "")
+        return super()._getaddr(arg)  # type: ignore[misc, no-any-return]
+
+
+class ListSMTP(_SizeReplies, _FastAddresses, SMTP):
     pass
 
 
-class ListLMTP(_SizeReplies, LMTP):
+class ListLMTP(_SizeReplies, _FastAddresses, LMTP):
     pass
 
 

@@ -469,13 +469,16 @@ class Store:
             await self._writer.commit()
 
     async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
-        async with self._reader.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+        # One hop to the reader's thread, the statement run to completion
+        # there: a statement left open between hops would pin an old read
+        # snapshot for every other query on this connection.
+        return list(await self._reader.execute_fetchall(sql, params))
 
     async def _fetchone(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
-        async with self._reader.execute(sql, params) as cur:
-            row: aiosqlite.Row | None = await cur.fetchone()
+        rows = await self._reader.execute_fetchall(sql, params)
+        for row in rows:
             return row
+        return None
 
     # -- lists ---------------------------------------------------------------
 
@@ -1561,6 +1564,27 @@ class Store:
                 cur = conn.execute(
                     f"SELECT id, message_id, received_at, data FROM archive WHERE id IN ({','.join('?' * len(chunk))})",
                     chunk,
+                )
+                out.update({r[0]: (r[1], r[2], bytes(r[3])) for r in cur})
+        finally:
+            conn.close()
+        return out
+
+    @staticmethod
+    def read_archive_data_by_hash(path: Path, list_id: int,
+                                  hashes: Sequence[str]) -> dict[int, tuple[str, float, bytes]]:
+        """Like ``read_archive_data``, by Message-ID-Hash (an import's batch, before it knows row ids)."""
+        import sqlite3
+
+        out: dict[int, tuple[str, float, bytes]] = {}
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            for start in range(0, len(hashes), 500):
+                chunk = list(hashes[start : start + 500])
+                cur = conn.execute(
+                    "SELECT id, message_id, received_at, data FROM archive WHERE list_id = ? AND removed = 0"
+                    f" AND msgid_hash IN ({','.join('?' * len(chunk))})",
+                    (list_id, *chunk),
                 )
                 out.update({r[0]: (r[1], r[2], bytes(r[3])) for r in cur})
         finally:

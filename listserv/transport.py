@@ -134,7 +134,9 @@ class SmtpConnection:
     async def _read_reply(self) -> tuple[Reply, list[str]]:
         lines: list[str] = []
         while True:
-            raw = await asyncio.wait_for(self.reader.readline(), self.timeout)
+            # asyncio.timeout, not wait_for: no task is made per reply line.
+            async with asyncio.timeout(self.timeout):
+                raw = await self.reader.readline()
             if not raw:
                 raise ConnectionResetError("the relay closed the connection")
             line = raw.decode("utf-8", "replace").rstrip("\r\n")

@@ -487,3 +487,128 @@ def test_sigterm_mid_fanout_exits_cleanly_and_restart_finishes(tmp_path: Path, s
     assert not twice, f"a graceful stop must not cause duplicates: {len(twice)}, e.g. {twice[:5]}"
     assert_copies_are_the_post(sink, load_key(tmp_path))
     assert delivery_status(db_path) == {"sent": len(EVERYONE)}
+
+
+# -- five kills at random moments of a 5,000-member fan-out (issue 6) ------------------------------
+
+BIG_COUNT = 5000
+BIG_MEMBERS = [f"czlonek{i:04d}@gmina{i % 37:02d}.example.pl" for i in range(BIG_COUNT)]
+BIG_EVERYONE = frozenset(BIG_MEMBERS) | {OWNER}
+KILLS = 5
+assert POSTER in BIG_MEMBERS
+
+
+class SlowReplySink(GatedSink):
+    """A relay that stores each message at once and is slow to say so (a disk sync, say).
+
+    So a kill at a random moment usually finds batches the relay has and the server has
+    not recorded: the copies that may go out twice, which is what the bound is about.
+    """
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        data = bytes(envelope.original_content or b"")
+        tx = Transaction(tuple(r.lower() for r in envelope.rcpt_tos), message_id_of(data),
+                         hashlib.sha256(data).hexdigest())
+        with self.lock:
+            self.transactions.append(tx)
+            self.bodies.setdefault(tx.digest, data)
+            self.total += len(tx.rcpts)
+        await asyncio.sleep(self.delay)
+        return "250 2.0.0 OK"
+
+
+def prepare_big_list(tmp_path: Path, cfg: Path, personalize: bool) -> None:
+    cli(cfg, "dkim", "keygen")
+    cli(cfg, "list", "create", LIST, "--title", "Energia w gminach", "--owner", OWNER)
+    if not personalize:  # batched: max_recipients per transaction, one shared envelope
+        cli(cfg, "list", "set", LIST, "personalize", "false")
+        cli(cfg, "list", "set", LIST, "verp", "never")
+    csv = tmp_path / "members.csv"
+    csv.write_text("address\n" + "".join(f"{m}\n" for m in BIG_MEMBERS), encoding="utf-8")
+    assert f"added {BIG_COUNT} members" in cli(cfg, "members", "add", LIST, "--file", str(csv))
+
+
+def post_copies_status(db_path: Path) -> dict[str, int]:
+    return dict(query(db_path, "SELECT status, count(*) FROM deliveries d JOIN outbox o ON o.id = d.outbox_id"
+                               " WHERE o.kind LIKE 'post%' GROUP BY status"))
+
+
+@pytest.mark.parametrize("mode", ["batched", "personalized"])
+def test_five_sigkills_at_random_moments_of_a_5000_member_fanout(tmp_path: Path, server_process,  # type: ignore[no-untyped-def]
+                                                                 mode: str) -> None:
+    import random
+
+    from listserv.fanout import OUTCOME_FLUSH_SIZE
+
+    rng = random.Random(6)
+    listen_port, relay_port = free_port(), free_port()
+    cfg = write_config(tmp_path, listen_port, relay_port)
+    db_path = tmp_path / "state" / "listserv.sqlite3"
+    prepare_big_list(tmp_path, cfg, personalize=mode == "personalized")
+    # Slow enough that a fan-out lasts a few seconds, so each kill lands in the middle of it.
+    sink = SlowReplySink(delay=0.05 if mode == "batched" else 0.001)
+    srv = server_process(cfg, listen_port)
+
+    def received() -> int:
+        return len(sink.counts())
+
+    seen = [0]
+
+    def healthy() -> None:  # alive, and no failed batch in its log: a stuck fan-out fails at once
+        srv.check_alive()
+        with open(srv.log_path, "rb") as log:
+            log.seek(seen[0])
+            new = log.read()
+        seen[0] += len(new)
+        assert b" ERROR " not in new, f"the server logged errors:\n{new.decode(errors='replace')[-3000:]}"
+
+    # The moments: after a random number of members has the post (each window well inside
+    # the fan-out), plus a random few milliseconds, so kills land anywhere in a batch's life.
+    windows = [(300 + i * 900, 800 + i * 900) for i in range(KILLS)]
+    moments = [(rng.randint(lo, hi), rng.uniform(0, 0.03)) for lo, hi in windows]
+    at_kill: list[Counter[str]] = []  # what the relay had received at each kill
+    with relay(sink, relay_port):
+        srv.start()
+        code, reply = post(listen_port, post_bytes())
+        assert code == 250, reply
+        for threshold, extra in moments:
+            wait_until(lambda: received() >= threshold, 180, f"{threshold} members have the post", healthy)
+            time.sleep(extra)
+            srv.signal(signal.SIGKILL)
+            assert srv.wait(30) == -signal.SIGKILL
+            at_kill.append(sink.counts())
+            assert len(at_kill[-1]) < len(BIG_EVERYONE), "a kill must land before the fan-out is over"
+            srv.start()
+        wait_until(lambda: BIG_EVERYONE <= set(sink.counts()), 180,
+                   f"all {len(BIG_EVERYONE)} members received the post", healthy)
+        wait_until(lambda: post_copies_status(db_path).get("pending", 0) == 0, 60,
+                   "no copy left pending in the database", healthy)
+        srv.signal(signal.SIGTERM)
+        assert srv.wait(30) == 0, srv.log()[-4000:]
+
+    counts = sink.counts()
+    assert set(counts) == BIG_EVERYONE, (
+        f"missing {sorted(BIG_EVERYONE - set(counts))[:5]}, strangers {sorted(set(counts) - BIG_EVERYONE)[:5]}"
+    )
+    extra = sum(n - 1 for n in counts.values())
+    twice = sum(1 for n in counts.values() if n > 1)
+    # Duplicates caused by kill k: copies, after it, to members who had one before it.
+    after = [*at_kill[1:], counts]
+    per_kill_dups = [sum(later[r] - before[r] for r in before) for before, later in zip(at_kill, after)]
+    assert sum(per_kill_dups) == extra
+    # What may be sent twice per kill: what was on the wire (one batch per connection) and,
+    # for single copies, the outcomes gathered for one transaction (OUTCOME_FLUSH_SIZE).
+    per_kill = CONNECTIONS * MAX_RECIPIENTS if mode == "batched" else CONNECTIONS + OUTCOME_FLUSH_SIZE
+    print(f"\n{KILLS} SIGKILLs during a {len(BIG_EVERYONE)}-member fan-out ({mode}): members with the post "
+          f"at each kill {[len(c) for c in at_kill]}; duplicates per kill {per_kill_dups}, {extra} in all "
+          f"({twice} recipients; bound {per_kill} per kill); {len(sink.snapshot())} transactions")
+    assert all(d <= per_kill for d in per_kill_dups), (per_kill_dups, per_kill)
+    assert max(counts.values()) <= 1 + KILLS
+    ids = Counter(tx.message_id for tx in sink.snapshot())
+    assert set(ids) == {POST_MESSAGE_ID}, f"copies with other Message-IDs: {ids}"
+    key = load_key(tmp_path)
+    bodies = list(sink.bodies.values())
+    for data in rng.sample(bodies, min(40, len(bodies))):
+        assert dkimpy.verify(data, dnsfunc=dkim_dnsfunc(key)), "a copy does not verify"
+    assert post_copies_status(db_path) == {"sent": len(BIG_EVERYONE)}
+    assert query(db_path, "SELECT status FROM incoming WHERE kind = 'post'") == [("queued",)]

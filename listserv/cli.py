@@ -23,12 +23,9 @@ from typing import Any, TypeVar
 
 import click
 
-from listserv import __version__, config as config_mod, dkim
+from listserv import __version__, config as config_mod
 from listserv.errors import AddressError, ListservError, StoreError
-from listserv.fanout import bounces_address
 from listserv.message import normalize_address
-from listserv.membership import ListView
-from listserv.texts import compose
 from listserv.settings import SETTINGS, ListSettings, effective_settings, parse_setting, storable
 from listserv.store import DELIVERY_STATES, ROLES, Store
 
@@ -512,6 +509,12 @@ async def held_discard(cfg: config_mod.Config, store: Store, held_id: int) -> No
 @with_store
 async def held_reject(cfg: config_mod.Config, store: Store, held_id: int, reason: str) -> None:
     """Refuse a held post and tell the sender why."""
+    # Imported here: the CLI starts fast when it does not need these.
+    from listserv import dkim
+    from listserv.fanout import bounces_address
+    from listserv.membership import ListView
+    from listserv.texts import compose
+
     record = await store.get_incoming(held_id)
     if record.status != "held":
         raise StoreError(f"message {held_id} is not held (it is {record.status})")
@@ -590,6 +593,8 @@ def dkim_group() -> None:
 def dkim_keygen(config_path: Path | None, force: bool, ed25519_key: bool) -> None:
     """Write an RSA-2048 key to [dkim] private_key (or with --ed25519 an Ed25519 key
     to [dkim] ed25519_private_key) and print the DNS record to publish."""
+    from listserv import dkim
+
     cfg = _load(config_path)
     path, selector = cfg.dkim.private_key, cfg.dkim.selector
     if ed25519_key:

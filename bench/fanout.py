@@ -421,6 +421,9 @@ def main() -> None:
     p.add_argument("--list-set", action="append", metavar="KEY=VALUE",
                    help="a list setting for the benchmark list, e.g. personalize=false (repeatable; "
                         "default: listserv's own defaults)")
+    p.add_argument("--personalized", action="store_true",
+                   help="issue 5's measure: each copy signed for its member (personalize=true), one transaction "
+                        "each; prints CPU per copy against the CPU of one RSA-2048 signature")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--profile", metavar="DIR", help="write a cProfile of each listserv run into DIR")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -448,6 +451,8 @@ def main() -> None:
         print(json.dumps(asyncio.run(_baseline_run(args))))
         return
 
+    if args.personalized:
+        args.list_set = [*(args.list_set or []), "personalize=true", "personal_footer=true"]
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     tmp = Path(tempfile.mkdtemp(prefix="listserv-bench-fanout-"))
     print(C.machine_line())
@@ -480,6 +485,33 @@ def main() -> None:
               f"{ls['batches']} transactions")
     print("(baselines send batches of the same size with the same connections: aiosmtplib as the issue asks; "
           "'raw client' = a minimal asyncio SMTP client, the relay's own limit)")
+    if args.personalized:
+        signature = _rsa_signature_cpu()
+        print()
+        print(f"one RSA-2048 signature through OpenSSL (cryptography), measured now: {signature * 1e3:.3f} ms CPU")
+        print("personalized (goal: listserv CPU per copy <= 2 x one signature, everything included)")
+        for n, ls, _bl, _raw in summary:
+            per_copy = ls["cpu"] / n
+            ratio = per_copy / signature
+            print(f"{n:>8} copies: {n / ls['wall']:>8,.0f} copies/s; CPU per copy {per_copy * 1e3:.3f} ms = "
+                  f"{ratio:.2f} x one signature -> {'MET' if ratio <= 2.0 else 'NOT MET'}")
+
+
+def _rsa_signature_cpu(rounds: int = 2000) -> float:
+    """CPU seconds of one RSA-2048 PKCS#1 v1.5 SHA-256 signature, as dkim.sign does it."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    digest = hashlib.sha256(b"header data").digest()
+    for _ in range(50):
+        key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+    start = time.process_time()
+    for _ in range(rounds):
+        key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+    return (time.process_time() - start) / rounds
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -174,7 +174,7 @@ class BounceStage:
                            domain=view.domain, auto="auto-generated")
             await self.store.enqueue(list_id=list_id, kind="notice", envelope_from=view.addr("bounces"),
                                      data=dkim.sign_message(data, self.key), recipients=owners)
-            await self.store.log_autoreply(marker, list_id, marker_kind)
+            await self.store.log_autoreply(marker, list_id, marker_kind, at=self.clock())
 
 
 def _verp(view: ListView, address: str) -> str:

@@ -184,7 +184,7 @@ class MembershipStage:
         )
         for rcpt in recipients:
             if limited:
-                await self.store.log_autoreply(rcpt, view.id, kind)
+                await self.store.log_autoreply(rcpt, view.id, kind, at=self.clock())
         return True
 
     def _expires_text(self, view: ListView, when: float) -> str:
@@ -519,7 +519,7 @@ class MembershipStage:
                      "reason": p.reason} for p in posts]
             if await self._send(view, owners, "reminder", {"posts": rows}, kind="notice", auto="auto-generated",
                                 from_addr=view.addr("owner"), limited=False):
-                await self.store.log_autoreply(marker, list_id, "reminder")
+                await self.store.log_autoreply(marker, list_id, "reminder", at=self.clock())
 
 
 def new_token() -> str:

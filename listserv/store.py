@@ -1126,11 +1126,12 @@ class Store:
         row = await self._fetchone(sql, params)
         return int(row[0]) if row else 0
 
-    async def log_autoreply(self, address: str, list_id: int, kind: str) -> None:
+    async def log_autoreply(self, address: str, list_id: int, kind: str, at: float | None = None) -> None:
+        """Note one automatic mail; ``at`` is the caller's clock (the limits compare with it)."""
         async with self.transaction() as db:
             await db.execute(
                 "INSERT INTO autoreplies (address, list_id, kind, at) VALUES (?, ?, ?, ?)",
-                (address, list_id, kind, _now()),
+                (address, list_id, kind, _now() if at is None else at),
             )
 
     async def join(self, list_id: int, address: str, *, method: str, detail: str, display_name: str = "") -> bool:
@@ -1493,11 +1494,13 @@ class Store:
         return None if r is None else self._meta(r)
 
     async def archive_thread_meta(self, list_id: int, thread: str) -> list[ArchiveMetaT]:
+        # Sorted here: with ORDER BY in SQL the planner walks the list's whole
+        # date index instead of the thread index (time growing with the archive).
         rows = await self._fetchall(
-            f"SELECT {self._META_COLS} FROM archive_meta WHERE list_id = ? AND thread = ? ORDER BY date, archive_id",
+            f"SELECT {self._META_COLS} FROM archive_meta WHERE list_id = ? AND thread = ?",
             (list_id, thread),
         )
-        return [self._meta(r) for r in rows]
+        return sorted((self._meta(r) for r in rows), key=lambda m: (m.date, m.archive_id))
 
     async def archive_month_meta(self, list_id: int, month: str, *, with_mbox: bool = False) -> list[ArchiveMetaT]:
         cols = self._META_COLS + (", mbox" if with_mbox else "")

@@ -316,3 +316,28 @@ def test_history_export_change_and_forget(cli, monkeypatch: pytest.MonkeyPatch) 
     assert [e["event"] for e in after["consent"]] == ["joined", "left"]
     assert after["consent"][0]["detail"] == "" and "forget" in after["consent"][1]["detail"]
     assert cli("members", "history", LIST, "nie-adres", ok=False).startswith("listserv: error: ")
+
+
+def test_daily_reminder_and_expiry_of_held_posts(running) -> None:  # type: ignore[no-untyped-def]
+    server, sink = running
+    send(server.port, STRANGER, f"{LIST}@{DOMAIN}", mail(STRANGER, f"{LIST}@{DOMAIN}", "Wpis czekający", "treść"))
+    server.drain()
+    stage = server.app.membership
+    real = time.time()
+    # A day and a bit later: the owner gets one reminder of what still waits, and only one.
+    stage.clock = lambda: real + 86400 + 7200
+    server.call(stage._expire_and_remind(real + 86400 + 7200))
+    server.call(stage._expire_and_remind(real + 86400 + 7300))
+    server.drain()
+    reminders = [parsed(c.data) for c in sink.copies_for(OWNER) if "czeka na moderację" in str(parsed(c.data)["Subject"])]
+    assert len(reminders) == 1 and "Wpis czekający" in reminders[0].get_content()
+    # Past held_expiry (14 days by default): expired, and the sender is told.
+    later = real + 15 * 86400
+    stage.clock = lambda: later
+    server.call(stage._expire_and_remind(later))
+    server.drain()
+    status = sqlite3.connect(server.config.db_path).execute(
+        "SELECT status FROM incoming WHERE kind = 'post'").fetchone()[0]
+    assert status == "expired"
+    told = parsed(sink.copies_for(STRANGER)[-1].data)
+    assert told["Subject"].startswith("Wiadomość wygasła bez decyzji")

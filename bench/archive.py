@@ -5,7 +5,8 @@
     python bench/archive.py --no-mhonarc --adds 5
 
 Each build runs ``listserv archive import`` in a fresh process on a fresh state
-folder, so the time is import + full build, and the peak RSS is that of the
+folder, so the time is import + full build (wall clock: on a shared machine,
+note the load average printed beside each figure), and the peak RSS is that of the
 largest process (main or render worker; from wait4).  The incremental figure
 is the median time of ``Archiver.add`` for new replies (each in an existing
 thread) put into the built archive, measured in a fresh process.  MHonArc
@@ -103,11 +104,13 @@ def bench_listserv(name: str, mbox: Path, work: Path, adds: int) -> dict[str, fl
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     messages = count_messages(mbox)
+    load = os.getloadavg()[0]
     elapsed, rss, out = run_measured(
         [sys.executable, "-m", "listserv", "--config", str(cfg), "archive", "import", name, str(mbox)], env=env)
-    result = {"messages": messages, "seconds": elapsed, "per_second": messages / elapsed, "peak_rss_mib": rss / 1024}
+    result = {"messages": messages, "seconds": elapsed, "per_second": messages / elapsed, "peak_rss_mib": rss / 1024,
+              "load_before": load}
     print(f"  listserv import + full build: {elapsed:.1f} s, {messages / elapsed:,.0f} messages/s, "
-          f"peak RSS {rss / 1024:.0f} MiB", flush=True)
+          f"peak RSS {rss / 1024:.0f} MiB (load average before: {load:.2f})", flush=True)
     for line in out.strip().split("\n"):
         print(f"    {line}")
     if adds:
@@ -132,9 +135,11 @@ def bench_mhonarc(name: str, mbox: Path, work: Path) -> dict[str, float] | None:
     if MHONARC_RC.exists():
         cmd += ["-rcfile", str(MHONARC_RC)]
     messages = count_messages(mbox)
+    load = os.getloadavg()[0]
     elapsed, rss, _ = run_measured([*cmd, str(mbox)])
-    print(f"  MHonArc: {elapsed:.1f} s, {messages / elapsed:,.0f} messages/s, peak RSS {rss / 1024:.0f} MiB", flush=True)
-    return {"seconds": elapsed, "per_second": messages / elapsed, "peak_rss_mib": rss / 1024}
+    print(f"  MHonArc: {elapsed:.1f} s, {messages / elapsed:,.0f} messages/s, peak RSS {rss / 1024:.0f} MiB "
+          f"(load average before: {load:.2f})", flush=True)
+    return {"seconds": elapsed, "per_second": messages / elapsed, "peak_rss_mib": rss / 1024, "load_before": load}
 
 
 def main() -> None:

@@ -182,6 +182,8 @@ def _raw_headers(msg: Message) -> dict[str, str]:
 
 # compat32's feedparser: what may start a header line.
 _HEADER_LINE = re.compile(r"From |[\041-\071\073-\176]*:|[\t ]")
+_PLAIN_HEADERS = re.compile(r"(?:[\041-\071\073-\176]+:[^\n]*\n(?:[ \t][^\n]*\n)*)+")
+_HEADER_FIELD = re.compile(r"^([\041-\071\073-\176]+):[ \t]*([^\n]*\n(?:[ \t][^\n]*\n)*)", re.MULTILINE)
 
 
 def _quick_message(raw: bytes, with_body: bool = True) -> Message | None:
@@ -222,7 +224,17 @@ def _quick_part(text: str, with_body: bool) -> Message | None:
             body_at = head_len + (1 if text[head_len : head_len + 1] == "\n" else 2)
         else:
             head_len = body_at = len(text)
-    lines = text[:head_len].split("\n")
+    head = text[:head_len]
+    if head.endswith("\n") and _PLAIN_HEADERS.fullmatch(head):
+        # The usual header block (every line a field or its continuation):
+        # split by one expression, values as the feedparser stores them.
+        msg = Message()
+        for name, value in _HEADER_FIELD.findall(head):
+            msg.set_raw(name, value.rstrip("\r\n"))
+        if with_body:
+            msg.set_payload(text[body_at:])
+        return msg
+    lines = head.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
         last_open = False
@@ -461,6 +473,20 @@ def _decode_text(data: bytes, charset: str | None) -> str:
     return data.decode("iso-8859-2", "replace")
 
 
+_SIMPLE_CHARSET = re.compile(r'[ \t]*[\w.+-]+/[\w.+-]+[ \t]*;[ \t]*charset[ \t]*=[ \t]*("?)([\w.:+-]+)\1[ \t]*;?[ \t]*',
+                             re.IGNORECASE | re.ASCII)
+
+
+def _charset(part: Message) -> str | None:
+    """``part.get_content_charset()``, read directly from the usual "type/sub; charset=x"."""
+    value = part.get("content-type")
+    if isinstance(value, str):
+        m = _SIMPLE_CHARSET.fullmatch(value)
+        if m is not None:
+            return m.group(2).lower()
+    return part.get_content_charset()
+
+
 def _payload(part: Message) -> bytes:
     try:
         data = part.get_payload(decode=True)
@@ -673,7 +699,7 @@ def _parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Label
             index = len(attachments) + 1
             attachments.append(Attachment(index, safe_filename(_filename(part), index, ctype), ctype, _payload(part)))
             continue
-        text = _clean(_decode_text(_payload(part), part.get_content_charset()))
+        text = _clean(_decode_text(_payload(part), _charset(part)))
         text = text.replace("\r\n", "\n").replace("\r", "\n")
         if budget <= 0:
             continue

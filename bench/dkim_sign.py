@@ -14,10 +14,13 @@ Usage: ``PYTHONPATH=. python bench/dkim_sign.py [-n ITERATIONS]``
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 import dkim  # type: ignore[import-untyped]
 from cryptography.hazmat.primitives import serialization

@@ -24,7 +24,10 @@ The body hash (``bh=``) can be computed once per post with ``body_hash`` or a
 ``BodyHasher`` and passed to ``sign``, which then reads only the header block
 of each copy.  For personalized copies hash the shared body prefix once, then
 ``copy()`` the hasher per member and ``update()`` it with that member's
-footer.
+footer.  For the headers of such copies, a ``HeaderTemplate`` parses and
+canonicalizes the shared header block once; each copy's signature then
+canonicalizes only that copy's own few fields (byte for byte what ``sign``
+gives for the whole copy).
 
 A second signature with Ed25519 (RFC 8463) is optional: an ``Ed25519Key``
 signs like a ``DkimKey`` (``a=ed25519-sha256``, the same ``c=``, ``h=``, ``t=``
@@ -67,6 +70,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from listserv.errors import ListservError
 
 if TYPE_CHECKING:
+    from hashlib import _Hash
+
     from listserv.config import DkimConfig
 
 __all__ = [
@@ -78,6 +83,7 @@ __all__ = [
     "DkimKeyError",
     "DkimMessageError",
     "Ed25519Key",
+    "HeaderTemplate",
     "KeySet",
     "PublishableKey",
     "Signer",
@@ -590,24 +596,7 @@ def _signature(
     canonical_headers: list[tuple[bytes, bytes]], key: SigningKey, body_hash: str, timestamp: int
 ) -> bytes:
     """One DKIM-Signature header field (CRLF line endings) over already canonicalized headers."""
-    algorithm = b"a=ed25519-sha256" if isinstance(key, Ed25519Key) else b"a=rsa-sha256"
-    tags = [
-        b"v=1",
-        algorithm,
-        b"c=relaxed/simple",
-        b"d=" + key.domain.encode("ascii"),
-        b"s=" + key.selector.encode("ascii"),
-        b"t=%d" % timestamp,
-        # " : " as dkimpy writes it: FWS around ":" is allowed (§3.5) and
-        # gives the folding below places to break.
-        b"h=" + b" : ".join(SIGNED_HEADERS),
-        b"bh=" + body_hash.encode("ascii"),
-    ]
-    lines = _fold_words(b" ".join(tag + b";" for tag in tags).split(b" "))
-    # b= starts its own line and is signed empty (§3.5 "b=", §3.7): the hashed
-    # form is the header exactly as written, minus the b= value, so the
-    # verifier's relaxed canonicalization gives the same bytes.
-    unsigned = b"\r\n".join(lines) + b"\r\n b="
+    unsigned = _unsigned_header(key, body_hash.encode("ascii"), timestamp)
     value = unsigned[len(_HEADER_NAME) + 1 :]
 
     hasher = hashlib.sha256()
@@ -622,20 +611,49 @@ def _signature(
         (_HEADER_NAME, value),
         None,
     )
+    return unsigned + _fold_b(_raw_signature(key, hasher.digest())) + b"\r\n"
+
+
+def _unsigned_header(key: SigningKey, body_hash: bytes, timestamp: int) -> bytes:
+    """The folded DKIM-Signature field (CRLF line endings) up to and including its empty ``b=``."""
+    algorithm = b"a=ed25519-sha256" if isinstance(key, Ed25519Key) else b"a=rsa-sha256"
+    tags = [
+        b"v=1",
+        algorithm,
+        b"c=relaxed/simple",
+        b"d=" + key.domain.encode("ascii"),
+        b"s=" + key.selector.encode("ascii"),
+        b"t=%d" % timestamp,
+        # " : " as dkimpy writes it: FWS around ":" is allowed (§3.5) and
+        # gives the folding below places to break.
+        b"h=" + b" : ".join(SIGNED_HEADERS),
+        b"bh=" + body_hash,
+    ]
+    lines = _fold_words(b" ".join(tag + b";" for tag in tags).split(b" "))
+    # b= starts its own line and is signed empty (§3.5 "b=", §3.7): the hashed
+    # form is the header exactly as written, minus the b= value, so the
+    # verifier's relaxed canonicalization gives the same bytes.
+    return b"\r\n".join(lines) + b"\r\n b="
+
+
+def _raw_signature(key: SigningKey, header_digest: bytes) -> bytes:
+    """The b= value, base64, from the SHA-256 of the header hash input."""
     if isinstance(key, Ed25519Key):
         # RFC 8463 §3: PureEdDSA over the SHA-256 hash of the header data.
-        signature = key.private_key.sign(hasher.digest())
+        signature = key.private_key.sign(header_digest)
     else:
         signature = key.private_key.sign(
-            hasher.digest(), padding.PKCS1v15(), Prehashed(hashes.SHA256())
+            header_digest, padding.PKCS1v15(), Prehashed(hashes.SHA256())
         )
-    b64 = base64.b64encode(signature)
-    # Fold b= too (FWS is allowed inside it, §3.5); verifiers strip it with the value.
+    return base64.b64encode(signature)
+
+
+def _fold_b(b64: bytes) -> bytes:
+    """The b= value folded after the `` b=`` that ends a line (FWS is allowed
+    inside it, §3.5; verifiers strip it with the value)."""
     first = _LINE_MAX - len(b" b=")
-    chunks = [b64[:first]] + [
-        b64[i : i + _LINE_MAX - 1] for i in range(first, len(b64), _LINE_MAX - 1)
-    ]
-    return unsigned + b"\r\n ".join(chunks) + b"\r\n"
+    step = _LINE_MAX - 1
+    return b"\r\n ".join([b64[:first]] + [b64[i : i + step] for i in range(first, len(b64), step)])
 
 
 def sign_message(
@@ -647,6 +665,182 @@ def sign_message(
 ) -> bytes:
     """``message`` with its ``DKIM-Signature`` (one per key of a ``KeySet``) prepended (see ``sign``)."""
     return sign(message, key, body_hash=body_hash, timestamp=timestamp) + message
+
+
+#: The names a per-copy header may have for ``HeaderTemplate``'s fast path:
+#: what dkimpy's parser takes as a whole field name (printable ASCII, no ":").
+_PLAIN_NAME: Final = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
+_SIGNED_SET: Final = frozenset(SIGNED_HEADERS)
+# A stand-in for the bh= value while the DKIM-Signature layout is cached: no
+# canonicalization step touches NUL bytes, and no other tag can contain them.
+_BH_MARK: Final = b"\x00"
+
+
+class HeaderTemplate:
+    """Sign many copies that share a header block, parsing and canonicalizing it once.
+
+    ``head`` is the shared header block (as ``split_message`` returns it);
+    each copy is ``head`` followed by its own few header fields, rendered as
+    ``Name: value`` lines ending in CRLF (``render``), then the empty line
+    and its body.  ``sign(per_copy_headers, body_hash)`` returns what
+    ``sign(head + render(per_copy_headers) + b"\\r\\n" + body, key,
+    body_hash=body_hash, timestamp=...)`` returns, byte for byte: the
+    DKIM-Signature field(s) to put on top of the copy.
+
+    RFC 6376 §5.4.2: the header hash input is, for each name of ``h=`` in
+    order, the relaxed canonical form (§3.4.2) of that name's bottom-most
+    instance not yet used (a name with no instance left adds nothing: the
+    oversigned From, absent headers signed as null), then the DKIM-Signature
+    field with an empty b= and without its final CRLF.  The per-copy fields
+    come after ``head``, so they are the bottom-most instances.  Per post the
+    shared fields are parsed and canonicalized (by dkimpy, as ``sign`` does)
+    and, per set of per-copy names, the hash input is laid out with the
+    SHA-256 state over its shared beginning kept; per copy only its own
+    fields are canonicalized and the rest hashed.  The DKIM-Signature's
+    layout is made once per ``t=`` value.
+
+    Unusual input (a per-copy name that is not a plain field name, a value
+    with a line break, a head without a final line ending) takes the general
+    path, ``sign`` on the assembled header block, so the result is always
+    the same.
+    """
+
+    __slots__ = ("head", "key", "keys", "_general", "_error", "_crlf", "_has_from",
+                 "_shared", "_plans", "_sig_layouts")
+
+    def __init__(self, head: bytes, key: Signer) -> None:
+        self.head = head
+        self.key = key
+        self.keys: tuple[SigningKey, ...] = key.keys if isinstance(key, KeySet) else (key,)
+        self._crlf = _uses_crlf(head)
+        # A head that does not end in a line ending runs into the copy's own
+        # fields: nothing to precompute, every copy takes the general path.
+        self._general = bool(head) and not head.endswith(b"\n")
+        self._error: DkimMessageError | None = None
+        # Bottom-up canonical instances ("name:value\r\n") of each signed name.
+        self._shared: dict[bytes, list[bytes]] = {}
+        self._has_from = False
+        # Per tuple of per-copy names: (their encoded lowercase names, the
+        # SHA-256 state over the shared beginning of the hash input, the rest:
+        # shared bytes, or the index of a per-copy field).
+        self._plans: dict[tuple[str, ...], tuple[tuple[bytes, ...], _Hash, tuple[bytes | int, ...]]] = {}
+        # (t=, len(bh=)) -> per key: unsigned field before/after bh=, and its
+        # canonical hash input before/after bh=.
+        self._sig_layouts: tuple[tuple[int, int], tuple[tuple[bytes, bytes, bytes, bytes], ...]] | None = None
+        if self._general:
+            return
+        try:
+            headers = _parse_headers(head) if head else []
+        except DkimMessageError as exc:
+            self._error = exc  # raised per copy, as sign() would
+            return
+        self._has_from = any(name.lower().rstrip() == b"from" for name, _ in headers)
+        for name, value in reversed(dkim.RelaxedCanonicalization.canonicalize_headers(headers)):
+            if name in _SIGNED_SET:
+                self._shared.setdefault(name, []).append(name + b":" + value)
+
+    @staticmethod
+    def render(per_copy_headers: list[tuple[str, str]]) -> bytes:
+        """The per-copy header fields as they follow ``head`` in the copy."""
+        return b"".join(f"{name}: {value}\r\n".encode() for name, value in per_copy_headers)
+
+    def sign(self, per_copy_headers: list[tuple[str, str]], body_hash: str,
+             timestamp: int | None = None) -> bytes:
+        """The DKIM-Signature field(s) of the copy with these header fields and this ``bh=``."""
+        if self._error is not None:
+            raise self._error
+        if timestamp is None:
+            timestamp = int(time.time())
+        if self._general:
+            return self._slow(per_copy_headers, body_hash, timestamp)
+        names = tuple(name for name, _ in per_copy_headers)
+        plan = self._plans.get(names)
+        if plan is None:
+            plan = self._plan(names)
+        lowered, prefix, rest = plan
+        if len(lowered) != len(names):  # a name that is not a plain field name
+            return self._slow(per_copy_headers, body_hash, timestamp)
+        canonical: list[bytes] = []
+        for lname, (_, value) in zip(lowered, per_copy_headers):
+            v = value.encode()
+            if b"\r" in v or b"\n" in v:
+                return self._slow(per_copy_headers, body_hash, timestamp)
+            if b"\t" in v or b"  " in v:
+                v = dkim.RelaxedCanonicalization.canonicalize_headers([(lname, b" " + v)])[0][1]
+            else:
+                v = v.strip() + b"\r\n"
+            canonical.append(lname + b":" + v)
+        if not self._has_from and b"from" not in lowered:
+            raise DkimMessageError("message has no From header field; it cannot be DKIM-signed")
+        hasher = prefix.copy()
+        hasher.update(b"".join([canonical[part] if isinstance(part, int) else part for part in rest]))
+        bh = body_hash.encode("ascii")
+        layouts = self._layouts(timestamp, len(bh))
+        out = []
+        last = len(self.keys) - 1
+        for n, (key, (u_pre, u_post, c_pre, c_post)) in enumerate(zip(self.keys, layouts)):
+            h = hasher if n == last else hasher.copy()
+            h.update(c_pre + bh + c_post)
+            out.append(u_pre + bh + u_post + _fold_b(_raw_signature(key, h.digest())) + b"\r\n")
+        header = b"".join(out)
+        return header if self._crlf else header.replace(b"\r\n", b"\n")
+
+    def _slow(self, per_copy_headers: list[tuple[str, str]], body_hash: str, timestamp: int) -> bytes:
+        message = self.head + self.render(per_copy_headers) + b"\r\n"
+        return sign(message, self.key, body_hash=body_hash, timestamp=timestamp)
+
+    def _plan(self, names: tuple[str, ...]) -> tuple[tuple[bytes, ...], _Hash, tuple[bytes | int, ...]]:
+        empty = hashlib.sha256()
+        if not all(_PLAIN_NAME.match(name) for name in names):
+            plan: tuple[tuple[bytes, ...], _Hash, tuple[bytes | int, ...]] = ((), empty, ())
+        else:
+            lowered = tuple(name.encode("ascii").lower() for name in names)
+            # Bottom-up: the per-copy fields (bottom-most first), then the shared ones.
+            instances: dict[bytes, list[bytes | int]] = {}
+            for index in reversed(range(len(lowered))):
+                instances.setdefault(lowered[index], []).append(index)
+            for name, shared in self._shared.items():
+                instances.setdefault(name, []).extend(shared)
+            used: dict[bytes, int] = {}
+            parts: list[bytes | int] = []
+            for name in SIGNED_HEADERS:
+                k = used.get(name, 0)
+                used[name] = k + 1
+                available = instances.get(name, [])
+                if k < len(available):
+                    part = available[k]
+                    if parts and isinstance(part, bytes) and isinstance(parts[-1], bytes):
+                        parts[-1] += part
+                    else:
+                        parts.append(part)
+            prefix = empty
+            first = parts[0] if parts else 0
+            if isinstance(first, bytes):
+                prefix.update(first)
+                del parts[0]
+            plan = (lowered, prefix, tuple(parts))
+        if len(self._plans) < 16:
+            self._plans[names] = plan
+        return plan
+
+    def _layouts(self, timestamp: int, bh_len: int) -> tuple[tuple[bytes, bytes, bytes, bytes], ...]:
+        cached = self._sig_layouts
+        if cached is not None and cached[0] == (timestamp, bh_len):
+            return cached[1]
+        layouts = []
+        mark = _BH_MARK * bh_len
+        for key in self.keys:
+            unsigned = _unsigned_header(key, mark, timestamp)
+            # What dkim.hash_headers feeds the hash for the signature field.
+            value = dkim.RE_BTAG.sub(b"\\1", unsigned[len(_HEADER_NAME) + 1 :])
+            ((cname, cvalue),) = dkim.RelaxedCanonicalization.canonicalize_headers(
+                [(_HEADER_NAME, value)])
+            hashed = cname + b":" + cvalue.rstrip()
+            u_pre, u_post = unsigned.split(mark)
+            c_pre, c_post = hashed.split(mark)
+            layouts.append((u_pre, u_post, c_pre, c_post))
+        self._sig_layouts = ((timestamp, bh_len), tuple(layouts))
+        return self._sig_layouts[1]
 
 
 def _parse_headers(header_block: bytes) -> list[tuple[bytes, bytes]]:

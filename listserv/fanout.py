@@ -129,6 +129,11 @@ class PersonalTemplate:
     # Filled by _stuffed() on first use: the dot-stuffed parts, made once per post.
     stuffed_cache: dict[str, tuple[bytes, bytes, bytes, bytes]] = dataclasses.field(
         default_factory=dict, compare=False, repr=False)
+    # Filled by _signer() on first use: the shared headers parsed and
+    # canonicalized once per post (and key), so each copy's signature only
+    # canonicalizes that copy's own header fields.
+    signer_cache: list[dkim.HeaderTemplate] = dataclasses.field(
+        default_factory=list, compare=False, repr=False)
 
     @classmethod
     def build(cls, list_name: str, data: bytes, shared_unsubscribe: bytes) -> PersonalTemplate:
@@ -148,17 +153,25 @@ class PersonalTemplate:
         return self._copy(headers, link, key, wire=True)
 
     def _copy(self, headers: list[tuple[str, str]], link: str, key: dkim.Signer, *, wire: bool) -> bytes:
-        extra = b"".join(f"{name}: {value}\r\n".encode() for name, value in headers)
+        # The copy is head + its own header fields + CRLF + prefix + link + suffix;
+        # its signature is what dkim.sign() gives for those bytes (HeaderTemplate).
+        extra = dkim.HeaderTemplate.render(headers)
         hasher = self.prefix_hash.copy()
-        tail = (link.encode() + self.suffix) if self.has_link else b""
-        hasher.update(tail)
-        message = self.head + extra + b"\r\n" + self.prefix + tail
-        signature = dkim.sign(message, key, body_hash=hasher.b64digest())
-        if not wire:
-            return signature + message
-        stuffed = self._stuffed()
         link_part = link.encode() if self.has_link else b""
+        if self.has_link:
+            hasher.update(link_part + self.suffix)
+        signature = self._signer(key).sign(headers, hasher.b64digest())
+        if not wire:
+            return b"".join((signature, self.head, extra, b"\r\n", self.prefix, link_part,
+                             self.suffix if self.has_link else b""))
+        stuffed = self._stuffed()
         return b"".join((signature, stuffed[0], extra, b"\r\n", stuffed[1], link_part, stuffed[2], stuffed[3]))
+
+    def _signer(self, key: dkim.Signer) -> dkim.HeaderTemplate:
+        cache = self.signer_cache
+        if not cache or cache[0].key is not key:
+            cache[:] = [dkim.HeaderTemplate(self.head, key)]
+        return cache[0]
 
     def _stuffed(self) -> tuple[bytes, bytes, bytes, bytes]:
         # RFC 5321 §4.5.2 transparency, done once per post: every part starts
@@ -542,7 +555,12 @@ class Fanout:
             if kind == "post-personal" and self.tokens is not None:
                 template = await self._template(batch.outbox_id, data)
                 member_headers = unsubscribe_headers(self.config, self.tokens, list_name, rcpt)
-                link = unsubscribe_url(self.config, self.tokens, list_name, rcpt)
+                # The link is the first URI of List-Unsubscribe (unsubscribe_url's
+                # value): taken from there, the member's HMAC token is made once.
+                first = member_headers[0][1]
+                end = first.find(">")
+                link = (first[1:end] if first.startswith("<") and end > 0
+                        else unsubscribe_url(self.config, self.tokens, list_name, rcpt))
                 send_wire = getattr(self.transport, "send_wire", None)
                 if send_wire is not None:
                     wire = template.wire_copy_for(member_headers, link, self.keys)

@@ -28,9 +28,13 @@ from listserv.dkim import (
     DkimKey,
     DkimKeyError,
     DkimMessageError,
+    Ed25519Key,
+    HeaderTemplate,
+    KeySet,
     body_hash,
     dns_txt_record,
     dns_txt_value,
+    generate_ed25519_key,
     generate_key,
     sign,
     sign_message,
@@ -622,3 +626,203 @@ def test_corpus_signs_and_verifies(
                 failures.append(f"Mail::DKIM: {path.name}")
     assert not failures
     assert signed_count > len(files) * 0.9
+
+
+# --- HeaderTemplate: the shared headers canonicalized once per post ------------
+
+
+ED_SELECTOR = "listserv-ed"
+
+
+@pytest.fixture(scope="module")
+def keyset(key: DkimKey, tmp_path_factory: pytest.TempPathFactory) -> KeySet:
+    path = tmp_path_factory.mktemp("ed") / "ed25519.key"
+    generate_ed25519_key(path)
+    return KeySet(key, Ed25519Key.load(path, domain=DOMAIN, selector=ED_SELECTOR))
+
+
+def _keyset_dnsfunc(keys: KeySet) -> DnsFunc:
+    zone = {f"{k.selector}._domainkey.{k.domain}.".encode(): dns_txt_value(k).encode() for k in keys.keys}
+
+    def fake(name: bytes, timeout: int = 5) -> bytes | None:
+        return zone.get(name)
+
+    return fake
+
+
+TEMPLATE_HEADS: dict[str, bytes] = {
+    **{name: split_message(msg)[0] for name, msg in MESSAGES.items() if b"\n\n" not in split_message(msg)[0]},
+    "list_post": (
+        b"Received: from mx.gmina.pl by lists.example.org; Tue, 14 Nov 2023 22:13:20 +0000\r\n"
+        b"From: =?UTF-8?Q?Ma=C5=82gorzata_Wi=C5=9Bniewska?= <m@gmina.pl>\r\n"
+        b"Cc: rada@gmina.pl,\r\n"
+        b"\tsoltys@gmina.pl\r\n"
+        b"Received: from [10.0.0.2] by mx.gmina.pl; Tue, 14 Nov 2023 22:13:19 +0000\r\n"
+        b"To: dyskusja@lists.example.org\r\n"
+        b"Cc:   second   cc@gmina.pl  \r\n"
+        b"Subject: [dyskusja] " + POLISH_SUBJECT.encode() + b"\r\n"
+        b" =?UTF-8?Q?=C5=BB=C3=B3=C5=82w?=\r\n"
+        b"Date: Tue, 14 Nov 2023 22:13:20 +0000\r\n"
+        b"Message-ID: <abc@gmina.pl>\r\n"
+        b"Reply-To: dyskusja@lists.example.org\r\n"
+        b"MIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain;\r\n"
+        b"    charset=\"utf-8\"\r\n"
+        b"List-Id: Dyskusja <dyskusja.lists.example.org>\r\n"
+        b"List-Post: <mailto:dyskusja@lists.example.org>\r\n"
+        b"List-Archive: <https://lists.example.org/dyskusja/>\r\n"
+        b"Archived-At: <https://lists.example.org/dyskusja/abc>\r\n"
+        b"X-Unsigned:\tkept  as is\r\n"
+    ),
+    "shared_unsubscribe_too": (
+        b"From: a@example.com\r\n"
+        b"List-Unsubscribe: <mailto:shared-leave@lists.example.org>\r\n"
+        b"Subject: the copy adds a second one below\r\n"
+    ),
+    "two_froms": b"From: first@example.com\r\nSubject: s\r\nFrom: second@example.com\r\n",
+    "lf_polish": b"From: pawel@example.pl\nSubject: " + POLISH_SUBJECT.encode() + b"\n\tfolded\n",
+    "mbox_from_line": b"From nobody Tue Nov 14 22:13:20 2023\r\nFrom: e@example.com\r\n",
+    "empty": b"",
+    "no_from": b"Subject: only the copy adds From\r\n",
+}
+
+PER_COPY: dict[str, list[tuple[str, str]]] = {
+    "none": [],
+    "mailto": [("List-Unsubscribe", "<mailto:dyskusja-leave+abcdefghijklmnopqrstuvwxyz@lists.example.org>")],
+    "one_click": [
+        ("List-Unsubscribe", "<https://listy.example.org/u/dyskusja/abcdefghijklmnopqrstuvwxyz>, "
+                             "<mailto:dyskusja-leave+abcdefghijklmnopqrstuvwxyz@lists.example.org>"),
+        ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
+    ],
+    "odd_spacing": [("list-unsubscribe", "  <mailto:x@y>,\t\t<https://z/>  "), ("LIST-UNSUBSCRIBE-POST", "")],
+    "cc_and_from": [("Cc", "third@example.com"), ("From", "copy@example.com"), ("Cc", "fourth@example.com")],
+    "polish_value": [("Subject", "Zażółć gęślą jaźń"), ("X-Other", "ignored")],
+    "edge_spaces": [("List-Unsubscribe", " <mailto:lead@x>"), ("List-Unsubscribe-Post", "trail \x0b")],
+    # These take the general path: not a plain field name, a line break in a value.
+    "name_with_space": [("Bad Name", "x")],
+    "folded_value": [("List-Unsubscribe", "<mailto:a@b>,\r\n <https://c/>")],
+}
+
+
+def _bh(body: bytes) -> str:
+    return body_hash(body)
+
+
+@pytest.mark.parametrize("signer_kind", ["rsa", "keyset"])
+def test_header_template_is_byte_identical_to_sign(signer_kind: str, key: DkimKey, keyset: KeySet) -> None:
+    signer: DkimKey | KeySet = key if signer_kind == "rsa" else keyset
+    body = "Treść.\r\n-- \r\nWypisz się: https://listy.example.org/u/x\r\n".encode()
+    bh = _bh(body)
+    compared = 0
+    for head_name, head in TEMPLATE_HEADS.items():
+        template = HeaderTemplate(head, signer)
+        for pc_name, per_copy in PER_COPY.items():
+            for t in (T0, T0 + 1, 9_999_999_999):  # t= of another length refolds the field
+                message = head + HeaderTemplate.render(per_copy) + b"\r\n" + body
+                try:
+                    expected = sign(message, signer, body_hash=bh, timestamp=t)
+                except DkimMessageError as exc:
+                    with pytest.raises(DkimMessageError, match=re.escape(str(exc)[:20])):
+                        template.sign(per_copy, bh, t)
+                    continue
+                got = template.sign(per_copy, bh, t)
+                assert got == expected, (head_name, pc_name, t)
+                compared += 1
+    assert compared > 100
+    # Both signatures with a KeySet, each a field of its own, RSA on top.
+    if signer_kind == "keyset":
+        got = HeaderTemplate(TEMPLATE_HEADS["list_post"], keyset).sign(PER_COPY["one_click"], bh, T0)
+        assert got.count(b"DKIM-Signature:") == 2
+        assert got.index(b"a=rsa-sha256") < got.index(b"a=ed25519-sha256")
+
+
+def test_header_template_random_messages(key: DkimKey, keyset: KeySet) -> None:
+    rng = random.Random(5)
+    names = ["From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To", "Received", "List-Id",
+             "List-Unsubscribe", "List-Unsubscribe-Post", "List-Post", "Archived-At", "X-Mailer", "content-type"]
+    values = ["a@example.com", " spaced  out ", "\tTabbed\tvalue", POLISH_SUBJECT, "Zażółć".encode().decode(),
+              "x", "", "<https://example.org/u/l/t>, <mailto:l-leave+t@example.org>",
+              " lead", "trail ", "\x0bvt\x0c", " "]
+    for _ in range(150):
+        lines = []
+        for _ in range(rng.randint(0, 12)):
+            line = f"{rng.choice(names)}:{rng.choice(['', ' ', '  '])}{rng.choice(values)}".encode()
+            if rng.random() < 0.3:
+                line += b"\r\n" + rng.choice([b" ", b"\t", b"   "]) + rng.choice(values).encode()
+            lines.append(line + b"\r\n")
+        head = b"".join(lines)
+        per_copy = [(rng.choice(names), rng.choice(values)) for _ in range(rng.randint(0, 3))]
+        signer: DkimKey | KeySet = key if rng.random() < 0.5 else keyset
+        bh = _bh(b"body %d\r\n" % rng.randint(0, 10**6))
+        t = T0 + rng.randint(0, 10**6)
+        message = head + HeaderTemplate.render(per_copy) + b"\r\n"
+        try:
+            expected = sign(message, signer, body_hash=bh, timestamp=t)
+        except DkimMessageError:
+            with pytest.raises(DkimMessageError):
+                HeaderTemplate(head, signer).sign(per_copy, bh, t)
+            continue
+        assert HeaderTemplate(head, signer).sign(per_copy, bh, t) == expected, (head, per_copy)
+
+
+def test_header_template_errors_match_sign(key: DkimKey) -> None:
+    for head in (b" continued: x\r\nFrom: a@b\r\n", b"From: a@b\r\nnot a header\r\n"):
+        with pytest.raises(DkimMessageError, match="malformed"):
+            HeaderTemplate(head, key).sign([], _bh(b""), T0)
+    with pytest.raises(DkimMessageError, match="From"):
+        HeaderTemplate(b"Subject: x\r\n", key).sign([("List-Unsubscribe", "<mailto:a@b>")], _bh(b""), T0)
+    # The copy's own From is enough, as for sign().
+    assert HeaderTemplate(b"Subject: x\r\n", key).sign([("From", "a@b")], _bh(b""), T0) == sign(
+        b"Subject: x\r\nFrom: a@b\r\n\r\n", key, body_hash=_bh(b""), timestamp=T0)
+
+
+def _personal_copies(signer: DkimKey | KeySet, wire: bool) -> list[bytes]:
+    from listserv.fanout import PERSONAL_PLACEHOLDER, PersonalTemplate
+
+    shared = b"List-Unsubscribe: <mailto:dyskusja-leave@lists.example.org>\r\n"
+    head = TEMPLATE_HEADS["list_post"] + shared
+    body = ("Dzień dobry,\r\n.kropka na początku wiersza\r\n-- \r\nWypisz się: "
+            + PERSONAL_PLACEHOLDER + "\r\n").encode()
+    template = PersonalTemplate.build("dyskusja", head + b"\r\n" + body, shared)
+    copies = []
+    for n, member in enumerate(("ania@example.pl", "bartek@example.pl", "celina@example.pl")):
+        token = f"token{n}"
+        link = f"https://listy.example.org/u/dyskusja/{token}"
+        headers = [("List-Unsubscribe", f"<{link}>, <mailto:dyskusja-leave+{token}@lists.example.org>"),
+                   ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")]
+        if n == 2:
+            headers = headers[:1]  # no base_url: List-Unsubscribe only
+        if wire:
+            data = template.wire_copy_for(headers, link, signer)
+            assert data.endswith(b"\r\n.\r\n")
+            # Undo the dot-stuffing (RFC 5321 §4.5.2) to get the message.
+            data = data[: -len(b".\r\n")].replace(b"\r\n..", b"\r\n.")
+        else:
+            data = template.copy_for(headers, link, signer)
+        message = head.replace(shared, b"") + HeaderTemplate.render(headers) + b"\r\n" + body.replace(
+            PERSONAL_PLACEHOLDER.encode(), link.encode())
+        # Byte for byte what dkim.sign() over the whole copy gives (up to t=).
+        t = int(re.search(rb"t=(\d+);", data).group(1))  # type: ignore[union-attr]
+        assert data == sign(message, signer, timestamp=t) + message
+        assert member  # one copy per member
+        copies.append(data)
+    return copies
+
+
+@pytest.mark.parametrize("wire", [False, True])
+def test_personalized_copies_verify_dkimpy(wire: bool, key: DkimKey, keyset: KeySet, dnsfunc: DnsFunc) -> None:
+    for data in _personal_copies(key, wire):
+        assert dkim.verify(data, dnsfunc=dnsfunc)
+    for data in _personal_copies(keyset, wire):
+        for idx in (0, 1):
+            assert dkim.DKIM(data).verify(idx=idx, dnsfunc=_keyset_dnsfunc(keyset)), idx
+        for idx in (0, 1):
+            with pytest.raises(dkim.ValidationError, match="body hash mismatch"):
+                dkim.DKIM(data.replace(b"token", b"nekot")).verify(idx=idx, dnsfunc=_keyset_dnsfunc(keyset))
+
+
+@needs_perl
+def test_personalized_copies_verify_mail_dkim(key: DkimKey, perl_verify: Callable[[bytes], bool]) -> None:
+    for data in _personal_copies(key, wire=False) + _personal_copies(key, wire=True):
+        assert perl_verify(data)
+        assert not perl_verify(data.replace(b"token", b"nekot"))

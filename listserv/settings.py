@@ -93,7 +93,7 @@ class ListSettings:
     notify_held_sender: bool = True
     held_expiry: int = 14 * 86400
     personalize: bool = True
-    personal_footer: bool = True
+    personal_footer: bool = False
     sender_authentication: str = "hold"
     verp: str = "always"
     bounce_score_threshold: float = 5.0

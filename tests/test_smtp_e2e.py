@@ -61,6 +61,8 @@ def running(tmp_path: Path, sink: tuple[SinkHandler, int], start_server):  # typ
 
 def test_member_post_reaches_every_member_signed(running, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server, sink = running
+    # Each member's own one-click link in the footer too (personal_footer).
+    server.call(server.store.set_list_setting(LIST, "personal_footer", True))
     assert send(server.port, MEMBERS[0], [POST_ADDR], POLISH_POST) == {}
     server.drain()
     got = sorted(sink.recipients())

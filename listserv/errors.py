@@ -7,7 +7,13 @@
     ├── StoreError           a state-database operation cannot be done as asked
     │   ├── UnknownList      no list by that name
     │   └── DuplicateError   the list, member or ban exists already
-    └── AddressError         a malformed e-mail address or list name
+    ├── AddressError         a malformed e-mail address or list name
+    ├── DkimError            (dkim.py) signing: DkimKeyError (the key file), DkimMessageError
+    │                        (a message that cannot be signed, e.g. no From)
+    └── DnsTemporaryError    (dns.py) a lookup timed out or failed: the sender stays
+                             "unverified", never "forged"
+
+Defined next to the code that raises them, so each stage reads alone.
 
 Exceptions at the SMTP boundary never leave a hook: ``smtp_in`` turns them into
 ``451 4.3.0`` replies.  The CLI turns these into one line on stderr and exit 1.

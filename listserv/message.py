@@ -85,8 +85,12 @@ def _first(headers: dict[str, list[str]], name: str) -> str:
     return values[0] if values else ""
 
 
-def parse(raw: bytes) -> ParsedMessage:
-    """Read the headers the rules need; never raises on broken input."""
+def parse(raw: bytes, *, attachments: bool = True) -> ParsedMessage:
+    """Read the headers the rules need; never raises on broken input.
+
+    ``attachments=False`` skips walking the MIME tree for the leaf types (the
+    costly part), for lists that hold no attachment type.
+    """
     from listserv.rewrite import attachment_types, header_values
 
     headers = header_values(raw)
@@ -105,7 +109,7 @@ def parse(raw: bytes) -> ParsedMessage:
         auto_submitted=_first(headers, "auto-submitted").strip().lower(),
         precedence=_first(headers, "precedence").strip().lower(),
         header_recipient_count=len(_addresses(headers, "to", "cc")),
-        attachment_types=attachment_types(raw),
+        attachment_types=attachment_types(raw) if attachments else (),
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -303,8 +304,13 @@ def storable(value: Any) -> Any:
     return _stored(value)
 
 
+@functools.lru_cache(maxsize=512)
 def effective_settings(defaults: ListSettings, overrides_json: str | None) -> ListSettings:
-    """Merge a list's stored overrides (JSON text) over the defaults."""
+    """Merge a list's stored overrides (JSON text) over the defaults.
+
+    Cached: every post asks for its list's settings, and they change rarely
+    (the key is the stored JSON itself, so a change is a new key).
+    """
     if not overrides_json:
         return defaults
     overrides = validate_overrides(json.loads(overrides_json))

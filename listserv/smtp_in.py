@@ -14,6 +14,7 @@ Every reply lives in this module as a ``Reply`` constant.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fnmatch
 import ipaddress
 import logging
@@ -34,6 +35,7 @@ from listserv.dns import Resolver
 from listserv.config import Config
 from listserv.message import Membership, Post
 from listserv.pipeline import decide
+from listserv.rewrite import attachment_types
 from listserv.settings import effective_settings
 from listserv.store import IncomingRow, PolicySnapshot, Store
 from listserv.types import Accept, Discard, Hold, Reject, Reply
@@ -164,7 +166,7 @@ class ListHandler:
         targets: list[tuple[str, Target | Reply]] = [
             (rcpt, parse_recipient(rcpt, self.config.server.domain, names)) for rcpt in envelope.rcpt_tos
         ]
-        parsed = msg.parse(raw)
+        parsed = msg.parse(raw, attachments=False)
         sender = msg.sender_of(mail_from, parsed)
         peer = f"{session.peer[0]}" if isinstance(session.peer, tuple) else str(session.peer)
         # The store is read once per list: whether to check the sender, and
@@ -173,13 +175,17 @@ class ListHandler:
         for _, t in targets:
             if isinstance(t, Target) and t.list_name not in snapshots:
                 snapshots[t.list_name] = await self.store.policy_snapshot(t.list_name, sender)
+        post_settings = [
+            effective_settings(self.config.list_defaults, snap.settings_json)
+            for _, t in targets
+            if isinstance(t, Target) and t.kind == "post" and (snap := snapshots.get(t.list_name)) is not None
+        ]
+        if any(ls.attachments.hold for ls in post_settings):
+            # Only a list that holds some attachment type needs the MIME walk.
+            parsed = dataclasses.replace(parsed, attachment_types=attachment_types(raw))
         auth_result: AuthResult | None = None
         body = raw
-        if self.resolver is not None and any(
-            isinstance(t, Target) and t.kind == "post" and (snap := snapshots.get(t.list_name)) is not None
-            and effective_settings(self.config.list_defaults, snap.settings_json).sender_authentication != "off"
-            for _, t in targets
-        ):
+        if self.resolver is not None and any(ls.sender_authentication != "off" for ls in post_settings):
             auth_result = await self._authenticate(raw, mail_from, peer, session.host_name or "")
             authserv_id = self.config.server.domain
             # RFC 8601 §5: results claiming our authserv-id are ours to

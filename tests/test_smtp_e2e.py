@@ -427,3 +427,23 @@ def test_idle_client_is_disconnected(tmp_path: Path, start_server) -> None:  # t
         with pytest.raises(smtplib.SMTPServerDisconnected):
             client.noop()
             client.noop()
+
+
+def test_attachment_type_the_list_holds_holds_the_post(running) -> None:  # type: ignore[no-untyped-def]
+    from email.message import EmailMessage
+
+    server, sink = running
+    server.call(server.store.set_list_setting(LIST, "attachments", {"strip": [], "hold": ["application/zip"]}))
+    m = EmailMessage()
+    m["From"] = MEMBERS[0]
+    m["To"] = POST_ADDR
+    m["Subject"] = "Dokumenty SEAP"
+    m["Message-ID"] = "<zip-1@gmina-wieliczka.pl>"
+    m.set_content("W załączniku paczka dokumentów.")
+    m.add_attachment(b"PK\x03\x04 nie-prawdziwy-zip", maintype="application", subtype="zip", filename="seap.zip")
+    send(server.port, MEMBERS[0], [POST_ADDR], m.as_bytes(policy=email.policy.SMTP))
+    server.drain()
+    (held,) = server.call(server.store.held(LIST))
+    assert "application/zip" in held.reason
+    assert not any("Dokumenty SEAP" in str(email.message_from_bytes(c.data)["Subject"])
+                   and MEMBERS[1] in c.rcpt_tos for c in sink.messages)

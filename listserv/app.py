@@ -19,7 +19,6 @@ from aiosmtpd.smtp import SMTP
 
 from listserv import dkim
 from listserv.config import Config
-from listserv.dmarc import TxtResolver
 from listserv.dns import DnspythonResolver, Resolver
 from listserv.errors import DuplicateError
 from listserv.archive import Archiver
@@ -88,13 +87,11 @@ class App:
         *,
         transport: Transport | None = None,
         resolver: Resolver | None = None,
-        resolve_txt: TxtResolver | None = None,
         retry_initial: float = 60.0,
     ) -> None:
         self.config = config
         self._transport = transport
         self._resolver = resolver
-        self._resolve_txt = resolve_txt
         self._retry_initial = retry_initial
         self.store: Store | None = None
         self.fanout: Fanout | None = None
@@ -116,7 +113,7 @@ class App:
         # One resolver for every DNS question (RFC 7489 policies, SPF, DKIM
         # keys); tests inject an in-memory one.
         resolver = self._resolver or DnspythonResolver(config.dns.nameservers, timeout=config.dns.timeout)
-        resolve = self._resolve_txt or resolver.txt
+        resolve = resolver.txt
         self.tokens = Tokens(load_secret(config.server.state_dir))
         self.membership = MembershipStage(config, store, key, tokens=self.tokens)
         self.archiver = Archiver(config, store)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from listserv import dkim
 from listserv.bounces import classify_reply, read_bounce
 from listserv.config import Config
-from listserv.fanout import verp_recipient
+from listserv.fanout import bounces_address, verp_recipient
 from listserv.membership import ListView, new_token
 from listserv.settings import effective_settings
 from listserv.store import IncomingRecord, Store
@@ -124,7 +124,7 @@ class BounceStage:
             from_name=view.title, from_addr=view.addr(f"confirm+{token}"), to=address, list_id=view.list_id,
             domain=view.domain, auto="auto-generated",
         )
-        await self.store.enqueue(list_id=view.id, kind="notice", envelope_from=_verp(view, address),
+        await self.store.enqueue(list_id=view.id, kind="notice", envelope_from=bounces_address(view.name, view.domain, address),
                                  data=dkim.sign_message(data, self.key), recipients=[address])
 
     async def housekeeping(self, now: float) -> None:
@@ -176,7 +176,3 @@ class BounceStage:
                                      data=dkim.sign_message(data, self.key), recipients=owners)
             await self.store.log_autoreply(marker, list_id, marker_kind, at=self.clock())
 
-
-def _verp(view: ListView, address: str) -> str:
-    local, _, domain = address.rpartition("@")
-    return f"{view.name}-bounces+{local}={domain}@{view.domain}"

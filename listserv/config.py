@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from listserv.errors import ConfigError, SettingError
-from listserv.settings import ListSettings, validate_overrides
+from listserv.settings import ListSettings, parse_duration, validate_overrides
 
 __all__ = [
     "Config",
@@ -207,19 +207,9 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 def _duration(value: Any) -> int:
-    """Seconds, as a number or as a string like "30s", "15m", "12h", "5d"."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m and int(m.group(1)) > 0:
-            return int(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError(f'expected a duration like 300, "15m", "12h" or "5d"; got {value!r}')
+    """Seconds, as a number or a string like "30s", "15m", "12h", "5d" (the list settings' parser)."""
+    return parse_duration(value)
 
 
 def _size(value: Any) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-__all__ = ["TxtResolver", "dns_txt_resolver", "is_strict", "organizational_domain"]
+__all__ = ["TxtResolver", "is_strict", "organizational_domain"]
 
 log = logging.getLogger("listserv.dmarc")
 
@@ -61,21 +61,3 @@ async def is_strict(domain: str, resolve: TxtResolver) -> bool:
         return True
     return policy in ("quarantine", "reject")
 
-
-def dns_txt_resolver(timeout: float = 5.0) -> TxtResolver:
-    """The real resolver (dnspython), for the server; NXDOMAIN and no-answer give []."""
-    import dns.asyncresolver
-    import dns.exception
-    import dns.resolver
-
-    resolver = dns.asyncresolver.Resolver()
-    resolver.lifetime = timeout
-
-    async def resolve(name: str) -> list[str]:
-        try:
-            answer = await resolver.resolve(name, "TXT")
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return []
-        return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
-
-    return resolve

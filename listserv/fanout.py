@@ -463,9 +463,21 @@ class Fanout:
         domain = self.config.server.domain
         name, _ = await self._settings(record.list_id)
         owners = await self.store.owners(record.list_id)
+        why = "" if owners else "the list has no owner to forward it to"
+        if not why:
+            try:
+                signed = self._sign(record.data)
+            except Exception as exc:  # noqa: BLE001 - e.g. no From: it cannot leave signed
+                why = f"cannot be forwarded: {exc}"
+        if why:
+            # Kept and recorded (visible in `listserv status` and `person
+            # export`), never dropped silently, and never retried in a loop.
+            await self.store.set_incoming_status(record.id, "failed", expect="new", reason=why[:500])
+            log.warning("owner-mail list=%s id=%s not forwarded: %s", name, record.id, why)
+            return
         await self.store.enqueue(
             list_id=record.list_id, kind="owner", envelope_from=bounces_address(name, domain),
-            data=self._sign(record.data), recipients=owners, incoming_id=record.id, incoming_status="done",
+            data=signed, recipients=owners, incoming_id=record.id, incoming_status="done",
             incoming_expect="new",
         )
         log.info("forwarded list=%s owner-mail=%s owners=%d", name, record.id, len(owners))

@@ -28,15 +28,14 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from email import policy
-from email.parser import BytesHeaderParser
 from typing import Any
 
 from listserv import dkim
 from listserv.commands import Command, first_text, parse_message
 from listserv.config import Config
 from listserv.errors import StoreError
-from listserv.message import normalize_address
+from listserv.message import normalize_address, parse
+from listserv.rewrite import header_values
 from listserv.settings import ListSettings, effective_settings
 from listserv.store import IncomingRecord, Store, TokenRecord
 from listserv.texts import compose
@@ -54,14 +53,14 @@ def automatic_reason(mail_from: str, raw: bytes) -> str | None:
     """Why this mail must not be answered (RFC 3834 §2), or None."""
     if not mail_from:
         return "empty envelope sender"
-    headers = BytesHeaderParser(policy=policy.compat32).parsebytes(raw)
-    auto = str(headers.get("Auto-Submitted", "")).strip().lower()
+    headers = header_values(raw)
+    auto = " ".join(headers.get("auto-submitted", [""])[0].split()).lower()
     if auto and auto.split(";")[0].strip() != "no":
         return f"Auto-Submitted: {auto}"
-    precedence = str(headers.get("Precedence", "")).strip().lower()
+    precedence = headers.get("precedence", [""])[0].strip().lower()
     if precedence in ("bulk", "junk", "list"):
         return f"Precedence: {precedence}"
-    if headers.get("List-Id") or headers.get("X-Autoreply") or headers.get("X-Autorespond"):
+    if any(name in headers for name in ("list-id", "x-autoreply", "x-autorespond")):
         return "sent by a list or an autoresponder"
     return None
 
@@ -97,11 +96,8 @@ class ListView:
 
 def _message_info(raw: bytes) -> tuple[str, str, str, str]:
     """(From address, Message-ID, References, Subject) of a request, never raising."""
-    from listserv.message import parse as parse_headers
-
-    parsed = parse_headers(raw)
-    headers = BytesHeaderParser(policy=policy.compat32).parsebytes(raw)
-    refs = " ".join(str(headers.get("References", "")).split())
+    parsed = parse(raw, attachments=False)
+    refs = " ".join(" ".join(header_values(raw).get("references", [])).split())
     return (parsed.from_addresses[0] if parsed.from_addresses else "", parsed.message_id, refs,
             parsed.subject)
 

@@ -207,7 +207,7 @@ def _parse_attachments(value: Any) -> AttachmentPolicy:
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def _parse_duration(value: Any) -> int:
+def parse_duration(value: Any) -> int:
     """Seconds, as a number or a string like "30m", "12h", "3d"."""
     import re
 
@@ -269,16 +269,16 @@ SETTINGS: Mapping[str, Setting] = {
         Setting("footer", _parse_str, "Text appended to each post; empty for the built-in text in the list's language"),
         Setting("subscription_policy", _choice("confirm", "moderate", "closed"), "Joining by e-mail: confirm (double opt-in), moderate (then an owner approves), closed (owners add members with the CLI)"),
         Setting("who_policy", _choice("nobody", "members", "anyone"), "Who may get the member list with the `who` command"),
-        Setting("confirm_expiry", _parse_duration, "How long a join/leave confirmation stays valid, e.g. 3d"),
+        Setting("confirm_expiry", parse_duration, "How long a join/leave confirmation stays valid, e.g. 3d"),
         Setting("notify_held_sender", _parse_bool, "Tell the sender (once) that their post waits for a moderator"),
-        Setting("held_expiry", _parse_duration, "A held post nobody decides on expires after this long (sender told), e.g. 14d"),
+        Setting("held_expiry", parse_duration, "A held post nobody decides on expires after this long (sender told), e.g. 14d"),
         Setting("personalize", _parse_bool, "Each member's copy carries its own one-click unsubscribe (RFC 8058); sent one transaction per member"),
         Setting("personal_footer", _parse_bool, "With personalize, the footer carries the member's own one-click link too (then the body differs per member and is not ARC-sealed)"),
         Setting("sender_authentication", _choice("off", "hold", "reject"), "On arrival check DKIM/SPF/DMARC: off, hold (members' posts that definitely fail a strict DMARC policy), reject (550)"),
         Setting("verp", _choice("always", "never", "probe"), "Envelope sender per recipient (LIST-bounces+user=domain): always, never, or probe (one post in 10); personalized copies are always VERP'd"),
         Setting("bounce_score_threshold", _parse_score, "Bounce score at which delivery to a member is paused (a dead mailbox adds 1 a day at most; scores halve every 7 days)"),
         Setting("bounce_warnings", _parse_count, "Reminders a paused member gets before removal"),
-        Setting("bounce_warning_interval", _parse_duration, "Time between those reminders, e.g. 7d"),
+        Setting("bounce_warning_interval", parse_duration, "Time between those reminders, e.g. 7d"),
         Setting("archive_policy", _choice("public", "private", "none"), "Web archive: public, private (a separate folder served behind a login), none"),
     )
 }

@@ -447,3 +447,21 @@ def test_attachment_type_the_list_holds_holds_the_post(running) -> None:  # type
     assert "application/zip" in held.reason
     assert not any("Dokumenty SEAP" in str(email.message_from_bytes(c.data)["Subject"])
                    and MEMBERS[1] in c.rcpt_tos for c in sink.messages)
+
+
+def test_owner_mail_that_cannot_be_forwarded_is_recorded_and_does_not_block_the_rest(running) -> None:  # type: ignore[no-untyped-def]
+    server, sink = running
+    server.call(server.store.create_list("bez-wlasciciela", {}, []))
+    send(server.port, "ktos@example.com", [f"bez-wlasciciela-owner@{DOMAIN}"],
+         b"From: ktos@example.com\r\nSubject: halo\r\n\r\nczy ktos tu jest?\r\n")
+    send(server.port, "ktos@example.com", [f"{LIST}-owner@{DOMAIN}"],  # no From: cannot be signed
+         b"Subject: bez nadawcy\r\n\r\ntresc\r\n")
+    send(server.port, "ktos@example.com", [f"{LIST}-owner@{DOMAIN}"],
+         b"From: ktos@example.com\r\nSubject: pytanie\r\n\r\nCzy mog\xc4\x99 do\xc5\x82\xc4\x85czy\xc4\x87?\r\n")
+    server.drain()
+    rows = sqlite3.connect(server.config.db_path).execute(
+        "SELECT subject, status, reason FROM incoming WHERE kind = 'owner' ORDER BY id").fetchall()
+    assert rows[0][1] == "failed" and "no owner" in rows[0][2]
+    assert rows[1][1] == "failed" and "cannot be forwarded" in rows[1][2]
+    assert rows[2][1] == "done"
+    assert b"Czy mog\xc4\x99" in sink.copies_for(OWNER)[0].data

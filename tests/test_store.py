@@ -17,7 +17,7 @@ from typing import Any
 import aiosqlite
 import pytest
 
-from listserv import store as store_mod
+from listserv.store import schema as store_mod
 from listserv.errors import DuplicateError, StoreError, UnknownList
 from listserv.store import IncomingRow, Outcome, Store
 

@@ -1,0 +1,57 @@
+"""All state, and all SQL: lists, members, bans, received mail, the delivery queue.
+
+One module per concern, each a part of ``Store`` with the SQL of that concern:
+``lists`` (lists, members, bans), ``incoming`` (the group commit, received
+mail, held posts), ``queue`` (outbox and deliveries), ``people`` (bounces,
+tokens, consent, reply limits, GDPR), ``archive`` (the archive index),
+``status`` (the operator's view, backup).  ``base`` holds the connections and
+migrations, ``schema`` the versioned schema, ``records`` the frozen records.
+
+SQLite in WAL mode through aiosqlite.  The schema is versioned with ``PRAGMA
+user_version``; ``MIGRATIONS[i]`` takes the database from version i to i+1.
+
+Two connections: a writer, whose transactions are serialised by a lock (one
+aiosqlite connection cannot hold two transactions at once), and a reader for
+the lookups made while an SMTP client waits, so that a lookup never queues
+behind a commit.  Received mail goes through ``submit_incoming``, a group
+commit: sessions that finish DATA at the same moment share one transaction and
+one fsync (``synchronous=FULL``), and each is answered only after that commit.
+
+The handoff between the stages is in the tables:
+``incoming`` (what arrived; posts carry a status: accepted, held, discarded,
+rejected, queued) -> ``outbox`` (one rewritten, signed message) ->
+``deliveries`` (one row per recipient of that message: pending, sent, failed).
+"""
+
+from __future__ import annotations
+
+from listserv.store.archive import ArchivePart
+from listserv.store.people import PeoplePart
+from listserv.store.queue import QueuePart
+from listserv.store.records import (
+    DELIVERY_STATES,
+    ROLES,
+    ArchiveEntry,
+    BounceState,
+    ConsentEvent,
+    DueDelivery,
+    IncomingRecord,
+    IncomingRow,
+    ListRecord,
+    MemberRecord,
+    Outcome,
+    PolicySnapshot,
+    TokenRecord,
+)
+from listserv.store.schema import MIGRATIONS
+from listserv.store.status import StatusPart
+
+__all__ = [
+    "DELIVERY_STATES", "MIGRATIONS", "ROLES", "ArchiveEntry", "BounceState", "ConsentEvent", "DueDelivery",
+    "IncomingRecord", "IncomingRow", "ListRecord", "MemberRecord", "Outcome", "PolicySnapshot", "Store",
+    "TokenRecord",
+]
+
+
+class Store(QueuePart, PeoplePart, ArchivePart, StatusPart):
+    """The state database: every part over one pair of connections.  Open with ``await Store.open(path)``."""

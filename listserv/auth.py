@@ -11,9 +11,10 @@ On arrival (``verify_inbound``), with DNS only through the injected
   1024 bits do not pass (both are parameters, for the old test vectors).
 * **SPF** (RFC 7208): ``listserv.spf``, which agrees with the whole openspf.org
   RFC 7208 test suite (``check_spf`` and ``evaluate_spf`` are re-exported here).
-* **DMARC** (RFC 7489 §6.6): pass when an aligned DKIM or an aligned SPF
-  passes; relaxed alignment unless ``adkim``/``aspf=s``; ``sp=`` for
-  subdomains found through the organizational domain.
+* **DMARC** (RFC 7489 §6.6): the policy from ``listserv.dmarc.discover``
+  (§6.6.3, ``sp=`` for subdomains, organizational domains from the Public
+  Suffix List); pass when an aligned DKIM or an aligned SPF passes; relaxed
+  alignment unless ``adkim``/``aspf=s``.
 * **ARC** (RFC 8617): the chain as received is validated with dkimpy's
   ``arc_verify`` over the pre-fetched keys; the result goes into our
   Authentication-Results and becomes the ``cv=`` of our seal.
@@ -38,7 +39,7 @@ import ipaddress
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import getaddresses
 from typing import Final, TypeVar
@@ -55,7 +56,7 @@ from dkim.canonicalization import (  # type: ignore[import-untyped]
 from dkim.util import InvalidTagValueList, parse_tag_value  # type: ignore[import-untyped]
 
 from listserv.dkim import DkimKey, split_message
-from listserv.dmarc import organizational_domain
+from listserv.dmarc import discover, organizational_domain
 from listserv.dns import DnsTemporaryError, Lookups, Resolver
 from listserv.spf import SpfOutcome, check_spf, evaluate_spf, spf_outcome
 
@@ -107,7 +108,6 @@ ARC_SIGNED_HEADERS: Final[tuple[bytes, ...]] = (
 
 _ARC_MAX_INSTANCE: Final = 50  # RFC 8617 §4.2.1
 _LINE_MAX: Final = 78
-_DMARC_POLICIES: Final = ("none", "quarantine", "reject")
 _HASHES: Final = {b"rsa-sha256": hashlib.sha256, b"rsa-sha1": hashlib.sha1, b"ed25519-sha256": hashlib.sha256}
 
 
@@ -758,37 +758,6 @@ def _from_domain(raw: bytes) -> str:
     return ""
 
 
-def _dmarc_record(records: list[str]) -> dict[str, str] | None:
-    """The tags of the one DMARC record (RFC 7489 §6.6.3: none if zero or several)."""
-    found = [r for r in records if re.match(r"\s*v\s*=\s*DMARC1\s*(?:;|\Z)", r, re.I)]
-    if len(found) != 1:
-        return None
-    tags: dict[str, str] = {}
-    for part in found[0].split(";"):
-        key, eq, value = part.partition("=")
-        if eq:
-            tags.setdefault(key.strip().lower(), value.strip())
-    return tags
-
-
-async def _dmarc_policy(from_domain: str, lookups: Lookups) -> tuple[str, dict[str, str]]:
-    """The policy that applies to ``from_domain`` and its record's tags; ("", {}) without a record."""
-    tags = _dmarc_record(await lookups.txt(f"_dmarc.{from_domain}"))
-    key = "p"
-    if tags is None:
-        org = organizational_domain(from_domain)
-        if org == from_domain:
-            return "", {}
-        tags = _dmarc_record(await lookups.txt(f"_dmarc.{org}"))
-        if tags is None:
-            return "", {}
-        if tags.get("sp", "").lower() in _DMARC_POLICIES:
-            key = "sp"
-    policy = tags.get(key, "").lower()
-    # §6.6.3: an unknown or missing p= with a valid record is treated as none.
-    return (policy if policy in _DMARC_POLICIES else "none"), tags
-
-
 def _aligned(domain: str, from_domain: str, mode: str) -> bool:
     domain, from_domain = domain.lower().rstrip("."), from_domain.lower().rstrip(".")
     if mode == "s":
@@ -798,7 +767,7 @@ def _aligned(domain: str, from_domain: str, mode: str) -> bool:
 
 def _dmarc(
     from_domain: str,
-    tags: dict[str, str],
+    tags: Mapping[str, str],
     dkim: tuple[DkimVerdict, ...],
     spf: str,
     spf_domain: str,
@@ -860,10 +829,11 @@ async def verify_inbound(
         async def dkim_part() -> tuple[DkimVerdict, ...]:
             return await _verify_dkim(headers, body, lookups, min_rsa_bits=min_rsa_bits, allow_sha1=allow_sha1)
 
-        async def dmarc_part() -> tuple[str, dict[str, str]] | None:
+        async def dmarc_part() -> tuple[str, Mapping[str, str]] | None:
             if not from_domain:
                 return "", {}
-            return await _dmarc_policy(from_domain, lookups)
+            found = await discover(from_domain, lookups.txt)
+            return ("", {}) if found is None else (found.policy, found.tags)
 
         mail_from_domain = mail_from.strip().strip("<>").rpartition("@")[2].lower()
         spf_fallback = SpfOutcome("temperror", mail_from_domain or helo.lower(), "mailfrom" if mail_from_domain else "helo")

@@ -153,6 +153,32 @@ def test_zone_conventions() -> None:
     assert resolver._mx["mx.example.pl"] == [(10, "poczta.example.pl")]
 
 
+async def test_a_dead_name_the_evaluation_never_reaches_changes_nothing() -> None:
+    """Our own zone: ip4 matches first, so the timing-out name after it is never asked (§4.6.2)."""
+    resolver = DictResolver({"gmina-wieliczka.pl": ["v=spf1 ip4:192.0.2.0/24 a:martwy.gmina-wieliczka.pl -all"]},
+                            fail=["martwy.gmina-wieliczka.pl"])
+    outcome = await evaluate_spf("192.0.2.10", "sołtys@gmina-wieliczka.pl", "poczta.gmina-wieliczka.pl", resolver)
+    assert outcome.result == "pass"
+    assert [q for q in resolver.queries if q[1] == "martwy.gmina-wieliczka.pl"] == []
+    # From another address the a: term is reached, and its timeout is a temperror (§5.3 via §4.4).
+    outcome = await evaluate_spf("203.0.113.5", "sołtys@gmina-wieliczka.pl", "poczta.gmina-wieliczka.pl", resolver)
+    assert outcome.result == "temperror"
+
+
+async def test_ptr_through_the_resolver_seam() -> None:
+    """§5.5: the PTR name counts only when its own A record leads back to the client."""
+    resolver = DictResolver(
+        {"um.krakow.pl": ["v=spf1 ptr:um.krakow.pl -all exp=why.um.krakow.pl"],
+         "why.um.krakow.pl": ["%{i} nie jest serwerem %{d}"]},
+        a={"poczta.um.krakow.pl": ["192.0.2.25"], "obcy.um.krakow.pl": ["198.51.100.1"]},
+        ptr={"25.2.0.192.in-addr.arpa": ["poczta.um.krakow.pl"], "7.2.0.192.in-addr.arpa": ["obcy.um.krakow.pl"]},
+    )
+    assert (await evaluate_spf("192.0.2.25", "lukasz@um.krakow.pl", "x", resolver)).result == "pass"
+    failed = await evaluate_spf("192.0.2.7", "lukasz@um.krakow.pl", "x", resolver)
+    assert (failed.result, failed.explanation) == ("fail", "192.0.2.7 nie jest serwerem um.krakow.pl")
+    assert ("PTR", "7.2.0.192.in-addr.arpa") in resolver.queries
+
+
 def count_agreeing() -> tuple[int, int]:
     """(agreeing, total): run as ``python tests/test_spf_suite.py`` for the figure."""
     import asyncio

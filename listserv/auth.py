@@ -9,12 +9,12 @@ On arrival (``verify_inbound``), with DNS only through the injected
   fetched with the async resolver *before* any checking, and the public-key
   step runs through ``cryptography``.  RFC 8301: rsa-sha1 and RSA keys under
   1024 bits do not pass (both are parameters, for the old test vectors).
-* **SPF** (RFC 7208): a small evaluator (ip4, ip6, a, mx, include, redirect,
-  exists, all, macros; the 10-lookup and 2-void-lookup limits).  ``ptr`` is
-  counted but never matches (§5.5: "SHOULD NOT be published").
-* **DMARC** (RFC 7489 §6.6): pass when an aligned DKIM or an aligned SPF
-  passes; relaxed alignment unless ``adkim``/``aspf=s``; ``sp=`` for
-  subdomains found through the organizational domain.
+* **SPF** (RFC 7208): ``listserv.spf``, which agrees with the whole openspf.org
+  RFC 7208 test suite (``check_spf`` and ``evaluate_spf`` are re-exported here).
+* **DMARC** (RFC 7489 §6.6): the policy from ``listserv.dmarc.discover``
+  (§6.6.3, ``sp=`` for subdomains, organizational domains from the Public
+  Suffix List); pass when an aligned DKIM or an aligned SPF passes; relaxed
+  alignment unless ``adkim``/``aspf=s``.
 * **ARC** (RFC 8617): the chain as received is validated with dkimpy's
   ``arc_verify`` over the pre-fetched keys; the result goes into our
   Authentication-Results and becomes the ``cv=`` of our seal.
@@ -39,11 +39,10 @@ import ipaddress
 import logging
 import re
 import time
-import urllib.parse
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import getaddresses
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
 import dkim as dkimpy  # type: ignore[import-untyped]
 from cryptography.exceptions import InvalidSignature
@@ -57,8 +56,9 @@ from dkim.canonicalization import (  # type: ignore[import-untyped]
 from dkim.util import InvalidTagValueList, parse_tag_value  # type: ignore[import-untyped]
 
 from listserv.dkim import DkimKey, split_message
-from listserv.dmarc import organizational_domain
-from listserv.dns import DnsTemporaryError, Resolver
+from listserv.dmarc import discover, organizational_domain
+from listserv.dns import DnsTemporaryError, Lookups, Resolver
+from listserv.spf import SpfOutcome, check_spf, evaluate_spf, spf_outcome
 
 __all__ = [
     "ARC_SIGNED_HEADERS",
@@ -66,6 +66,7 @@ __all__ = [
     "DkimVerdict",
     "arc_seal",
     "check_spf",
+    "evaluate_spf",
     "client_from_trusted_received",
     "our_auth_results",
     "strip_our_auth_results",
@@ -106,10 +107,7 @@ ARC_SIGNED_HEADERS: Final[tuple[bytes, ...]] = (
 )
 
 _ARC_MAX_INSTANCE: Final = 50  # RFC 8617 §4.2.1
-_SPF_LOOKUP_LIMIT: Final = 10  # RFC 7208 §4.6.4
-_SPF_VOID_LIMIT: Final = 2
 _LINE_MAX: Final = 78
-_DMARC_POLICIES: Final = ("none", "quarantine", "reject")
 _HASHES: Final = {b"rsa-sha256": hashlib.sha256, b"rsa-sha1": hashlib.sha1, b"ed25519-sha256": hashlib.sha256}
 
 
@@ -358,64 +356,6 @@ def client_from_trusted_received(raw: bytes, trusted: Sequence[str]) -> tuple[st
 # --- DNS: pre-fetch with the async resolver -------------------------------------------
 
 
-class _Lookups:
-    """Memoized, time-bounded queries for one verification; failures become DnsTemporaryError."""
-
-    def __init__(self, resolver: Resolver, timeout: float) -> None:
-        self.resolver = resolver
-        self.timeout = timeout
-        self._cache: dict[tuple[str, str], asyncio.Future[Any]] = {}
-
-    async def _get(self, kind: str, name: str, query: Callable[[str], Awaitable[T]]) -> T:
-        key = (kind, name.lower().rstrip("."))
-        fut = self._cache.get(key)
-        if fut is None:
-            fut = self._cache[key] = asyncio.ensure_future(self._run(query, key[1]))
-        # shield: one caller timing out must not cancel the query for the others.
-        answer: T = await asyncio.shield(fut)
-        return answer
-
-    async def _run(self, query: Callable[[str], Awaitable[T]], name: str) -> T:
-        try:
-            return await asyncio.wait_for(query(name), self.timeout)
-        except DnsTemporaryError:
-            raise
-        except asyncio.TimeoutError:
-            raise DnsTemporaryError(f"{name}: no answer in {self.timeout:g}s") from None
-        except Exception as exc:  # noqa: BLE001 - a broken resolver is a DNS failure, not a verdict
-            raise DnsTemporaryError(f"{name}: {exc!r}") from exc
-
-    async def txt(self, name: str) -> list[str]:
-        return await self._get("TXT", name, self.resolver.txt)
-
-    async def a(self, name: str) -> list[str]:
-        return await self._get("A", name, self.resolver.a)
-
-    async def aaaa(self, name: str) -> list[str]:
-        return await self._get("AAAA", name, self.resolver.aaaa)
-
-    async def mx(self, name: str) -> list[tuple[int, str]]:
-        return await self._get("MX", name, self.resolver.mx)
-
-    async def txt_map(self, names: set[str]) -> dict[str, list[str] | DnsTemporaryError]:
-        """Fetch all ``names`` at once; a failed one maps to its error."""
-        ordered = sorted(names)
-        answers = await asyncio.gather(*(self.txt(n) for n in ordered), return_exceptions=True)
-        out: dict[str, list[str] | DnsTemporaryError] = {}
-        for name, answer in zip(ordered, answers, strict=True):
-            if isinstance(answer, DnsTemporaryError):
-                out[name] = answer
-            elif isinstance(answer, BaseException):
-                raise answer
-            else:
-                out[name] = answer
-        return out
-
-    def cancel(self) -> None:
-        for fut in self._cache.values():
-            fut.cancel()
-
-
 def _key_name(selector: str, domain: str) -> str:
     return f"{selector}._domainkey.{domain}".lower().rstrip(".")
 
@@ -605,7 +545,7 @@ def _check_signature(
 
 
 async def _verify_dkim(
-    headers: list[tuple[bytes, bytes]], body: bytes, lookups: _Lookups, *, min_rsa_bits: int, allow_sha1: bool
+    headers: list[tuple[bytes, bytes]], body: bytes, lookups: Lookups, *, min_rsa_bits: int, allow_sha1: bool
 ) -> tuple[DkimVerdict, ...]:
     signatures = [(n, v) for n, v in headers if n.lower() == b"dkim-signature"]
     if not signatures:
@@ -625,10 +565,10 @@ _ARC_NAMES: Final = (b"arc-seal", b"arc-message-signature")
 
 async def verify_arc(raw: bytes, resolver: Resolver, *, timeout: float = 5.0) -> str:
     """Validate the ARC chain as received (RFC 8617 §5.2): "none", "pass", "fail" or "temperror"."""
-    return await _verify_arc(raw, _Lookups(resolver, timeout))
+    return await _verify_arc(raw, Lookups(resolver, timeout))
 
 
-async def _verify_arc(raw: bytes, lookups: _Lookups) -> str:
+async def _verify_arc(raw: bytes, lookups: Lookups) -> str:
     try:
         headers, _ = dkimpy.rfc822_parse(raw)
     except (dkimpy.MessageFormatError, IndexError):
@@ -799,243 +739,6 @@ def _uses_crlf(data: bytes) -> bool:
     return end < 0 or data[end - 1 : end] == b"\r"
 
 
-# --- SPF -----------------------------------------------------------------------------------
-
-
-class _SpfPermError(Exception):
-    pass
-
-
-_SPF_MECHANISMS: Final = frozenset({"all", "include", "a", "mx", "ptr", "ip4", "ip6", "exists"})
-_SPF_RESULTS: Final = {"+": "pass", "-": "fail", "~": "softfail", "?": "neutral"}
-_DOMAIN_LABEL: Final = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
-
-
-def _valid_domain(domain: str) -> bool:
-    labels = domain.rstrip(".").split(".")
-    return len(labels) >= 2 and len(domain) <= 253 and all(_DOMAIN_LABEL.match(label) for label in labels)
-
-
-@dataclass
-class _Spf:
-    lookups: _Lookups
-    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
-    sender: str
-    helo: str
-    dns_terms: int = 0
-    void: int = 0
-
-    async def check_host(self, domain: str, depth: int = 0) -> str:
-        """RFC 7208 §4: the result for ``domain``."""
-        if not _valid_domain(domain) or depth > _SPF_LOOKUP_LIMIT:
-            return "none"
-        try:
-            records = await self.lookups.txt(domain)
-        except DnsTemporaryError:
-            return "temperror"
-        spf = [r for r in records if re.match(r"v=spf1(?: |\Z)", r, re.I)]
-        if not spf:
-            return "none"
-        if len(spf) > 1:
-            return "permerror"
-        try:
-            return await self._evaluate(spf[0], domain, depth)
-        except _SpfPermError:
-            return "permerror"
-        except DnsTemporaryError:
-            return "temperror"
-
-    def _count(self) -> None:
-        self.dns_terms += 1
-        if self.dns_terms > _SPF_LOOKUP_LIMIT:
-            raise _SpfPermError("more than 10 DNS-querying terms")
-
-    def _voided(self, answer: list[T]) -> list[T]:
-        if not answer:
-            self.void += 1
-            if self.void > _SPF_VOID_LIMIT:
-                raise _SpfPermError("more than 2 void lookups")
-        return answer
-
-    async def _evaluate(self, record: str, domain: str, depth: int) -> str:
-        directives: list[tuple[str, str, str]] = []
-        redirect: str | None = None
-        seen_exp = False
-        for term in record.split()[1:]:
-            modifier = re.fullmatch(r"([A-Za-z][A-Za-z0-9_.-]*)=(.*)", term)
-            if modifier:
-                name = modifier.group(1).lower()
-                if name == "redirect":
-                    if redirect is not None:
-                        raise _SpfPermError("two redirect= modifiers")
-                    redirect = modifier.group(2)
-                elif name == "exp":
-                    if seen_exp:
-                        raise _SpfPermError("two exp= modifiers")
-                    seen_exp = True
-                continue  # unknown modifiers are ignored (§6)
-            m = re.fullmatch(r"([+?~-]?)([A-Za-z][A-Za-z0-9_.-]*)([:/].*)?", term)
-            if m is None or m.group(2).lower() not in _SPF_MECHANISMS:
-                raise _SpfPermError(f"unknown term {term!r}")
-            directives.append((m.group(1) or "+", m.group(2).lower(), m.group(3) or ""))
-        for qualifier, mechanism, arg in directives:
-            self._check_syntax(mechanism, arg)
-
-        for qualifier, mechanism, arg in directives:
-            if await self._matches(mechanism, arg, domain, depth):
-                return _SPF_RESULTS[qualifier]
-        if redirect is not None:
-            self._count()
-            result = await self.check_host(self._expand(redirect, domain), depth + 1)
-            return "permerror" if result == "none" else result
-        return "neutral"
-
-    @staticmethod
-    def _check_syntax(mechanism: str, arg: str) -> None:
-        if mechanism == "all" and arg:
-            raise _SpfPermError("all takes no argument")
-        if mechanism in ("include", "exists") and not (arg.startswith(":") and len(arg) > 1):
-            raise _SpfPermError(f"{mechanism} needs a domain")
-        if mechanism in ("ip4", "ip6"):
-            try:
-                net = ipaddress.ip_network(arg[1:], strict=False)
-            except ValueError:
-                raise _SpfPermError(f"bad {mechanism} network {arg!r}") from None
-            if not arg.startswith(":") or (net.version == 4) != (mechanism == "ip4"):
-                raise _SpfPermError(f"bad {mechanism} network {arg!r}")
-
-    def _split_cidr(self, arg: str, domain: str) -> tuple[str, int, int]:
-        m = re.fullmatch(r"(?::([^/]+))?(?:/(\d{1,2}))?(?://(\d{1,3}))?", arg)
-        if m is None:
-            raise _SpfPermError(f"bad argument {arg!r}")
-        v4 = int(m.group(2)) if m.group(2) else 32
-        v6 = int(m.group(3)) if m.group(3) else 128
-        if v4 > 32 or v6 > 128:
-            raise _SpfPermError(f"bad prefix length in {arg!r}")
-        target = self._expand(m.group(1), domain) if m.group(1) else domain
-        return target, v4, v6
-
-    async def _addresses(self, name: str) -> list[str]:
-        if self.ip.version == 4:
-            return await self.lookups.a(name)
-        return await self.lookups.aaaa(name)
-
-    def _in(self, addresses: list[str], v4: int, v6: int) -> bool:
-        for text in addresses:
-            try:
-                net = ipaddress.ip_network(f"{text}/{v4 if self.ip.version == 4 else v6}", strict=False)
-            except ValueError:
-                continue
-            if net.version == self.ip.version and self.ip in net:
-                return True
-        return False
-
-    async def _matches(self, mechanism: str, arg: str, domain: str, depth: int) -> bool:
-        if mechanism == "all":
-            return True
-        if mechanism in ("ip4", "ip6"):
-            net = ipaddress.ip_network(arg[1:], strict=False)
-            return net.version == self.ip.version and self.ip in net
-        self._count()
-        if mechanism == "include":
-            result = await self.check_host(self._expand(arg[1:], domain), depth + 1)
-            if result == "temperror":
-                raise DnsTemporaryError("include: temporary error")
-            if result in ("permerror", "none"):
-                raise _SpfPermError("include: permerror or no record")
-            return result == "pass"
-        if mechanism == "exists":
-            return bool(self._voided(await self.lookups.a(self._expand(arg[1:], domain))))
-        if mechanism == "ptr":
-            return False  # counted, never matched: see the module docstring
-        target, v4, v6 = self._split_cidr(arg, domain)
-        if mechanism == "a":
-            return self._in(self._voided(await self._addresses(target)), v4, v6)
-        # mx
-        exchanges = self._voided(await self.lookups.mx(target))
-        if len(exchanges) > _SPF_LOOKUP_LIMIT:
-            raise _SpfPermError("more than 10 MX names")
-        for _, exchange in sorted(exchanges):
-            if self._in(await self._addresses(exchange), v4, v6):
-                return True
-        return False
-
-    def _expand(self, spec: str, domain: str) -> str:
-        """Macro expansion (RFC 7208 §7) for a domain-spec."""
-        local, _, sender_domain = self.sender.rpartition("@")
-        if self.ip.version == 4:
-            ip_text, version = str(self.ip), "in-addr"
-        else:
-            ip_text, version = ".".join(self.ip.exploded.replace(":", "")), "ip6"
-        values = {
-            "s": self.sender, "l": local or "postmaster", "o": sender_domain, "d": domain,
-            "i": ip_text, "p": "unknown", "v": version, "h": self.helo,
-        }
-        out: list[str] = []
-        pos = 0
-        for m in re.finditer(r"%(?:\{([A-Za-z])(\d*)(r?)([.+,/_=-]*)\}|(.))|%\Z", spec, re.I):
-            out.append(spec[pos : m.start()])
-            pos = m.end()
-            if m.group(5) is not None or m.group(0) == "%":
-                literal = {"%": "%", "_": " ", "-": "%20"}.get(m.group(5) or "")
-                if literal is None:
-                    raise _SpfPermError(f"bad macro in {spec!r}")
-                out.append(literal)
-                continue
-            letter = m.group(1)
-            if letter.lower() not in values:
-                raise _SpfPermError(f"macro %{{{letter}}} is not allowed here")
-            parts = re.split("[" + re.escape(m.group(4) or ".") + "]", values[letter.lower()])
-            if m.group(3):
-                parts.reverse()
-            if m.group(2):
-                keep = int(m.group(2))
-                if keep == 0:
-                    raise _SpfPermError("macro keeps zero labels")
-                parts = parts[-keep:]
-            text = ".".join(parts)
-            out.append(urllib.parse.quote(text, safe="") if letter.isupper() else text)
-        out.append(spec[pos:])
-        expanded = "".join(out).rstrip(".")
-        while len(expanded) > 253 and "." in expanded:  # §7.3: drop labels from the left
-            expanded = expanded.partition(".")[2]
-        return expanded
-
-
-async def check_spf(
-    client_ip: str, mail_from: str, helo: str, resolver: Resolver, *, timeout: float = 5.0
-) -> tuple[str, str, str]:
-    """SPF for the MAIL FROM identity, or for HELO when the sender is null (RFC 7208 §2.4).
-
-    Returns ``(result, domain checked, "mailfrom" | "helo")``.  Without a
-    usable client address (none given, or a trusted relay's Received field
-    could not be read) the result is "none".
-    """
-    return await _check_spf(client_ip, mail_from, helo, _Lookups(resolver, timeout))
-
-
-async def _check_spf(client_ip: str, mail_from: str, helo: str, lookups: _Lookups) -> tuple[str, str, str]:
-    mail_from = mail_from.strip().strip("<>")
-    helo = helo.strip().rstrip(".").lower()
-    if mail_from and "@" in mail_from:
-        local, _, domain = mail_from.rpartition("@")
-        sender, scope = f"{local or 'postmaster'}@{domain}", "mailfrom"
-    else:
-        domain, scope = helo, "helo"
-        sender = f"postmaster@{helo}"
-    domain = domain.rstrip(".").lower()
-    if not client_ip:
-        return "none", domain, scope
-    try:
-        ip = ipaddress.ip_address(client_ip.strip().strip("[]"))
-    except ValueError:
-        return "none", domain, scope
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    result = await _Spf(lookups, ip, sender, helo).check_host(domain)
-    return result, domain, scope
-
-
 # --- DMARC -------------------------------------------------------------------------------
 
 
@@ -1055,37 +758,6 @@ def _from_domain(raw: bytes) -> str:
     return ""
 
 
-def _dmarc_record(records: list[str]) -> dict[str, str] | None:
-    """The tags of the one DMARC record (RFC 7489 §6.6.3: none if zero or several)."""
-    found = [r for r in records if re.match(r"\s*v\s*=\s*DMARC1\s*(?:;|\Z)", r, re.I)]
-    if len(found) != 1:
-        return None
-    tags: dict[str, str] = {}
-    for part in found[0].split(";"):
-        key, eq, value = part.partition("=")
-        if eq:
-            tags.setdefault(key.strip().lower(), value.strip())
-    return tags
-
-
-async def _dmarc_policy(from_domain: str, lookups: _Lookups) -> tuple[str, dict[str, str]]:
-    """The policy that applies to ``from_domain`` and its record's tags; ("", {}) without a record."""
-    tags = _dmarc_record(await lookups.txt(f"_dmarc.{from_domain}"))
-    key = "p"
-    if tags is None:
-        org = organizational_domain(from_domain)
-        if org == from_domain:
-            return "", {}
-        tags = _dmarc_record(await lookups.txt(f"_dmarc.{org}"))
-        if tags is None:
-            return "", {}
-        if tags.get("sp", "").lower() in _DMARC_POLICIES:
-            key = "sp"
-    policy = tags.get(key, "").lower()
-    # §6.6.3: an unknown or missing p= with a valid record is treated as none.
-    return (policy if policy in _DMARC_POLICIES else "none"), tags
-
-
 def _aligned(domain: str, from_domain: str, mode: str) -> bool:
     domain, from_domain = domain.lower().rstrip("."), from_domain.lower().rstrip(".")
     if mode == "s":
@@ -1095,7 +767,7 @@ def _aligned(domain: str, from_domain: str, mode: str) -> bool:
 
 def _dmarc(
     from_domain: str,
-    tags: dict[str, str],
+    tags: Mapping[str, str],
     dkim: tuple[DkimVerdict, ...],
     spf: str,
     spf_domain: str,
@@ -1144,7 +816,7 @@ async def verify_inbound(
     that; whatever does not finish is a temperror.  Never raises for DNS or
     for anything in the message.
     """
-    lookups = _Lookups(resolver, timeout)
+    lookups = Lookups(resolver, timeout)
     limit = 4 * timeout
     try:
         try:
@@ -1157,24 +829,25 @@ async def verify_inbound(
         async def dkim_part() -> tuple[DkimVerdict, ...]:
             return await _verify_dkim(headers, body, lookups, min_rsa_bits=min_rsa_bits, allow_sha1=allow_sha1)
 
-        async def dmarc_part() -> tuple[str, dict[str, str]] | None:
+        async def dmarc_part() -> tuple[str, Mapping[str, str]] | None:
             if not from_domain:
                 return "", {}
-            return await _dmarc_policy(from_domain, lookups)
+            found = await discover(from_domain, lookups.txt)
+            return ("", {}) if found is None else (found.policy, found.tags)
 
         mail_from_domain = mail_from.strip().strip("<>").rpartition("@")[2].lower()
-        spf_fallback = ("temperror", mail_from_domain or helo.lower(), "mailfrom" if mail_from_domain else "helo")
+        spf_fallback = SpfOutcome("temperror", mail_from_domain or helo.lower(), "mailfrom" if mail_from_domain else "helo")
         dkim_sigs = [v for n, v in headers if n.lower() == b"dkim-signature"]
         dkim_fallback = tuple(_unchecked(v) for v in dkim_sigs)
         dkim, spf_parts, policy, arc = await asyncio.gather(
             _bounded(dkim_part(), limit, dkim_fallback),
-            _bounded(_check_spf(client_ip, mail_from, helo, lookups), limit, spf_fallback),
+            _bounded(spf_outcome(client_ip, mail_from, helo, lookups), limit, spf_fallback),
             _bounded(dmarc_part(), limit, None),
             _bounded(_verify_arc(raw, lookups), limit, "temperror"),
         )
     finally:
         lookups.cancel()
-    spf, spf_domain, spf_scope = spf_parts
+    spf, spf_domain, spf_scope = spf_parts.result, spf_parts.domain, spf_parts.scope
     if not from_domain:
         dmarc, dmarc_policy = "none", ""
     elif policy is None:

@@ -1,4 +1,4 @@
-"""The one seam through which listserv asks DNS anything: TXT, A, AAAA and MX lookups.
+"""The one seam through which listserv asks DNS anything: TXT, A, AAAA, MX and PTR lookups.
 
 ``Resolver`` is a small Protocol.  ``DnspythonResolver`` is the real one
 (config ``[dns] nameservers`` and a per-query timeout); ``DictResolver`` is the
@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 from listserv.errors import ListservError
 
-__all__ = ["DictResolver", "DnsTemporaryError", "DnspythonResolver", "Resolver", "parse_nameserver"]
+__all__ = [
+    "DictResolver", "DnsTemporaryError", "DnspythonResolver", "Lookups", "Resolver", "parse_nameserver", "reverse_name",
+]
+
+T = TypeVar("T")
 
 
 class DnsTemporaryError(ListservError):
@@ -44,6 +48,81 @@ class Resolver(Protocol):
         """(preference, exchange) pairs; exchange without the trailing dot."""
         ...
 
+    async def ptr(self, name: str) -> list[str]:
+        """The names a reverse-lookup name (``4.3.2.1.in-addr.arpa``, ``….ip6.arpa``) points to, without
+        the trailing dot (SPF ``ptr`` and ``%{p}``, RFC 7208 §5.5)."""
+        ...
+
+
+def reverse_name(address: str) -> str:
+    """``192.0.2.1`` -> ``1.2.0.192.in-addr.arpa``; IPv6 nibble by nibble under ``ip6.arpa`` (RFC 3596 §2.5)."""
+    return ipaddress.ip_address(address).reverse_pointer
+
+
+class Lookups:
+    """Memoized, time-bounded queries for one verification; failures become DnsTemporaryError.
+
+    A ``Resolver`` itself, so SPF, DKIM, DMARC and ARC of one post share its answers (a
+    municipality's domain is asked once, not four times).
+    """
+
+    def __init__(self, resolver: Resolver, timeout: float) -> None:
+        self.resolver = resolver
+        self.timeout = timeout
+        self._cache: dict[tuple[str, str], asyncio.Future[Any]] = {}
+
+    async def _get(self, kind: str, name: str, query: Callable[[str], Awaitable[T]]) -> T:
+        key = (kind, name.lower().rstrip("."))
+        fut = self._cache.get(key)
+        if fut is None:
+            fut = self._cache[key] = asyncio.ensure_future(self._run(query, key[1]))
+        # shield: one caller timing out must not cancel the query for the others.
+        answer: T = await asyncio.shield(fut)
+        return answer
+
+    async def _run(self, query: Callable[[str], Awaitable[T]], name: str) -> T:
+        try:
+            return await asyncio.wait_for(query(name), self.timeout)
+        except DnsTemporaryError:
+            raise
+        except asyncio.TimeoutError:
+            raise DnsTemporaryError(f"{name}: no answer in {self.timeout:g}s") from None
+        except Exception as exc:  # noqa: BLE001 - a broken resolver is a DNS failure, not a verdict
+            raise DnsTemporaryError(f"{name}: {exc!r}") from exc
+
+    async def txt(self, name: str) -> list[str]:
+        return await self._get("TXT", name, self.resolver.txt)
+
+    async def a(self, name: str) -> list[str]:
+        return await self._get("A", name, self.resolver.a)
+
+    async def aaaa(self, name: str) -> list[str]:
+        return await self._get("AAAA", name, self.resolver.aaaa)
+
+    async def mx(self, name: str) -> list[tuple[int, str]]:
+        return await self._get("MX", name, self.resolver.mx)
+
+    async def ptr(self, name: str) -> list[str]:
+        return await self._get("PTR", name, self.resolver.ptr)
+
+    async def txt_map(self, names: set[str]) -> dict[str, list[str] | DnsTemporaryError]:
+        """Fetch all ``names`` at once; a failed one maps to its error."""
+        ordered = sorted(names)
+        answers = await asyncio.gather(*(self.txt(n) for n in ordered), return_exceptions=True)
+        out: dict[str, list[str] | DnsTemporaryError] = {}
+        for name, answer in zip(ordered, answers, strict=True):
+            if isinstance(answer, DnsTemporaryError):
+                out[name] = answer
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                out[name] = answer
+        return out
+
+    def cancel(self) -> None:
+        for fut in self._cache.values():
+            fut.cancel()
+
 
 def _key(name: str) -> str:
     return name.lower().rstrip(".")
@@ -53,8 +132,9 @@ class DictResolver:
     """An in-memory resolver for tests: names are matched without case or trailing dot.
 
     ``fail`` names raise ``DnsTemporaryError`` for every type (a dead
-    nameserver); ``queries`` records ``(type, name)`` in order, so a test can
-    assert what was (not) asked.
+    nameserver); a ``(type, name)`` pair in ``fail`` only for that type (a
+    server that answers TXT but times out on A).  ``queries`` records
+    ``(type, name)`` in order, so a test can assert what was (not) asked.
     """
 
     def __init__(
@@ -64,19 +144,22 @@ class DictResolver:
         a: Mapping[str, Sequence[str]] | None = None,
         aaaa: Mapping[str, Sequence[str]] | None = None,
         mx: Mapping[str, Sequence[tuple[int, str]]] | None = None,
-        fail: Iterable[str] = (),
+        ptr: Mapping[str, Sequence[str]] | None = None,
+        fail: Iterable[str | tuple[str, str]] = (),
     ) -> None:
         self._txt = {_key(k): list(v) for k, v in (txt or {}).items()}
         self._a = {_key(k): list(v) for k, v in (a or {}).items()}
         self._aaaa = {_key(k): list(v) for k, v in (aaaa or {}).items()}
         self._mx = {_key(k): [(p, _key(h)) for p, h in v] for k, v in (mx or {}).items()}
-        self.fail = {_key(n) for n in fail}
+        self._ptr = {_key(k): [_key(n) for n in v] for k, v in (ptr or {}).items()}
+        self.fail = {_key(n) for n in fail if isinstance(n, str)}
+        self.fail_types = {(t.upper(), _key(n)) for t, n in (f for f in fail if not isinstance(f, str))}
         self.queries: list[tuple[str, str]] = []
 
     def _check(self, kind: str, name: str) -> str:
         key = _key(name)
         self.queries.append((kind, key))
-        if key in self.fail:
+        if key in self.fail or (kind, key) in self.fail_types:
             raise DnsTemporaryError(f"{kind} {key}: timed out (test)")
         return key
 
@@ -91,6 +174,9 @@ class DictResolver:
 
     async def mx(self, name: str) -> list[tuple[int, str]]:
         return list(self._mx.get(self._check("MX", name), []))
+
+    async def ptr(self, name: str) -> list[str]:
+        return list(self._ptr.get(self._check("PTR", name), []))
 
 
 def parse_nameserver(text: str) -> tuple[str, int]:
@@ -167,3 +253,6 @@ class DnspythonResolver:
             (int(r.preference), r.exchange.to_text(omit_final_dot=True).lower())  # type: ignore[attr-defined]
             for r in records
         ]
+
+    async def ptr(self, name: str) -> list[str]:
+        return [r.target.to_text(omit_final_dot=True) for r in await self._query(name, "PTR")]  # type: ignore[attr-defined]

@@ -31,7 +31,7 @@ from listserv.auth import (
     verify_inbound,
 )
 from listserv.dkim import DkimKey, dns_txt_value, sign_message
-from listserv.dns import DictResolver, DnsTemporaryError, parse_nameserver
+from listserv.dns import DictResolver, DnsTemporaryError, parse_nameserver, reverse_name
 from tests.conftest import corpora_dir, perl_verifier, require
 
 LIST_DOMAIN = "lists.example.org"
@@ -772,12 +772,13 @@ class _FakeDnsServer(asyncio.DatagramProtocol):
             ("A", "host.example"): ["192.0.2.1"],
             ("AAAA", "host.example"): ["2001:db8::1"],
             ("MX", "host.example"): ["10 mx1.host.example.", "20 MX2.host.example."],
+            ("PTR", "1.2.0.192.in-addr.arpa"): ["poczta.gmina.example.pl."],
         }
         if name == "servfail.example":
             reply.set_rcode(dns.rcode.SERVFAIL)
         elif (rdtype, name) in table:
             reply.answer.append(dns.rrset.from_text(question.name, 60, "IN", rdtype, *table[(rdtype, name)]))
-        elif name != "host.example" and name != "txt.example":
+        elif name not in ("host.example", "txt.example", "1.2.0.192.in-addr.arpa"):
             reply.set_rcode(dns.rcode.NXDOMAIN)
         self.transport.sendto(reply.to_wire(), addr)
 
@@ -795,6 +796,8 @@ async def test_dnspython_resolver_against_local_server() -> None:
         assert await resolver.a("host.example") == ["192.0.2.1"]
         assert await resolver.aaaa("host.example") == ["2001:db8::1"]
         assert sorted(await resolver.mx("host.example")) == [(10, "mx1.host.example"), (20, "mx2.host.example")]
+        assert await resolver.ptr(reverse_name("192.0.2.1")) == ["poczta.gmina.example.pl"]
+        assert await resolver.ptr(reverse_name("192.0.2.9")) == []  # NXDOMAIN
         assert await resolver.txt("host.example") == []  # no data
         assert await resolver.a("nx.example") == []  # NXDOMAIN
         with pytest.raises(DnsTemporaryError):

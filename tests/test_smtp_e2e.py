@@ -361,7 +361,7 @@ def test_dmarc_when_strict_rewrites_only_strict_domains(tmp_path: Path, sink, st
     handler, port = sink
     resolver = _txt_resolver({
         "_dmarc.gmina-wieliczka.pl": ["v=DMARC1; p=reject; rua=mailto:d@gmina-wieliczka.pl"],
-        "_dmarc.krakow.pl": ["v=DMARC1; p=none"],  # um.krakow.pl falls back to its organizational domain
+        "_dmarc.um.krakow.pl": ["v=DMARC1; p=none"],
     })
     server = start_server(make_config(tmp_path, port), resolver=resolver)
     # (Unsigned posts from a p=reject domain would be held as possibly forged: that has its own tests.)
@@ -380,6 +380,40 @@ def test_dmarc_when_strict_rewrites_only_strict_domains(tmp_path: Path, sink, st
     assert POST_ADDR in froms["<seap-1@gmina-wieliczka.pl>"][0]  # p=reject: rewritten
     assert froms["<seap-2@gmina-wieliczka.pl>"][0].endswith(f"<{MEMBERS[1]}>")  # p=none: left alone
     assert froms["<seap-2@gmina-wieliczka.pl>"][1] is None
+
+
+def test_dmarc_when_strict_reads_sp_the_public_suffix_list_and_one_record(tmp_path: Path, sink, start_server) -> None:  # type: ignore[no-untyped-def]
+    """RFC 7489 §6.6.3 through the shared listserv.dmarc, over real SMTP: who gets a list From."""
+    handler, port = sink
+    subdomain = "sekretariat@bip.gmina-wieliczka.pl"
+    resolver = _txt_resolver({
+        # The town asks nothing for itself and "reject" for every subdomain (sp=).
+        "_dmarc.gmina-wieliczka.pl": ["v=DMARC1; p=none; sp=reject; rua=mailto:d@gmina-wieliczka.pl"],
+        # krakow.pl is a public suffix (PSL, ".pl domains (grandfathered)"): um.krakow.pl is an
+        # organization of its own, and this record is not its policy.
+        "_dmarc.krakow.pl": ["v=DMARC1; p=reject"],
+        # Two DMARC records: no policy applies (§6.6.3 step 5), nobody would reject on DMARC.
+        "_dmarc.energia-agencja.pl": ["v=DMARC1; p=reject", "v=DMARC1; p=quarantine"],
+    })
+    server = start_server(make_config(tmp_path, port), resolver=resolver)
+    server.call(server.store.create_list(LIST, {"dmarc_mitigation": "when_strict", "sender_authentication": "off"},
+                                         [OWNER]))
+    server.call(server.store.add_members(LIST, [(m, "", "") for m in [*MEMBERS, subdomain]]))
+    authors = [subdomain, *MEMBERS]
+    for n, author in enumerate(authors):
+        post = POLISH_POST.replace(b"anna.kowalska@gmina-wieliczka.pl", author.encode()).replace(
+            b"<seap-1@", f"<dmarc-{n}@".encode())
+        send(server.port, author, [POST_ADDR], post)
+    server.drain()
+    wait_for(lambda: len(handler.messages) >= len(authors))
+    froms = {}
+    for m in handler.messages:
+        msg = email.message_from_bytes(m.data, policy=email.policy.default)
+        froms[msg["Message-ID"].split("@")[0].strip("<")] = (str(msg["From"]), msg["Reply-To"])
+    assert POST_ADDR in froms["dmarc-0"][0] and subdomain in str(froms["dmarc-0"][1])  # sp=reject: rewritten
+    for n, author in enumerate(MEMBERS, start=1):  # p=none, someone else's record, two records: left alone
+        assert froms[f"dmarc-{n}"][0].endswith(f"<{author}>"), (author, froms[f"dmarc-{n}"])
+        assert froms[f"dmarc-{n}"][1] is None
 
 
 def test_held_post_approved_then_delivered_and_rejected_one_told(running) -> None:  # type: ignore[no-untyped-def]

@@ -2,4 +2,7 @@
 
 from listserv.cli import main
 
-main()
+# Guarded: the receive workers (listserv/offload.py) start with forkserver,
+# which imports the main module again and must not run the CLI there.
+if __name__ == "__main__":
+    main()

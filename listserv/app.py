@@ -25,6 +25,7 @@ from listserv.archive import Archiver
 from listserv.bounce_scores import BounceStage
 from listserv.fanout import Fanout
 from listserv.membership import MembershipStage
+from listserv.postmaster import PostmasterStage
 from listserv.smtp_in import ListHandler, server_factory
 from listserv.store import Store
 from listserv.transport import Transport, make_transport
@@ -119,7 +120,8 @@ class App:
         self.archiver = Archiver(config, store)
         self.bounce_stage = BounceStage(config, store, key)
         self.fanout = Fanout(config, store, transport, key, resolve, retry_initial=self._retry_initial,
-                             stages=(self.membership.process, self.bounce_stage.process),
+                             stages=(self.membership.process, self.bounce_stage.process,
+                                     PostmasterStage(config, store, key).process),
                              on_archived=self.archiver.on_archived, tokens=self.tokens,
                              on_failed=self.bounce_stage.on_delivery_failure)
         if config.web.listen is not None:
@@ -158,6 +160,7 @@ class App:
         for session in list(self._sessions):
             if session.transport is not None:
                 session.transport.close()
+        self.handler.receiving.close()
         await self.fanout.stop(grace)
         if self._fanout_task is not None:
             self._fanout_task.cancel()

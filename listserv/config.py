@@ -57,9 +57,22 @@ class ServerConfig:
     state_dir: Path
     max_message_size: int
     hostname: str
-    timeout: int  # seconds an idle client may keep a session open
+    timeout: int  # seconds a client may stay silent while we wait for a command (RFC 5321 §4.5.3.2.7)
     log_level: str
     trusted_relays: tuple[str, ...] = ()  # IPs/networks of the MTA in front of us (SPF looks past them)
+    # Limits an MTA has (issue 12).  Each answers with its RFC reply.
+    data_timeout: int = 180  # seconds of silence inside DATA (RFC 5321 §4.5.3.2.5: 3 minutes)
+    max_connections: int = 200  # all clients together; more -> 421 4.7.0
+    max_connections_per_ip: int = 50  # one client address; more -> 421 4.7.0
+    recipient_limit: int = 100  # RCPTs per transaction; more -> 452 4.5.3 (RFC 5321 §4.5.3.1.10)
+    soft_error_limit: int = 10  # refused RCPTs in a session before each further error is delayed
+    error_sleep_time: float = 1.0  # that delay, seconds (Postfix's smtpd_error_sleep_time)
+    hard_error_limit: int = 20  # refused RCPTs in a session before 421 and disconnect
+    max_header_size: int = 256 * 1024  # bytes of the header section; more -> 552 5.3.4
+    max_header_fields: int = 1000  # header fields; more -> 552 5.3.4
+    postmaster: str = ""  # where mail to postmaster@ and abuse@ goes; "" = kept, not forwarded
+    offload_threshold: int = 64 * 1024  # messages at least this big are checked in worker processes
+    receive_workers: int = 2  # those worker processes (0 = none: everything on the event loop)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +237,35 @@ def _size(value: Any) -> int:
     raise ValueError(f'expected a size in bytes, or like "10MB"; got {value!r}')
 
 
+def _size_or_zero(value: Any) -> int:
+    """A size, or 0."""
+    if value == 0 and not isinstance(value, bool):
+        return 0
+    return _size(value)
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number (0 or more), got {value!r}")
+    return value
+
+
+def _delay(value: Any) -> float:
+    """Seconds as a number (fractions allowed), or a duration string like "1s"."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not 0 <= value <= 60:
+            raise ValueError(f"expected seconds between 0 and 60, got {value!r}")
+        return float(value)
+    return float(parse_duration(value))
+
+
+def _optional_address(value: Any) -> str:
+    text = _str(value).strip()
+    if text and not re.match(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$", text):
+        raise ValueError(f"expected an e-mail address (or \"\"), got {text!r}")
+    return text.lower()
+
+
 def _host_port(value: Any) -> HostPort:
     text = _str(value).strip()
     m = re.match(r"^\[([0-9a-fA-F:.]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]+):(\d+)$", text)
@@ -320,8 +362,27 @@ def from_mapping(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         timeout=s.get("timeout", _duration, 300),
         log_level=s.get("log_level", _choice("debug", "info", "warning", "error"), "info"),
         trusted_relays=tuple(s.get("trusted_relays", _networks, [])),
+        data_timeout=s.get("data_timeout", _duration, 180),
+        max_connections=s.get("max_connections", _positive, 200),
+        max_connections_per_ip=s.get("max_connections_per_ip", _positive, 50),
+        recipient_limit=s.get("recipient_limit", _positive, 100),
+        soft_error_limit=s.get("soft_error_limit", _positive, 10),
+        error_sleep_time=s.get("error_sleep_time", _delay, 1.0),
+        hard_error_limit=s.get("hard_error_limit", _positive, 20),
+        max_header_size=s.get("max_header_size", _size, 256 * 1024),
+        max_header_fields=s.get("max_header_fields", _positive, 1000),
+        postmaster=s.get("postmaster", _optional_address, ""),
+        offload_threshold=s.get("offload_threshold", _size_or_zero, 64 * 1024),
+        receive_workers=s.get("receive_workers", _count, 2),
     )
     s.finish()
+    if server.recipient_limit < 100:
+        # RFC 5321 §4.5.3.1.8: a server must accept at least 100 recipients.
+        raise ConfigError("[server] recipient_limit: RFC 5321 §4.5.3.1.8 requires at least 100")
+    if server.hard_error_limit < server.soft_error_limit:
+        raise ConfigError("[server] hard_error_limit: must be at least soft_error_limit")
+    if server.max_connections_per_ip > server.max_connections:
+        raise ConfigError("[server] max_connections_per_ip: must not exceed max_connections")
     if not server.hostname:
         server = _replace(server, hostname=server.domain)
 

@@ -1,7 +1,7 @@
 """Check, for the list domain, what a receiving MTA will check: ``listserv doctor``.
 
 ``run_checks(config, resolver)`` returns one ``Check`` per question, in this
-order: the config (DKIM keys, state directory, delivery mode, the public
+order: the config (DKIM keys, state directory, file modes, delivery mode, the public
 URLs), then DNS as a receiver sees it, through the same ``Resolver`` seam the
 server uses: each DKIM key record (RFC 6376 §3.6.1, RFC 8463 §4), SPF for the
 envelope sender ``LIST-bounces@domain`` from the address our copies leave
@@ -34,7 +34,7 @@ from typing import Final, Literal
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from listserv import dkim
+from listserv import dkim, files
 from listserv.auth import check_spf
 from listserv.config import Config
 from listserv.dmarc import organizational_domain
@@ -86,7 +86,7 @@ async def run_checks(config: Config, resolver: Resolver, *, public_ip: str | Non
         checks.append(check)
         if ed_key is not None:
             keys.append(("dkim ed25519", ed_key))
-    checks += [_state_dir(config), _delivery(config), *_urls(config)]
+    checks += [_state_dir(config), _file_modes(config), _delivery(config), *_urls(config)]
     for name, key in keys:
         checks.append(await _dkim_record(name, key, resolver))
     checks.append(await _spf(config, resolver, public_ip))
@@ -166,6 +166,17 @@ def _state_dir(config: Config) -> Check:
     if os.access(parent, os.W_OK | os.X_OK):
         return Check("OK", "state_dir", f"{path} does not exist yet; `serve` creates it")
     return Check("FAIL", "state_dir", f"{path} does not exist and cannot be created in {parent}")
+
+
+def _file_modes(config: Config) -> Check:
+    """The state dir 0700 and the database, WAL/SHM, key and secret files 0600 (``listserv.files``)."""
+    loose = files.loose_modes(config)
+    if not loose:
+        return Check("OK", "file modes", "the state dir and the database, key and secret files are private")
+    paths = [line.partition(": mode ")[0] for line in loose]
+    fix = "; ".join(f"chmod {'700' if Path(p).is_dir() else '600'} {p}" for p in paths)
+    return Check("WARN", "file modes", f"{'; '.join(loose)}: other local users can read members, tokens or "
+                                       f"keys ({fix}; `serve` does it at start when it owns them)")
 
 
 def _delivery(config: Config) -> Check:

@@ -113,11 +113,26 @@ def main(config_path: Path | None) -> None:
 
 @main.command()
 @config_option
-def serve(config_path: Path | None) -> None:
-    """Receive, decide, deliver: run the server until SIGTERM."""
+@click.option("--web-listen", metavar="HOST:PORT", default=None,
+              help="Where the one-click unsubscribe listener listens, instead of [web] listen ('' for none).")
+def serve(config_path: Path | None, web_listen: str | None) -> None:
+    """Receive, decide, deliver: run the server until SIGTERM.
+
+    A failure to start (a port taken, a key or the state dir unusable) exits 1
+    at once with one line naming the setting to change.
+    """
+    import dataclasses
+
     from listserv import app
 
     cfg = _load(config_path)
+    if web_listen is not None:
+        try:
+            # The parser [web] listen goes through, so both accept the same forms.
+            listen = config_mod._host_port(web_listen) if web_listen.strip() else None
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--web-listen") from None
+        cfg = dataclasses.replace(cfg, web=dataclasses.replace(cfg.web, listen=listen))
     try:
         app.run(cfg)
     except ListservError as exc:

@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -283,36 +284,73 @@ def read_member_csv(path: Path) -> list[tuple[str, str, str]]:
     """Rows `address[,display name[,organisation]]`; '#' comments, blank lines and a header row skipped.
 
     A semicolon also separates fields: that is what Excel writes in Polish settings.
+    Each line is one member: a line that does not parse (an unterminated quote,
+    a quoted field running onto the next line, more than three fields, a control
+    character in a name, an invalid address) is an error naming the file and
+    line, and nothing of the file is imported.
     """
     try:
         text = decode_member_file(path, path.read_bytes())
     except OSError as exc:
         raise click.BadParameter(f"cannot read {path}: {exc.strerror}") from None
-    lines = text.splitlines()
+    # CRLF (Windows), LF, or CR alone (Excel for Mac): the only line ends.  Any
+    # other separator str.splitlines() knows (VT, FF, U+2028...) stays inside
+    # its line and is refused there as a control character.
+    lines = re.split(r"\r\n|\r|\n", text)
     data_lines = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     delimiter = ";" if data_lines and ";" in data_lines[0] and "," not in data_lines[0] else ","
     rows: list[tuple[str, str, str]] = []
-    items = list(csv.reader(io.StringIO(text), delimiter=delimiter))
-    show = sys.stderr.isatty() and len(items) > 2000
+    show = sys.stderr.isatty() and len(lines) > 2000
     first = True
-    with click.progressbar(items, label="reading members", file=sys.stderr if show else io.StringIO()) as bar:
-        for lineno, row in enumerate(bar, 1):
-            if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
+    with click.progressbar(list(enumerate(lines, 1)), label="reading members",
+                           file=sys.stderr if show else io.StringIO()) as bar:
+        for lineno, line in bar:
+            if not line.strip() or line.lstrip().startswith("#"):
                 continue
+            where = f"{path}:{lineno}"
+            row = _csv_fields(where, line, delimiter)
             if first and row[0].strip().lower() in ("address", "email", "e-mail", "adres", "adres e-mail"):
                 first = False
                 continue
             first = False
-            if len(row) > 3:
-                raise click.BadParameter(f"{path}:{lineno}: expected address[,name[,organisation]]")
-            try:
-                address = normalize_address(row[0])
-            except AddressError as exc:
-                raise click.BadParameter(f"{path}:{lineno}: {exc}") from None
-            name = row[1].strip() if len(row) > 1 else ""
-            org = row[2].strip() if len(row) > 2 else ""
-            rows.append((address, name, org))
+            rows.append(_member_row(where, row))
     return rows
+
+
+def _csv_fields(where: str, line: str, delimiter: str) -> list[str]:
+    try:
+        (row,) = list(csv.reader([line], delimiter=delimiter, strict=True))
+    except csv.Error as exc:
+        if "unexpected end of data" in str(exc):
+            raise click.BadParameter(f'{where}: unterminated quote: a field opened with " must close on the '
+                                     "same line (a member's fields cannot span lines)") from None
+        raise click.BadParameter(f"{where}: not valid CSV: {exc}") from None
+    if len(row) > 3:
+        raise click.BadParameter(f"{where}: {len(row)} fields; expected address[,name[,organisation]] "
+                                 "(put a name with a comma in double quotes)")
+    return row
+
+
+def _member_row(where: str, row: list[str]) -> tuple[str, str, str]:
+    try:
+        address = normalize_address(row[0])
+    except AddressError as exc:
+        raise click.BadParameter(f"{where}: {exc}") from None
+    name = row[1].strip() if len(row) > 1 else ""
+    org = row[2].strip() if len(row) > 2 else ""
+    for label, value in (("display name", name), ("organisation", org)):
+        bad = next((c for c in value if _is_control(c)), None)
+        if bad is not None:
+            raise click.BadParameter(f"{where}: the {label} {value!r} holds a control character "
+                                     f"(U+{ord(bad):04X})")
+    return address, name, org
+
+
+def _is_control(char: str) -> bool:
+    """C0/C1 controls, line and paragraph separators, and the bidi controls that
+    can make a name display as another (Unicode TR 36 §2.2)."""
+    return unicodedata.category(char) in ("Cc", "Zl", "Zp") or "\u202a" <= char <= "\u202e" \
+        or "\u2066" <= char <= "\u2069"
 
 
 @members_group.command("add")

@@ -814,7 +814,7 @@ def _ago(seconds: float) -> str:
 @main.command("status")
 @with_store
 async def status_cmd(cfg: config_mod.Config, store: Store) -> None:
-    """Up or down, queue depths, traffic in the last hour and day, the last errors.
+    """Up or down, queue depths, traffic in the last hour and day, each stage's last errors.
 
     Exits 3 when the server does not answer (as LSB init scripts do for "not running").
     """
@@ -822,7 +822,7 @@ async def status_cmd(cfg: config_mod.Config, store: Store) -> None:
     up, detail = await probe_server(cfg.server.listen.host, cfg.server.listen.port)
     horizon = STATUS_HORIZON + cfg.delivery.retry_period
     s = await store.operator_status(now, horizon)
-    errors = await store.recent_errors(now, horizon)
+    errors = await store.stage_errors(now, horizon)
     click.echo(f"server: {'up' if up else 'DOWN'}, {detail}")
     click.echo("queue:")
     for key, what in (
@@ -852,13 +852,16 @@ async def status_cmd(cfg: config_mod.Config, store: Store) -> None:
         ("bounces", s["bounced_hour"], s["bounced_day"]),
     ):
         click.echo(f"  {label:<16}{hour:>12}{day:>11}")
-    if not errors:
+    if not any(errors.values()):
         click.echo("last errors: none")
     else:
         click.echo("last errors:")
-        for e in errors:
-            click.echo(f"  {_when(e['at'])}  {e['outcome']}  {e['list'] or '-'}  "
-                       f"<{e['message_id'] or '-'}>  {e['recipient']}  {e['reply']}")
+        for stage, entries in errors.items():
+            if not entries:
+                click.echo(f"  {stage:<10}none")
+            for i, e in enumerate(entries):
+                again = f"  ({e['count']} times since {_when(e['first_at'])})" if e["count"] > 1 else ""
+                click.echo(f"  {stage if i == 0 else '':<10}{_when(e['at'])}  {e['detail']}{again}")
     if not up:
         sys.exit(3)
 

@@ -20,7 +20,7 @@ from aiosmtpd.smtp import SMTP
 from listserv import dkim, files
 from listserv.config import Config
 from listserv.dns import DnspythonResolver, Resolver
-from listserv.errors import ConfigError, DuplicateError
+from listserv.errors import DuplicateError
 from listserv.archive import Archiver
 from listserv.bounce_scores import BounceStage
 from listserv.fanout import Fanout
@@ -48,7 +48,7 @@ def load_or_create_key(config: Config) -> dkim.KeySet:
     """The signing keys: the RSA key (generated, with a warning, if missing) and the
     Ed25519 one when configured (never generated: a configured path that does not
     exist is a mistake to report, not to paper over).  A key that cannot be read or
-    made is a ``ConfigError`` naming its setting."""
+    made is a ``DkimKeyError`` naming its setting."""
     path = config.dkim.private_key
     try:
         if not path.exists():
@@ -63,7 +63,7 @@ def load_or_create_key(config: Config) -> dkim.KeySet:
         ed = config.dkim.ed25519_private_key
         setting = "[dkim] ed25519_private_key" if ed is not None and str(ed) in str(exc) else "[dkim] private_key"
         text = str(exc) if isinstance(exc, dkim.DkimKeyError) else f"cannot make the DKIM key {path}: {exc.strerror}"
-        raise ConfigError(f"{text} ({setting})") from None
+        raise dkim.DkimKeyError(f"{text} ({setting})") from None
 
 
 async def seed_lists(store: Store, config: Config) -> None:

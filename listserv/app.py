@@ -17,7 +17,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
-from listserv import dkim
+from listserv import dkim, files
 from listserv.config import Config
 from listserv.dns import DnspythonResolver, Resolver
 from listserv.errors import DuplicateError
@@ -48,16 +48,23 @@ def setup_logging(level: str) -> None:
 def load_or_create_key(config: Config) -> dkim.KeySet:
     """The signing keys: the RSA key (generated, with a warning, if missing) and the
     Ed25519 one when configured (never generated: a configured path that does not
-    exist is a mistake to report, not to paper over)."""
+    exist is a mistake to report, not to paper over).  A key that cannot be read or
+    made is a ``DkimKeyError`` naming its setting."""
     path = config.dkim.private_key
-    if not path.exists():
-        dkim.generate_key(path)
-        key = dkim.DkimKey.load(path, domain=config.server.domain, selector=config.dkim.selector)
-        log.warning(
-            "no DKIM key at %s: generated one; publish this DNS record:\n%s",
-            path, dkim.dns_txt_record(key.private_key, config.dkim.selector, config.server.domain),
-        )
-    return dkim.load_keys(config.dkim, config.server.domain)
+    try:
+        if not path.exists():
+            dkim.generate_key(path)
+            key = dkim.DkimKey.load(path, domain=config.server.domain, selector=config.dkim.selector)
+            log.warning(
+                "no DKIM key at %s: generated one; publish this DNS record:\n%s",
+                path, dkim.dns_txt_record(key.private_key, config.dkim.selector, config.server.domain),
+            )
+        return dkim.load_keys(config.dkim, config.server.domain)
+    except (dkim.DkimKeyError, OSError) as exc:
+        ed = config.dkim.ed25519_private_key
+        setting = "[dkim] ed25519_private_key" if ed is not None and str(ed) in str(exc) else "[dkim] private_key"
+        text = str(exc) if isinstance(exc, dkim.DkimKeyError) else f"cannot make the DKIM key {path}: {exc.strerror}"
+        raise dkim.DkimKeyError(f"{text} ({setting})") from None
 
 
 async def seed_lists(store: Store, config: Config) -> None:
@@ -106,9 +113,11 @@ class App:
 
     async def start(self) -> None:
         config = self.config
-        config.server.state_dir.mkdir(parents=True, exist_ok=True)
+        files.private_dir(config.server.state_dir)  # 0700; a ConfigError naming [server] state_dir
         key = load_or_create_key(config)
         self.store = store = await Store.open(config.db_path)
+        for problem in files.tighten(config):  # 0700/0600 whatever an older start or the umask left
+            log.warning("file mode: %s (see `listserv doctor`)", problem)
         await seed_lists(store, config)
         transport = self._transport or make_transport(config.delivery, config.maildir_root, config.server.hostname)
         # One resolver for every DNS question (RFC 7489 policies, SPF, DKIM
@@ -137,8 +146,11 @@ class App:
             return session
 
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(factory, host=config.server.listen.host,
-                                                port=config.server.listen.port)
+        try:
+            self._server = await loop.create_server(factory, host=config.server.listen.host,
+                                                    port=config.server.listen.port)
+        except OSError as exc:
+            raise files.listen_error(config.server.listen, "[server] listen", exc) from None
         self.port = self._server.sockets[0].getsockname()[1]
         self._fanout_task = asyncio.create_task(self.fanout.run(), name="fanout")
         log.info("listening on %s:%d (%s) for %s; delivery: %s", config.server.listen.host, self.port,
@@ -170,12 +182,23 @@ class App:
         self._stopped.set()
         log.info("stopped")
 
+    async def _abandon_start(self) -> None:
+        """Release what a failed ``start`` opened, so ``serve`` exits at once."""
+        if self.web is not None:
+            await self.web.stop()
+        if self.store is not None:
+            await self.store.close()
+
     async def run_until_signalled(self) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self._abandon_start()  # aiosqlite's threads would keep the process alive
+            raise
         await stop.wait()
         log.info("signal received: stopping")
         await self.stop()

@@ -832,9 +832,10 @@ class Archiver:
             for list_name, msgid_hash in batch:
                 try:
                     month = await self.add(list_name, msgid_hash, pages=False)
-                except Exception:  # noqa: BLE001 - the archive is derived; a rebuild repairs it
+                except Exception as exc:  # noqa: BLE001 - the archive is derived; a rebuild repairs it
                     log.exception("archive update failed list=%s hash=%s; `listserv archive build` repairs it",
                                   list_name, msgid_hash)
+                    await self.store.record_stage_error("archive", f"archive update failed list={list_name}: {exc!r}")
                     continue
                 if month is not None:
                     touched.setdefault(list_name, set()).add(month)
@@ -842,8 +843,9 @@ class Archiver:
                 try:
                     async with self._lock:
                         await self._render_pages(await self._info(list_name), months)
-                except Exception:  # noqa: BLE001
+                except Exception as exc:  # noqa: BLE001
                     log.exception("archive pages of %s failed; `listserv archive build` repairs them", list_name)
+                    await self.store.record_stage_error("archive", f"archive pages of {list_name} failed: {exc!r}")
 
     async def idle(self) -> None:
         """Wait until every update started so far has finished (tests, shutdown)."""

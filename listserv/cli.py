@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -113,11 +114,26 @@ def main(config_path: Path | None) -> None:
 
 @main.command()
 @config_option
-def serve(config_path: Path | None) -> None:
-    """Receive, decide, deliver: run the server until SIGTERM."""
+@click.option("--web-listen", metavar="HOST:PORT", default=None,
+              help="Where the one-click unsubscribe listener listens, instead of [web] listen ('' for none).")
+def serve(config_path: Path | None, web_listen: str | None) -> None:
+    """Receive, decide, deliver: run the server until SIGTERM.
+
+    A failure to start (a port taken, a key or the state dir unusable) exits 1
+    at once with one line naming the setting to change.
+    """
+    import dataclasses
+
     from listserv import app
 
     cfg = _load(config_path)
+    if web_listen is not None:
+        try:
+            # The parser [web] listen goes through, so both accept the same forms.
+            listen = config_mod._host_port(web_listen) if web_listen.strip() else None
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--web-listen") from None
+        cfg = dataclasses.replace(cfg, web=dataclasses.replace(cfg.web, listen=listen))
     try:
         app.run(cfg)
     except ListservError as exc:
@@ -268,36 +284,73 @@ def read_member_csv(path: Path) -> list[tuple[str, str, str]]:
     """Rows `address[,display name[,organisation]]`; '#' comments, blank lines and a header row skipped.
 
     A semicolon also separates fields: that is what Excel writes in Polish settings.
+    Each line is one member: a line that does not parse (an unterminated quote,
+    a quoted field running onto the next line, more than three fields, a control
+    character in a name, an invalid address) is an error naming the file and
+    line, and nothing of the file is imported.
     """
     try:
         text = decode_member_file(path, path.read_bytes())
     except OSError as exc:
         raise click.BadParameter(f"cannot read {path}: {exc.strerror}") from None
-    lines = text.splitlines()
+    # CRLF (Windows), LF, or CR alone (Excel for Mac): the only line ends.  Any
+    # other separator str.splitlines() knows (VT, FF, U+2028...) stays inside
+    # its line and is refused there as a control character.
+    lines = re.split(r"\r\n|\r|\n", text)
     data_lines = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     delimiter = ";" if data_lines and ";" in data_lines[0] and "," not in data_lines[0] else ","
     rows: list[tuple[str, str, str]] = []
-    items = list(csv.reader(io.StringIO(text), delimiter=delimiter))
-    show = sys.stderr.isatty() and len(items) > 2000
+    show = sys.stderr.isatty() and len(lines) > 2000
     first = True
-    with click.progressbar(items, label="reading members", file=sys.stderr if show else io.StringIO()) as bar:
-        for lineno, row in enumerate(bar, 1):
-            if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
+    with click.progressbar(list(enumerate(lines, 1)), label="reading members",
+                           file=sys.stderr if show else io.StringIO()) as bar:
+        for lineno, line in bar:
+            if not line.strip() or line.lstrip().startswith("#"):
                 continue
+            where = f"{path}:{lineno}"
+            row = _csv_fields(where, line, delimiter)
             if first and row[0].strip().lower() in ("address", "email", "e-mail", "adres", "adres e-mail"):
                 first = False
                 continue
             first = False
-            if len(row) > 3:
-                raise click.BadParameter(f"{path}:{lineno}: expected address[,name[,organisation]]")
-            try:
-                address = normalize_address(row[0])
-            except AddressError as exc:
-                raise click.BadParameter(f"{path}:{lineno}: {exc}") from None
-            name = row[1].strip() if len(row) > 1 else ""
-            org = row[2].strip() if len(row) > 2 else ""
-            rows.append((address, name, org))
+            rows.append(_member_row(where, row))
     return rows
+
+
+def _csv_fields(where: str, line: str, delimiter: str) -> list[str]:
+    try:
+        (row,) = list(csv.reader([line], delimiter=delimiter, strict=True))
+    except csv.Error as exc:
+        if "unexpected end of data" in str(exc):
+            raise click.BadParameter(f'{where}: unterminated quote: a field opened with " must close on the '
+                                     "same line (a member's fields cannot span lines)") from None
+        raise click.BadParameter(f"{where}: not valid CSV: {exc}") from None
+    if len(row) > 3:
+        raise click.BadParameter(f"{where}: {len(row)} fields; expected address[,name[,organisation]] "
+                                 "(put a name with a comma in double quotes)")
+    return row
+
+
+def _member_row(where: str, row: list[str]) -> tuple[str, str, str]:
+    try:
+        address = normalize_address(row[0])
+    except AddressError as exc:
+        raise click.BadParameter(f"{where}: {exc}") from None
+    name = row[1].strip() if len(row) > 1 else ""
+    org = row[2].strip() if len(row) > 2 else ""
+    for label, value in (("display name", name), ("organisation", org)):
+        bad = next((c for c in value if _is_control(c)), None)
+        if bad is not None:
+            raise click.BadParameter(f"{where}: the {label} {value!r} holds a control character "
+                                     f"(U+{ord(bad):04X})")
+    return address, name, org
+
+
+def _is_control(char: str) -> bool:
+    """C0/C1 controls, line and paragraph separators, and the bidi controls that
+    can make a name display as another (Unicode TR 36 §2.2)."""
+    return unicodedata.category(char) in ("Cc", "Zl", "Zp") or "\u202a" <= char <= "\u202e" \
+        or "\u2066" <= char <= "\u2069"
 
 
 @members_group.command("add")
@@ -761,7 +814,7 @@ def _ago(seconds: float) -> str:
 @main.command("status")
 @with_store
 async def status_cmd(cfg: config_mod.Config, store: Store) -> None:
-    """Up or down, queue depths, traffic in the last hour and day, the last errors.
+    """Up or down, queue depths, traffic in the last hour and day, each stage's last errors.
 
     Exits 3 when the server does not answer (as LSB init scripts do for "not running").
     """
@@ -769,7 +822,7 @@ async def status_cmd(cfg: config_mod.Config, store: Store) -> None:
     up, detail = await probe_server(cfg.server.listen.host, cfg.server.listen.port)
     horizon = STATUS_HORIZON + cfg.delivery.retry_period
     s = await store.operator_status(now, horizon)
-    errors = await store.recent_errors(now, horizon)
+    errors = await store.stage_errors(now, horizon)
     click.echo(f"server: {'up' if up else 'DOWN'}, {detail}")
     click.echo("queue:")
     for key, what in (
@@ -799,13 +852,16 @@ async def status_cmd(cfg: config_mod.Config, store: Store) -> None:
         ("bounces", s["bounced_hour"], s["bounced_day"]),
     ):
         click.echo(f"  {label:<16}{hour:>12}{day:>11}")
-    if not errors:
+    if not any(errors.values()):
         click.echo("last errors: none")
     else:
         click.echo("last errors:")
-        for e in errors:
-            click.echo(f"  {_when(e['at'])}  {e['outcome']}  {e['list'] or '-'}  "
-                       f"<{e['message_id'] or '-'}>  {e['recipient']}  {e['reply']}")
+        for stage, entries in errors.items():
+            if not entries:
+                click.echo(f"  {stage:<10}none")
+            for i, e in enumerate(entries):
+                again = f"  ({e['count']} times since {_when(e['first_at'])})" if e["count"] > 1 else ""
+                click.echo(f"  {stage if i == 0 else '':<10}{_when(e['at'])}  {e['detail']}{again}")
     if not up:
         sys.exit(3)
 

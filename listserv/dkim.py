@@ -51,11 +51,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
-import os
 import re
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +64,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from listserv import files
 from listserv.errors import ListservError
 
 if TYPE_CHECKING:
@@ -364,39 +362,12 @@ def generate_ed25519_key(path: Path | str, *, force: bool = False) -> ed25519.Ed
 
 
 def _write_secret(path: Path, data: bytes, *, replace: bool) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    # Created 0600 from the start: the key is never readable by others, not
-    # even for a moment; fchmod because the umask could remove owner bits.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with open(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            try:
-                # link() fails if the name exists, so a key created between
-                # our check and now is never clobbered (rename would).
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FileExistsError(
-                    f"DKIM key {path} already exists; refusing to overwrite it "
-                    "(use force to replace it)"
-                ) from None
-            os.unlink(tmp)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    # Make the new directory entry durable too.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        files.write_private(path, data, replace=replace)  # atomic, 0600 from the first byte
+    except FileExistsError:
+        raise FileExistsError(
+            f"DKIM key {path} already exists; refusing to overwrite it (use force to replace it)"
+        ) from None
 
 
 #: What ``dns_txt_value`` and ``dns_txt_record`` accept.

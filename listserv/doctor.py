@@ -1,14 +1,16 @@
 """Check, for the list domain, what a receiving MTA will check: ``listserv doctor``.
 
 ``run_checks(config, resolver)`` returns one ``Check`` per question, in this
-order: the config (DKIM keys, state directory, delivery mode, the public
+order: the config (DKIM keys, state directory, file modes, delivery mode, the public
 URLs), then DNS as a receiver sees it, through the same ``Resolver`` seam the
 server uses: each DKIM key record (RFC 6376 §3.6.1, RFC 8463 §4), SPF for the
 envelope sender ``LIST-bounces@domain`` from the address our copies leave
 from (RFC 7208), DMARC at ``_dmarc.domain`` (RFC 7489), and MX (RFC 5321
-§5.1).  A failing check carries the record to publish.  Nothing here prints,
-writes (beyond probing that the state directory is writable) or exits; the
-CLI does that.
+§5.1); last, each stage's errors of the last day from the state database
+(opened only if it exists).  A failing check carries the record to publish.
+Nothing here prints, writes (beyond probing that the state directory is
+writable, and the schema migration of an older database on opening it) or
+exits; the CLI does that.
 
 A DNS query that gets no answer (timeout, SERVFAIL) makes its check FAIL
 with "could not check", without a record to publish: the doctor's exit
@@ -26,6 +28,7 @@ import ipaddress
 import os
 import re
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +37,13 @@ from typing import Final, Literal
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from listserv import dkim
+from listserv import dkim, files
 from listserv.auth import check_spf
 from listserv.config import Config
 from listserv.dmarc import organizational_domain
 from listserv.dns import DnspythonResolver, DnsTemporaryError, Resolver
+from listserv.errors import ListservError
+from listserv.store import Store
 
 __all__ = ["Check", "Status", "make_resolver", "run_checks"]
 
@@ -86,12 +91,13 @@ async def run_checks(config: Config, resolver: Resolver, *, public_ip: str | Non
         checks.append(check)
         if ed_key is not None:
             keys.append(("dkim ed25519", ed_key))
-    checks += [_state_dir(config), _delivery(config), *_urls(config)]
+    checks += [_state_dir(config), _file_modes(config), _delivery(config), *_urls(config)]
     for name, key in keys:
         checks.append(await _dkim_record(name, key, resolver))
     checks.append(await _spf(config, resolver, public_ip))
     checks.append(await _dmarc(config, resolver))
     checks.append(await _mx(config, resolver, public_ip))
+    checks.append(await _stage_errors(config))
     return checks
 
 
@@ -166,6 +172,47 @@ def _state_dir(config: Config) -> Check:
     if os.access(parent, os.W_OK | os.X_OK):
         return Check("OK", "state_dir", f"{path} does not exist yet; `serve` creates it")
     return Check("FAIL", "state_dir", f"{path} does not exist and cannot be created in {parent}")
+
+
+def _file_modes(config: Config) -> Check:
+    """The state dir 0700 and the database, WAL/SHM, key and secret files 0600 (``listserv.files``)."""
+    loose = files.loose_modes(config)
+    if not loose:
+        return Check("OK", "file modes", "the state dir and the database, key and secret files are private")
+    paths = [line.partition(": mode ")[0] for line in loose]
+    fix = "; ".join(f"chmod {'700' if Path(p).is_dir() else '600'} {p}" for p in paths)
+    return Check("WARN", "file modes", f"{'; '.join(loose)}: other local users can read members, tokens or "
+                                       f"keys ({fix}; `serve` does it at start when it owns them)")
+
+
+STAGE_ERRORS_HORIZON: Final = 86400  # the doctor warns about errors of the last day
+
+
+async def _stage_errors(config: Config) -> Check:
+    """Each stage's last errors (prepare, deliver, requests, bounces, archive), as `status` shows them."""
+    name = "stage errors"
+    if not config.db_path.exists():
+        return Check("OK", name, f"no state database yet ({config.db_path})")
+    try:
+        store = await Store.open(config.db_path)
+    except ListservError as exc:
+        return Check("FAIL", name, f"cannot read the state database: {exc}")
+    try:
+        errors = await store.stage_errors(time.time(), STAGE_ERRORS_HORIZON, limit=1)
+    finally:
+        await store.close()
+    if not any(errors.values()):
+        return Check("OK", name, f"none in the last day ({', '.join(errors)})")
+    parts = []
+    for stage, entries in errors.items():
+        if not entries:
+            parts.append(f"{stage}: none")
+            continue
+        e = entries[0]
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))
+        times = f" ({e['count']} times)" if e["count"] > 1 else ""
+        parts.append(f"{stage}: {when} {e['detail']}{times}")
+    return Check("WARN", name, "in the last day: " + "; ".join(parts) + " (`listserv status` shows more)")
 
 
 def _delivery(config: Config) -> Check:

@@ -289,8 +289,9 @@ class Fanout:
                 self._wake.clear()
                 try:
                     await self.prepare()
-                except Exception:  # noqa: BLE001 - the worker must survive anything
+                except Exception as exc:  # noqa: BLE001 - the worker must survive anything
                     log.exception("preparing mail failed; retrying shortly")
+                    await self.store.record_stage_error("prepare", f"preparing mail failed: {exc!r}")
                 self._deliver_wake.set()  # what was just queued may be due
                 if self._stopping:
                     break
@@ -440,6 +441,7 @@ class Fanout:
                 archive = ArchiveEntry(message_id, message_id_hash(message_id), record.data)
         except Exception as exc:  # noqa: BLE001 - a post we cannot prepare goes to a person
             log.exception("cannot prepare post %s", record.id)
+            await self.store.record_stage_error("prepare", f"cannot prepare post {record.id} (held): {exc!r}")
             await self.store.set_incoming_status(
                 record.id, "held", expect="accepted", reason=f"could not be prepared for the list: {exc!r}"[:500]
             )
@@ -452,8 +454,9 @@ class Fanout:
         if archive is not None and self.on_archived is not None:
             try:
                 await self.on_archived(name, archive.msgid_hash)
-            except Exception:  # noqa: BLE001 - the archive is derived: rebuildable, never blocks delivery
+            except Exception as exc:  # noqa: BLE001 - the archive is derived: rebuildable, never blocks delivery
                 log.exception("archive update failed for %s; `listserv archive build` repairs it", message_id)
+                await self.store.record_stage_error("archive", f"archive update failed for {message_id}: {exc!r}")
         if rewritten.stripped:
             log.info("stripped list=%s message_id=%s types=%s", name, message_id, ",".join(rewritten.stripped))
         log.info("queued list=%s message_id=%s outbox=%s recipients=%d mode=%s", name, message_id, outbox_id,

@@ -10,6 +10,10 @@ Safety rules, all enforced here:
 * double opt-in: a join or leave only happens after the address concerned
   answers a confirmation sent *to that address* (so a forged request reaches
   only its victim's mailbox, once), with a random, single-use, expiring token;
+* a confirmation counts only if it comes from the address concerned: its From
+  *and* its envelope sender are that address.  Any other sender is refused
+  (the code stays valid) and told why, once per code and address, within the
+  reply limits.  There is no web page for confirming: mail is the only way;
 * at most one pending confirmation per address and list, no resend within
   ``[limits] confirm_resend_interval``, daily caps per address and overall,
   and at most ``replies_per_address_per_day`` automatic replies per address;
@@ -205,7 +209,10 @@ class MembershipStage:
         if record.kind == "leave":
             return "; ".join(await self._leave(view, requester, requester, msgid, refs))
         if record.kind == "confirm":
-            return await self._confirm(view, record.detail, requester, record, reply)
+            result = await self._confirm(view, record.detail, requester, record, reply)
+            if isinstance(result, Mismatch):
+                return await self._answer_mismatch(view, record, result, reply)
+            return result
         # LIST-request: commands in the Subject and the first text part.
         parsed = parse_message(record.data, subject)
         results: list[str] = []
@@ -239,7 +246,9 @@ class MembershipStage:
             return [prefix, *("  " + r for r in await handler(view, target, requester, reply["in_reply_to"],
                                                                reply["references"]))]
         if command.name == "confirm":
-            return [prefix, "  " + await self._confirm(view, command.args[0], requester, record, reply)]
+            # A mismatch is answered here by the command reply itself.
+            result = await self._confirm(view, command.args[0], requester, record, reply)
+            return [prefix, "  " + (result.text if isinstance(result, Mismatch) else result)]
         if command.name == "help":
             return [prefix, _t(view, "  Pomoc: zob. polecenia poniżej.", "  Help: see the commands below."),
                     *self._help_lines(view)]
@@ -336,7 +345,7 @@ class MembershipStage:
         return _t(view, f"Wysłano prośbę o potwierdzenie do {target}.", f"A confirmation was sent to {target}.")
 
     async def _confirm(self, view: ListView, token: str, who: str, record: IncomingRecord,
-                       reply: dict[str, str]) -> str:
+                       reply: dict[str, str]) -> str | Mismatch:
         tok = await self.store.get_token(token)
         now = self.clock()
         if tok is None or tok.list_id != view.id:
@@ -356,6 +365,11 @@ class MembershipStage:
             return _t(view, "Ten kod został już użyty.", "This confirmation code was already used.")
         if tok.expires_at <= now:
             return _t(view, "Kod wygasł; wyślij prośbę ponownie.", "The code has expired; please ask again.")
+        mismatch = _not_from_the_address(view, token, tok.address, record)
+        if mismatch is not None:
+            # The code stays unused: the address concerned can still confirm.
+            log.warning("confirmation list=%s for %s refused: %s", view.name, tok.address, mismatch.why)
+            return mismatch
         if not await self.store.use_token(token, who, now):
             return _t(view, "Ten kod został już użyty.", "This confirmation code was already used.")
         detail = f"confirmed by mail from {who}, Message-ID <{reply['in_reply_to']}>"
@@ -374,6 +388,22 @@ class MembershipStage:
                              limited=False, in_reply_to=reply["in_reply_to"], references=reply["references"])
             return _t(view, f"{tok.address} wypisano z listy.", f"{tok.address} has left the list.")
         return _t(view, f"{tok.address} nie jest na liście.", f"{tok.address} is not a member.")
+
+    async def _answer_mismatch(self, view: ListView, record: IncomingRecord, mismatch: Mismatch,
+                               reply: dict[str, str]) -> str:
+        """Tell the sender why, once per code and sending address, within the reply limits.
+
+        The answer goes to the envelope sender (RFC 3834 §4: responses go to
+        the Return-Path), so a forged From is not bounced at its owner.
+        """
+        to = _safe_address(record.mail_from) or mismatch.from_addr
+        once = f"mismatch:{mismatch.token}"
+        if not to or await self.store.count_autoreplies(0.0, address=to, kind=once):
+            return f"refused ({mismatch.why}); already answered"
+        if await self._send(view, to, "command_reply", {"results": [mismatch.text], "subject": mismatch.subject},
+                            kind=once, in_reply_to=reply["in_reply_to"], references=reply["references"]):
+            return f"refused ({mismatch.why}); answered {to}"
+        return f"refused ({mismatch.why}); not answered (reply limit)"
 
     # -- moderation ------------------------------------------------------------------------
 
@@ -516,6 +546,44 @@ class MembershipStage:
             if await self._send(view, owners, "reminder", {"posts": rows}, kind="notice", auto="auto-generated",
                                 from_addr=view.addr("owner"), limited=False):
                 await self.store.log_autoreply(marker, list_id, "reminder", at=self.clock())
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    """A join/leave confirmation that did not come from the address concerned."""
+
+    token: str
+    why: str  # for the log and the incoming row
+    text: str  # for the sender, in the list's language
+    from_addr: str
+    subject: str
+
+
+def _not_from_the_address(view: ListView, token: str, address: str, record: IncomingRecord) -> Mismatch | None:
+    """None if both the From and the envelope sender are ``address``, else why not.
+
+    Only the address concerned confirms its own join or leave: a code that
+    leaked (a forwarded confirmation, a shared mailbox, a guessed reply) must
+    not subscribe or remove somebody from another mailbox.  Both are checked
+    because each alone is easy to set to anything.
+    """
+    from_addr, _, _, subject = _message_info(record.data)
+    envelope = _safe_address(record.mail_from)
+    if from_addr == address and envelope == address:
+        return None
+    seen = f"From: {from_addr or '(none)'}, envelope sender: {envelope or '(none)'}"
+    return Mismatch(
+        token=token,
+        why=f"not from {address} ({seen})",
+        text=_t(view,
+                f"Nie potwierdzono: potwierdzenie dla {address} przyjmujemy tylko z tego adresu, "
+                f"w polu From i jako nadawcę w kopercie (ta wiadomość: {seen}). Odpowiedz na prośbę "
+                f"o potwierdzenie ze skrzynki {address}. Kod jest nadal ważny.",
+                f"Not confirmed: a confirmation for {address} is accepted only from that address, as the "
+                f"From and as the envelope sender (this message: {seen}). Reply to the confirmation "
+                f"request from the mailbox {address}. The code is still valid."),
+        from_addr=from_addr, subject=subject,
+    )
 
 
 def new_token() -> str:

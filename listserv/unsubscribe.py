@@ -12,9 +12,14 @@ Each personalized copy carries::
     List-Unsubscribe-Post: List-Unsubscribe=One-Click
 
 (the https form and List-Unsubscribe-Post only when ``[web] base_url`` is set,
-since RFC 8058 §3.1 requires HTTPS).  A POST to the URL unsubscribes at once,
-without cookies or a confirmation page (§3.2); a GET shows a page with a
-button, so link scanners that fetch every URL unsubscribe nobody.
+since RFC 8058 §3.1 requires HTTPS).  A POST to the URL whose body is
+``List-Unsubscribe=One-Click`` unsubscribes at once, without cookies or a
+confirmation page (§3.2); any other POST gets 400 and the member stays.  A GET
+shows a page with a button that POSTs that same body, so link scanners that
+fetch every URL unsubscribe nobody.
+
+There is no web page for confirming a join or leave: confirmations are by
+mail only, from the address concerned (``membership``).
 """
 
 from __future__ import annotations
@@ -24,14 +29,15 @@ import hashlib
 import hmac
 import html
 import logging
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
+from listserv import files
 from listserv.config import Config
+from listserv.errors import ConfigError
 from listserv.settings import effective_settings
 from listserv.store import Store
 
@@ -41,26 +47,37 @@ log = logging.getLogger("listserv.unsubscribe")
 
 SECRET_FILE = "unsubscribe.secret"
 
+# RFC 8058 §3.1: List-Unsubscribe-Post carries this key/value pair, and the
+# mail program POSTs exactly it as the body (§3.2): anything else is not a
+# one-click request (a scanner, a stray form, a replayed URL) and keeps the member.
+ONE_CLICK_KEY = "List-Unsubscribe"
+ONE_CLICK_VALUE = "One-Click"
+
 
 def load_secret(state_dir: Path) -> bytes:
-    """The server secret; made (32 random bytes, mode 0600) when missing."""
+    """The server secret; made (32 random bytes, mode 0600) when missing.
+
+    A secret that cannot be read or made stops start-up with a ``ConfigError``
+    naming ``[server] state_dir``.
+    """
     path = state_dir / SECRET_FILE
     try:
+        try:
+            return bytes.fromhex(path.read_text().strip())
+        except FileNotFoundError:
+            pass
+        files.private_dir(state_dir)
+        try:
+            files.write_private(path, secrets.token_bytes(32).hex().encode() + b"\n")
+        except FileExistsError:
+            pass  # never replace a secret another process just made
         return bytes.fromhex(path.read_text().strip())
-    except FileNotFoundError:
-        pass
-    state_dir.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_bytes(32)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secret.hex() + "\n")
-    try:
-        os.link(tmp, path)  # never replace a secret another process just made
-    except FileExistsError:
-        pass
-    os.unlink(tmp)
-    return bytes.fromhex(path.read_text().strip())
+    except OSError as exc:
+        raise ConfigError(f"cannot read or make the unsubscribe secret {path} ([server] state_dir): "
+                          f"{exc.strerror or exc}") from None
+    except ValueError:
+        raise ConfigError(f"the unsubscribe secret {path} is not hex; delete it to make a new one "
+                          "(every unsubscribe link sent so far stops working)") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +101,7 @@ def unsubscribe_headers(config: Config, tokens: Tokens, list_name: str, address:
         return [("List-Unsubscribe", mailto)]
     url = f"{config.web.base_url}u/{list_name}/{token}"
     return [("List-Unsubscribe", f"<{url}>, {mailto}"),
-            ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")]
+            ("List-Unsubscribe-Post", f"{ONE_CLICK_KEY}={ONE_CLICK_VALUE}")]
 
 
 def unsubscribe_url(config: Config, tokens: Tokens, list_name: str, address: str) -> str:
@@ -106,6 +123,21 @@ async def member_for_token(store: Store, tokens: Tokens, list_name: str, token: 
     return None
 
 
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+async def _is_one_click(request: web.Request) -> bool:
+    """Does the POST body hold ``List-Unsubscribe=One-Click`` (as a form, url-encoded or multipart)?"""
+    if request.content_type not in _FORM_TYPES:
+        return False
+    try:
+        form = await request.post()
+    except (ValueError, web.HTTPException):  # a malformed or oversized body
+        return False
+    values = form.getall(ONE_CLICK_KEY, [])
+    return any(isinstance(v, str) and v.strip() == ONE_CLICK_VALUE for v in values)
+
+
 _PAGE = """<!doctype html>
 <html lang="{lang}"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -121,12 +153,18 @@ _TEXTS = {
         "button": "Wypisz mnie", "done_title": "Wypisano",
         "done": "Adres {addr} został wypisany z listy „{list}”.",
         "bad_title": "Nieważny link", "bad": "Ten link jest nieważny albo adres nie jest już na liście.",
+        "no_body_title": "Nie wypisano",
+        "no_body": "Nie wypisano: brak potwierdzenia „List-Unsubscribe=One-Click” (RFC 8058). "
+                   "Otwórz link w przeglądarce i naciśnij przycisk „Wypisz mnie”.",
     },
     "en": {
         "ask_title": "Leave the list", "ask": "Remove {addr} from the list \u201c{list}\u201d?",
         "button": "Unsubscribe", "done_title": "Unsubscribed",
         "done": "{addr} has been removed from the list \u201c{list}\u201d.",
         "bad_title": "Invalid link", "bad": "This link is not valid, or the address is no longer on the list.",
+        "no_body_title": "Not unsubscribed",
+        "no_body": "Not unsubscribed: the request lacks \u201cList-Unsubscribe=One-Click\u201d (RFC 8058). "
+                   "Open the link in a browser and press the \u201cUnsubscribe\u201d button.",
     },
 }
 
@@ -149,7 +187,12 @@ class UnsubscribeListener:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.web.listen.host, self.config.web.listen.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            self._runner = None
+            raise files.listen_error(self.config.web.listen, "[web] listen", exc) from None
         server = getattr(site, "_server", None)
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self.config.web.listen.port
@@ -181,7 +224,9 @@ class UnsubscribeListener:
         address = await member_for_token(self.store, self.tokens, list_name, token)
         if address is None:
             return self._page(lang, t["bad_title"], t["bad"], status=404)
-        form = (f'<form method="post"><input type="hidden" name="List-Unsubscribe" value="One-Click">'
+        # The button sends the very body a mail program sends (RFC 8058 §3.1),
+        # so one POST handler serves both and nothing else unsubscribes.
+        form = (f'<form method="post"><input type="hidden" name="{ONE_CLICK_KEY}" value="{ONE_CLICK_VALUE}">'
                 f'<button type="submit">{html.escape(t["button"])}</button></form>')
         return self._page(lang, t["ask_title"], t["ask"].format(addr=address, list=list_name), form)
 
@@ -193,6 +238,10 @@ class UnsubscribeListener:
         address = await member_for_token(self.store, self.tokens, list_name, token)
         if address is None:
             return self._page(lang, t["bad_title"], t["bad"], status=404)
+        if not await _is_one_click(request):
+            log.info("one-click POST without List-Unsubscribe=One-Click refused list=%s address=%s",
+                     list_name, address)
+            return self._page(lang, t["no_body_title"], t["no_body"], status=400)
         lst = await self.store.get_list(list_name)
         await self.store.leave(lst.id, address, method="web", detail="one-click unsubscribe (RFC 8058)")
         log.info("unsubscribed list=%s address=%s via one-click", list_name, address)

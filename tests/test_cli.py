@@ -503,6 +503,39 @@ def test_members_add_csv_too_many_columns(with_list: Cli) -> None:
     assert_error(with_list("members", "add", LIST, "--file", str(path)), "kolumny.csv:1:")
 
 
+@pytest.mark.parametrize(("content", "line", "why"), [
+    # The issue's case: b's line must not vanish into a's display name.
+    ('a@x.test,"unterminated\nb@x.test\n', 1, "unterminated quote"),
+    ('anna@gmina.example.pl,Anna\nbeata@gmina.example.pl,"Beata\nNowak"\n', 2, "unterminated quote"),
+    ('anna@gmina.example.pl,"Anna" Kowalska\n', 1, "not valid CSV"),
+    ("anna@gmina.example.pl,Anna,Urząd,Kraków,Polska\n", 1, "5 fields"),
+    ("anna@gmina.example.pl,Anna\x07 Kowalska\n", 1, "control character (U+0007)"),
+    ("anna@gmina.example.pl,Anna\tKowalska\n", 1, "control character (U+0009)"),
+    ("anna@gmina.example.pl,Anna\x0bKowalska\n", 1, "control character (U+000B)"),
+    ("anna@gmina.example.pl,Anna\u202eakswolwoK\n", 1, "control character (U+202E)"),
+    ("anna@gmina.example.pl,Anna,Urząd\u2028Gminy\n", 1, "the organisation"),
+    ("anna@gmina.example.pl,Anna\r\nzofia@,Zofia\r\n", 2, "is not a valid e-mail address"),
+], ids=["unterminated", "newline-in-field", "text-after-quote", "too-many-fields", "bell", "tab", "vt",
+        "bidi-override", "line-separator", "bad-address"])
+def test_members_add_csv_line_that_does_not_parse_imports_nothing(with_list: Cli, content: str, line: int,
+                                                                   why: str) -> None:
+    path = with_list.root / "zapisy.csv"
+    path.write_text(content, encoding="utf-8")
+    before = with_list.snapshot()
+    message = assert_error(with_list("members", "add", LIST, "--file", str(path)), f"zapisy.csv:{line}:", why)
+    assert str(path) in message
+    assert with_list.snapshot() == before
+
+
+def test_members_add_csv_quoted_fields_and_mac_line_ends(with_list: Cli) -> None:
+    path = with_list.root / "mac.csv"
+    path.write_bytes('adres,imię,instytucja\rłucja@gmina.example.pl,"Łucja ""Lu"" Żak","Urząd, Gmina Łódź"\r'
+                     'piotr@gmina.example.pl\r'.encode())
+    assert with_list.ok("members", "add", LIST, "--file", str(path)).startswith(f"added 2 members to {LIST}")
+    assert with_list.sql("SELECT display_name, organisation FROM members WHERE address = ?",
+                         ("łucja@gmina.example.pl",)) == [('Łucja "Lu" Żak', "Urząd, Gmina Łódź")]
+
+
 def test_members_add_missing_csv(with_list: Cli) -> None:
     assert_error(with_list("members", "add", LIST, "--file", str(with_list.root / "brak.csv")), "brak.csv")
 

@@ -106,8 +106,9 @@ def zone(rsa_key: dkim.DkimKey, ed_key: dkim.Ed25519Key) -> dict[str, Any]:
 async def test_all_good(tmp_path: Path, keys: tuple[Path, Path], zone: dict[str, Any]) -> None:
     result = await checks(make(tmp_path, keys), zone)
     assert {name: c.status for name, c in result.items()} == {
-        "key rsa": "OK", "key ed25519": "OK", "state_dir": "OK", "delivery": "OK", "archive base_url": "OK",
+        "key rsa": "OK", "key ed25519": "OK", "state_dir": "OK", "file modes": "OK", "delivery": "OK", "archive base_url": "OK",
         "web base_url": "OK", "dkim rsa": "OK", "dkim ed25519": "OK", "spf": "OK", "dmarc": "OK", "mx": "OK",
+        "stage errors": "OK",
     }
     assert all(not c.publish for c in result.values())
     assert RELAY_IP in result["spf"].detail and "p=quarantine" in result["dmarc"].detail
@@ -403,7 +404,7 @@ def test_cli_all_good(tmp_path: Path, keys: tuple[Path, Path], zone: dict[str, A
     result = run_cli(write_config(tmp_path, keys))
     assert result.exit_code == 0, (result.stdout, result.stderr)
     lines = result.stdout.splitlines()
-    assert len(lines) == 11 and all(line.startswith("OK    ") for line in lines), lines
+    assert len(lines) == 13 and all(line.startswith("OK    ") for line in lines), lines
     assert f"OK    spf: 'v=spf1 ip4:{RELAY_IP} -all' covers {RELAY_IP}" in lines
     assert result.stderr == ""
 

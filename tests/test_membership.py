@@ -131,6 +131,52 @@ def test_forged_join_reaches_only_the_victim_and_reused_token_is_refused(running
     assert "już użyty" in answer
 
 
+def test_confirmation_counts_only_from_the_address_concerned(running) -> None:  # type: ignore[no-untyped-def]
+    server, sink = running
+    other = "sekretariat@gmina-zabki.pl"
+    send(server.port, STRANGER, f"{LIST}-join@{DOMAIN}", mail(STRANGER, f"{LIST}-join@{DOMAIN}", "zapisz", ""))
+    server.drain()
+    (request,) = sink.copies_for(STRANGER)
+    text = parsed(request.data).get_content()
+    assert f"tylko wtedy, gdy przyjdzie z adresu {STRANGER}" in text and "nie ma do tego strony WWW" in text
+    addr = confirm_address(request.data)
+    token = addr.split("+", 1)[1].split("@")[0]
+
+    # Another mailbox replies with the code (a forwarded confirmation): refused, and told why, once.
+    for _ in range(2):
+        send(server.port, other, addr, mail(f"Sekretariat <{other}>", addr, "Re: Potwierdź", "Potwierdzam."))
+        server.drain()
+    assert server.call(server.store.member(1, STRANGER)) is None
+    (answer,) = sink.copies_for(other)
+    body = parsed(answer.data).get_content()
+    assert f"Nie potwierdzono: potwierdzenie dla {STRANGER} przyjmujemy tylko z tego adresu" in body
+    assert f"From: {other}, envelope sender: {other}" in body and token not in body
+    assert parsed(answer.data)["Auto-Submitted"] == "auto-replied"
+
+    # A forged From with another envelope sender, and the other way round: refused too. The answer
+    # goes to the envelope sender, never to the address whose From was forged.
+    send(server.port, other, addr, mail(STRANGER, addr, "Re: Potwierdź", "tak"))
+    send(server.port, STRANGER, addr, mail(other, addr, "Re: Potwierdź", "tak"))
+    server.drain()
+    assert server.call(server.store.member(1, STRANGER)) is None
+    assert len(sink.copies_for(other)) == 1  # already answered for this code
+    (refusal,) = [c for c in sink.copies_for(STRANGER) if c is not request]
+    assert f"From: {other}, envelope sender: {STRANGER}" in parsed(refusal.data).get_content()
+    # The command form, from the other mailbox: the command reply says why.
+    send(server.port, other, f"{LIST}-request@{DOMAIN}",
+         mail(other, f"{LIST}-request@{DOMAIN}", "polecenie", f"potwierdź {token}\n"))
+    server.drain()
+    assert server.call(server.store.member(1, STRANGER)) is None
+    assert "Nie potwierdzono" in parsed(sink.copies_for(other)[-1].data).get_content()
+
+    # The code is still good for the address itself.
+    send(server.port, STRANGER, addr, mail(f"Małgorzata Zielińska <{STRANGER}>", addr, "Re: Potwierdź", "Tak."))
+    server.drain()
+    assert server.call(server.store.member(1, STRANGER)) is not None
+    (joined,) = server.call(server.store.consent_history(LIST, STRANGER))
+    assert joined.detail.startswith(f"confirmed by mail from {STRANGER}")
+
+
 def test_expired_token_is_refused_clearly(running) -> None:  # type: ignore[no-untyped-def]
     server, sink = running
     server.call(server.store.create_token("Wygasly-Token-1234567890", 1, STRANGER, "join", {}, time.time() - 1))

@@ -7,6 +7,7 @@ server it reports on is a real one on 127.0.0.1 (in this process, or as
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -291,8 +292,11 @@ def test_status_of_a_running_server_with_held_deferred_and_bounced_mail(
     ]
     assert lines[12] == "last errors:"
     errors = lines[13:]
-    assert len(errors) == 2, errors
-    by_rcpt = {next(w for w in line.split() if "@" in w and not w.startswith("<")): line for line in errors}
+    assert len(errors) == 6, errors  # two under deliver, "none" for the four other stages
+    assert errors[0].startswith("  prepare   none") and errors[1].startswith("  deliver   ")
+    assert errors[2].startswith(" " * 12) and errors[3:] == ["  requests  none", "  bounces   none",
+                                                             "  archive   none"]
+    by_rcpt = {next(w for w in line.split() if "@" in w and not w.startswith("<")): line for line in errors[1:3]}
     assert f"  bounced  {LIST}  <st1@gmina-wolow.example.pl>  {JAN}  550 5.1.1 " in by_rcpt[JAN]
     assert "User unknown" in by_rcpt[JAN]
     assert f"  deferred  {LIST}  <st1@gmina-wolow.example.pl>  {EWA}  451 4.2.0 " in by_rcpt[EWA]
@@ -304,6 +308,43 @@ def test_status_of_a_running_server_with_held_deferred_and_bounced_mail(
     assert result.output.splitlines()[0] == f"server: DOWN, nothing answers on 127.0.0.1:{port}: connection refused"
     # The queue is in the database, so it is shown with the server down too.
     assert queue_line("retrying", 1, "copies to be tried again after a temporary failure") in result.output
+
+
+def test_status_and_doctor_show_a_failing_archive_stage(
+    tmp_path: Path, start_server: Callable[..., RunningServer], sink: tuple[SinkHandler, int],
+) -> None:
+    from listserv import doctor
+    from listserv.dns import DictResolver
+
+    _, sink_port = sink
+    port = free_port()
+    cfg = write_config(tmp_path, port, sink_port)
+    make_list(cfg)
+    # The archive's folder is a file: every page write fails, even for root.
+    (tmp_path / "archive").write_text("nie katalog\n")
+    server = start_server(config_mod.load(cfg))
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        for n in (1, 2):
+            client.sendmail(ANNA, [POST_ADDR], eml(tmp_path, f"Anna <{ANNA}>", f"ar{n}@gmina-wolow.example.pl",
+                                                   f"Ocena zużycia energii {n}").read_bytes())
+    server.drain()
+    server.call(server.app.archiver.idle())
+    result = run(cfg, "status")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    start = lines.index("last errors:")
+    stages = lines[start + 1:]
+    assert stages[:4] == ["  prepare   none", "  deliver   none", "  requests  none", "  bounces   none"]
+    archive = stages[4:]
+    assert archive and archive[0].startswith("  archive   ")
+    assert any("archive" in line and f"list={LIST}" in line and "NotADirectoryError" in line for line in archive), archive
+    # Delivery went on regardless: the archive is derived.
+    assert "copies sent" in result.output and "  bounces                    0          0" in result.output
+
+    checks = {c.name: c for c in asyncio.run(doctor.run_checks(config_mod.load(cfg), DictResolver({})))}
+    assert checks["stage errors"].status == "WARN"
+    assert "archive: " in checks["stage errors"].detail and "NotADirectoryError" in checks["stage errors"].detail
+    assert "prepare: none" in checks["stage errors"].detail
 
 
 def test_status_says_down_when_something_else_answers(tmp_path: Path, sink: tuple[SinkHandler, int]) -> None:
@@ -406,3 +447,37 @@ def test_grep_message_id_tells_the_story(tmp_path: Path, sink: tuple[SinkHandler
     assert " held list=seap-planning kind=post " in held and f"reason=not a member: {STRANGER}" in held
     (rejected,) = grep(log, "message_id=story-rejected@spam.example")
     assert f" rejected list={LIST} " in rejected and "550 5.7.1" in rejected
+
+
+async def test_stage_errors_are_counted_kept_bounded_and_merged_with_failed_mail(tmp_path: Path) -> None:
+    from listserv.store import IncomingRow, Store
+    from listserv.store.status import STAGES
+
+    store = await Store.open(tmp_path / "state" / "listserv.sqlite3")
+    try:
+        now = time.time()
+        assert await store.stage_errors(now, 3600) == {stage: [] for stage in STAGES}
+        for at in (now - 30, now - 20, now - 10):
+            await store.record_stage_error("archive", "archive update failed: OSError(28, 'No space left')", at=at)
+        for n in range(25):
+            await store.record_stage_error("prepare", f"cannot prepare post {n}: ValueError('zażółć')", at=now - 100 + n)
+        list_id = await store.create_list(LIST, {}, [OWNER])
+        await store.submit_incoming([IncomingRow(
+            list_id=list_id, kind="request", detail="", mail_from=ANNA, rcpt=f"{LIST}-request@{DOMAIN}",
+            peer="192.0.2.7", message_id="r1@gmina", sender=ANNA, subject="pomoc", status="new", reason="",
+            data=b"From: x\r\n\r\n",
+        )])
+        (request,) = await store.incoming_with("request", "new", limit=5)
+        await store.set_incoming_status(request.id, "failed", expect="new", reason="failed: KeyError('x')")
+        errors = await store.stage_errors(now + 1, 3600, limit=30)
+        (archive,) = errors["archive"]
+        assert archive["count"] == 3 and archive["first_at"] == now - 30 and archive["at"] == now - 10
+        assert len(errors["prepare"]) == 20  # the latest 20 distinct errors of a stage are kept
+        assert errors["prepare"][0]["detail"] == "cannot prepare post 24: ValueError('zażółć')"
+        (failed,) = errors["requests"]
+        assert failed["detail"] == f"request mail to {LIST} from {ANNA}: failed: KeyError('x')"
+        assert errors["deliver"] == [] and errors["bounces"] == []
+        # Older than the horizon: not shown.
+        assert (await store.stage_errors(now + 7200, 3600))["archive"] == []
+    finally:
+        await store.close()

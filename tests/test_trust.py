@@ -100,6 +100,60 @@ def test_one_click_headers_are_signed_and_post_unsubscribes_get_does_not(web_ser
         exc.value.close()
 
 
+def _post(url: str, body: bytes | None, content_type: str = "application/x-www-form-urlencoded") -> int:
+    request = urllib.request.Request(url, data=body if body is not None else b"", method="POST",
+                                     headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return int(exc.code)
+
+
+def test_one_click_post_without_the_rfc_8058_body_keeps_the_member(web_server) -> None:  # type: ignore[no-untyped-def]
+    server, _, web_port = web_server
+    local = f"http://127.0.0.1:{web_port}/u/{LIST}/{server.app.tokens.token(LIST, JAN)}"
+    # RFC 8058 §3.1/§3.2: only the body List-Unsubscribe=One-Click is a one-click request.
+    for body, ctype in ((None, "application/x-www-form-urlencoded"),
+                        (b"List-Unsubscribe=Yes", "application/x-www-form-urlencoded"),
+                        (b"unsubscribe=One-Click", "application/x-www-form-urlencoded"),
+                        (b"List-Unsubscribe=One-Click", "text/plain")):
+        assert _post(local, body, ctype) == 400, body
+        assert server.call(server.store.member(1, JAN)) is not None, body
+    assert server.call(server.store.consent_history(LIST, JAN))[-1].event != "left"
+    # multipart/form-data, as some mail programs send it, is the same request.
+    boundary = "granica-zażółć".encode().hex()
+    multipart = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"List-Unsubscribe\"\r\n\r\n"
+                 f"One-Click\r\n--{boundary}--\r\n").encode()
+    assert _post(local, multipart, f"multipart/form-data; boundary={boundary}") == 200
+    assert server.call(server.store.member(1, JAN)) is None
+
+
+def test_the_pages_button_sends_the_one_click_body(web_server) -> None:  # type: ignore[no-untyped-def]
+    import urllib.parse
+    from html.parser import HTMLParser
+
+    server, _, web_port = web_server
+    local = f"http://127.0.0.1:{web_port}/u/{LIST}/{server.app.tokens.token(LIST, ANNA)}"
+    with urllib.request.urlopen(local) as page:
+        body = page.read().decode()
+
+    class Form(HTMLParser):
+        fields: list[tuple[str, str]] = []
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            a = dict(attrs)
+            if tag == "input" and a.get("name"):
+                self.fields.append((str(a["name"]), str(a.get("value") or "")))
+
+    form = Form()
+    form.feed(body)
+    # What a browser submits for that form (application/x-www-form-urlencoded).
+    assert _post(local, urllib.parse.urlencode(form.fields).encode()) == 200
+    assert server.call(server.store.member(1, ANNA)) is None
+
+
 def test_mailto_token_unsubscribes_without_a_round_trip_and_a_bad_one_is_refused(web_server) -> None:  # type: ignore[no-untyped-def]
     server, sink, _ = web_server
     token = server.app.tokens.token(LIST, JAN)

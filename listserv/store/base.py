@@ -10,6 +10,7 @@ from typing import Any, Self
 
 import aiosqlite
 
+from listserv import files
 from listserv.errors import StoreError
 from listserv.store import schema
 from listserv.store.records import (
@@ -34,7 +35,7 @@ class StoreBase:
 
     @classmethod
     async def open(cls, path: Path) -> Self:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        files.create_database(path)  # 0600 in a 0700 dir, whatever the umask (listserv/files.py)
         opened: list[aiosqlite.Connection] = []
         try:
             opened.append(await _connect(path))

@@ -197,4 +197,19 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE members ADD COLUMN warnings_sent INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE members ADD COLUMN warned_at REAL;
     """,
+    # 5 -> 6: the last errors of the stages, for `status` and `doctor`: what
+    # leaves no row of its own (an archive update that failed, a stage that
+    # failed as a whole).  One row per distinct error, counted.
+    """
+    CREATE TABLE stage_errors (
+        id        INTEGER PRIMARY KEY,
+        stage     TEXT NOT NULL,              -- prepare | deliver | requests | bounces | archive
+        detail    TEXT NOT NULL,
+        first_at  REAL NOT NULL,
+        last_at   REAL NOT NULL,
+        count     INTEGER NOT NULL DEFAULT 1,
+        UNIQUE (stage, detail)
+    );
+    CREATE INDEX stage_errors_by_stage ON stage_errors(stage, last_at);
+    """,
 )

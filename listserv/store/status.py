@@ -1,8 +1,10 @@
-"""The operator's view: status counts, recent errors, and the online backup."""
+"""The operator's view: status counts, every stage's last errors, and the online backup."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,13 @@ import aiosqlite
 
 from listserv.errors import StoreError
 from listserv.store.base import StoreBase
+
+log = logging.getLogger("listserv.store")
+
+#: The stages whose last errors `status` and `doctor` show, in the order a post meets them.
+STAGES = ("prepare", "deliver", "requests", "bounces", "archive")
+_KEEP_PER_STAGE = 20  # distinct errors kept per stage (each one counted)
+_REQUEST_KINDS = ("request", "join", "leave", "confirm", "owner")
 
 
 class StatusPart(StoreBase):
@@ -88,6 +97,71 @@ class StatusPart(StoreBase):
             {"at": r[0], "outcome": r[1], "recipient": r[2], "reply": r[3], "list": r[4], "message_id": r[5]}
             for r in rows
         ]
+
+    async def record_stage_error(self, stage: str, detail: str, at: float | None = None) -> None:
+        """Note that ``stage`` failed with ``detail`` (for the errors that leave no row).
+
+        The same error again only raises its count and time, and each stage
+        keeps its latest ``_KEEP_PER_STAGE`` distinct errors, so a stage that
+        fails on every post does not grow the database.  Called from an
+        ``except`` block: it never raises (a failing database must not turn one
+        error into two); a failure to record is logged.
+        """
+        now = time.time() if at is None else at
+        detail = " ".join(detail.split())[:500]
+        try:
+            async with self.transaction() as db:
+                async with db.execute(
+                    "INSERT INTO stage_errors (stage, detail, first_at, last_at) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (stage, detail) DO UPDATE SET last_at = excluded.last_at, count = count + 1"
+                    " RETURNING id",
+                    (stage, detail, now, now),
+                ) as cur:
+                    await cur.fetchall()
+                await db.execute(
+                    "DELETE FROM stage_errors WHERE stage = ? AND id NOT IN"
+                    " (SELECT id FROM stage_errors WHERE stage = ? ORDER BY last_at DESC, id DESC LIMIT ?)",
+                    (stage, stage, _KEEP_PER_STAGE),
+                )
+        except Exception:  # noqa: BLE001 - see the docstring
+            log.warning("could not record a %s error: %s", stage, detail, exc_info=True)
+
+    async def stage_errors(self, now: float, horizon: float, limit: int = 3) -> dict[str, list[dict[str, Any]]]:
+        """Each stage's latest errors since ``now - horizon``, newest first (at most ``limit`` each).
+
+        Each is ``{"at", "first_at", "count", "detail"}``.  ``deliver`` comes
+        from the delivery rows (refused and deferred copies), ``requests`` and
+        ``bounces`` from the received mail they could not handle, and every
+        stage also from what was recorded with ``record_stage_error``.
+        """
+        since = now - horizon
+        out: dict[str, list[dict[str, Any]]] = {stage: [] for stage in STAGES}
+        for e in await self.recent_errors(now, horizon, limit):
+            out["deliver"].append({
+                "at": e["at"], "first_at": e["at"], "count": 1,
+                "detail": f"{e['outcome']}  {e['list'] or '-'}  <{e['message_id'] or '-'}>  {e['recipient']}  "
+                          f"{e['reply']}",
+            })
+        kinds = ", ".join("?" for _ in _REQUEST_KINDS)
+        rows = await self._fetchall(
+            f"SELECT i.updated_at, CASE WHEN i.kind IN ({kinds}) THEN 'requests' ELSE 'bounces' END,"
+            " i.kind, coalesce(l.name, ''), i.sender, i.mail_from, i.reason"
+            " FROM incoming i LEFT JOIN lists l ON l.id = i.list_id"
+            f" WHERE i.status = 'failed' AND i.updated_at >= ? AND i.kind IN ({kinds}, 'bounces')"
+            " ORDER BY i.updated_at DESC, i.id DESC LIMIT ?",
+            (*_REQUEST_KINDS, since, *_REQUEST_KINDS, limit * 2),
+        )
+        for r in rows:
+            out[r[1]].append({"at": r[0], "first_at": r[0], "count": 1,
+                              "detail": f"{r[2]} mail to {r[3] or '-'} from {r[4] or r[5] or '<>'}: {r[6]}"})
+        rows = await self._fetchall(
+            "SELECT stage, last_at, first_at, count, detail FROM stage_errors WHERE last_at >= ?"
+            " ORDER BY last_at DESC, id DESC",
+            (since,),
+        )
+        for r in rows:
+            out.setdefault(r[0], []).append({"at": r[1], "first_at": r[2], "count": r[3], "detail": r[4]})
+        return {stage: sorted(errors, key=lambda e: -e["at"])[:limit] for stage, errors in out.items()}
 
     async def outbox_list_name(self, outbox_id: int) -> str:
         """The list a queued message belongs to (for the fan-out's log lines)."""

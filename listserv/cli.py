@@ -113,13 +113,15 @@ def main(config_path: Path | None) -> None:
 
 @main.command()
 @config_option
-def serve(config_path: Path | None) -> None:
+@click.option("--only", type=click.Choice(["receive", "work"]), default=None,
+              help="Run only the SMTP receiver, or only the workers ([server] workers), on this machine.")
+def serve(config_path: Path | None, only: str | None) -> None:
     """Receive, decide, deliver: run the server until SIGTERM."""
     from listserv import app
 
     cfg = _load(config_path)
     try:
-        app.run(cfg)
+        app.run(cfg, only)
     except ListservError as exc:
         _fail(str(exc))
     except OSError as exc:

@@ -60,6 +60,10 @@ class ServerConfig:
     timeout: int  # seconds an idle client may keep a session open
     log_level: str
     trusted_relays: tuple[str, ...] = ()  # IPs/networks of the MTA in front of us (SPF looks past them)
+    # Worker processes running the stages (prepare, deliver, commands and
+    # bounces, archive); 0: all the work in the serving process.
+    workers: int = 1
+    lease: int = 300  # seconds a worker's claim on a row lasts unless it records the outcome first
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +202,19 @@ def _positive(value: Any) -> int:
     return value
 
 
+def _non_negative(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number of at least 0, got {value!r}")
+    return value
+
+
+def _positive_duration(value: Any) -> int:
+    seconds = parse_duration(value)
+    if seconds < 1:
+        raise ValueError(f"expected at least 1 second, got {value!r}")
+    return seconds
+
+
 def _choice(*choices: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in choices:
@@ -320,6 +337,8 @@ def from_mapping(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         timeout=s.get("timeout", _duration, 300),
         log_level=s.get("log_level", _choice("debug", "info", "warning", "error"), "info"),
         trusted_relays=tuple(s.get("trusted_relays", _networks, [])),
+        workers=s.get("workers", _non_negative, os.cpu_count() or 1),
+        lease=s.get("lease", _positive_duration, 300),
     )
     s.finish()
     if not server.hostname:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from listserv import dkim
 from listserv.auth import arc_seal, our_auth_results
@@ -38,6 +39,7 @@ log = logging.getLogger("listserv.prepare")
 
 PROBE_EVERY = 10  # verp = "probe": one post in this many goes VERP'd
 CLAIM = 50  # posts claimed per transaction
+RETRY_AFTER = 30.0  # seconds before a message whose preparation failed in the store is tried again
 
 
 def generated_message_id(record: IncomingRecord, domain: str) -> str:
@@ -75,11 +77,25 @@ class Preparer:
         """
         posts = await self.store.claim_incoming("post", "accepted", owner, now, until, CLAIM)
         for record in posts:
-            await self.prepare_post(record)
+            await self._guarded(self.prepare_post, record, owner, now)
         owner_mail = await self.store.claim_incoming("owner", "new", owner, now, until, CLAIM)
         for record in owner_mail:
-            await self.forward_owner_mail(record)
+            await self._guarded(self.forward_owner_mail, record, owner, now)
         return max(len(posts), len(owner_mail))
+
+    async def _guarded(self, step: Callable[[IncomingRecord], Awaitable[None]], record: IncomingRecord,
+                       owner: str, now: float) -> None:
+        # A post that cannot be prepared is held by prepare_post itself; what
+        # fails here is the store (a lock held too long, a full disk): the
+        # message stays claimed for a short while, then any worker tries again.
+        try:
+            await step(record)
+        except Exception:  # noqa: BLE001 - one message must not stop the others
+            log.exception("could not record the preparation of message %s; it is tried again shortly", record.id)
+            try:
+                await self.store.release_incoming(record.id, owner, now + RETRY_AFTER)
+            except Exception:  # noqa: BLE001 - then its lease runs out
+                log.exception("could not give message %s back either", record.id)
 
     async def _settings(self, list_id: int) -> tuple[str, ListSettings]:
         lst = await self.store.get_list_by_id(list_id)

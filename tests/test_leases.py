@@ -174,3 +174,16 @@ async def test_archive_rows_are_queued_work_until_rendered(stores: tuple[Store, 
     await a.archive_rendered([row_id])
     assert await a.archive_pending() == 0
     assert await b.claim_archive_work("node:w2", T0 + LEASE + 1, T0 + 2 * LEASE, 10) == []
+
+
+async def test_a_message_given_back_after_a_failure_waits_its_retry_time(stores: tuple[Store, Store]) -> None:
+    a, b = stores
+    list_id = await a.create_list(LIST, {}, [])
+    await a.submit_incoming([post_row(list_id, 1)])
+    [post] = await a.claim_incoming("post", "accepted", "node:w1", T0, T0 + LEASE, 10)
+    await b.release_incoming(post.id, "node:w9", T0 + 30)  # not its claim: nothing changes
+    assert await b.claim_incoming("post", "accepted", "node:w2", T0 + 31, T0 + LEASE, 10) == []
+    await a.release_incoming(post.id, "node:w1", T0 + 30)
+    assert await b.claim_incoming("post", "accepted", "node:w2", T0 + 29, T0 + LEASE, 10) == []
+    [again] = await b.claim_incoming("post", "accepted", "node:w2", T0 + 31, T0 + LEASE, 10)
+    assert again.id == post.id

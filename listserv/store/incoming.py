@@ -136,6 +136,13 @@ class IncomingPart(ListsPart):
             )
         return [self._incoming(r) for r in rows]
 
+    async def release_incoming(self, incoming_id: int, owner: str, retry_at: float) -> None:
+        """Give a claimed message back for another try at retry_at (its stage failed on it for now)."""
+        async with self.transaction() as db:
+            await db.execute(
+                "UPDATE incoming SET lease_until = ? WHERE id = ? AND lease_owner = ?", (retry_at, incoming_id, owner)
+            )
+
     async def next_incoming_lease_end(self, kind: str, status: str, now: float) -> float | None:
         """When the first lease on such messages held by another worker runs out (None: none leased)."""
         row = await self._fetchone(

@@ -194,20 +194,22 @@ async def _measure(args: argparse.Namespace, cfg: Any, app: Any) -> dict[str, An
 
     setattr(transport, send_name, send)
 
-    # How often the fan-out loop goes round, and how many rows its due query reads.
-    orig_prepare, orig_due = fanout.prepare, store.due_deliveries
+    # How often the prepare stage goes round, and how many rows the deliver stage's claims read.
+    assert app.worker is not None
+    preparer = app.worker.preparer
+    orig_prepare, orig_claim = preparer.run_once, store.claim_deliveries
 
-    async def prepare() -> None:
+    async def prepare(owner: str, now: float, until: float) -> int:
         marks["loops"] += 1
-        await orig_prepare()
+        return await orig_prepare(owner, now, until)
 
-    async def due_deliveries(now: float, limit: int, exclude: set[int]) -> Any:
+    async def claim_deliveries(owner: str, now: float, until: float, limit: int) -> Any:
         marks["due_queries"] += 1
-        marks["due_rows_read"] += limit + len(exclude)  # what the query's LIMIT lets it read
-        return await orig_due(now, limit, exclude)
+        marks["due_rows_read"] += limit  # what the claim's LIMIT lets it read
+        return await orig_claim(owner, now, until, limit)
 
-    fanout.prepare = prepare
-    store.due_deliveries = due_deliveries
+    preparer.run_once = prepare  # type: ignore[method-assign]
+    store.claim_deliveries = claim_deliveries  # type: ignore[method-assign]
     marks.update(loops=0, due_queries=0, due_rows_read=0)
 
     async def post(list_name: str, message_id: str) -> float:
@@ -608,7 +610,7 @@ def _report(n: int, ls: dict[str, Any], bl: dict[str, Any], raw: dict[str, Any],
     print(f"    sink saw all {n} recipients after{' ' * (18 - len(str(n)))}{after(ls['sink_all'])}")
     print(f"    per transaction: median {1000 * statistics.median(sends):.1f} ms; record_outcomes "
           f"{1000 * ls['record_s']:.0f} ms in all")
-    print(f"    fan-out loop rounds {ls['loops']}, due-deliveries queries {ls['due_queries']} "
+    print(f"    prepare rounds {ls['loops']}, delivery claims {ls['due_queries']} "
           f"(their LIMITs add up to {ls['due_rows_read']:,} rows)")
     print(f"    sink CPU during the run {_fmt(ls['sink_cpu'])}")
     print(f"(b) baseline: aiosmtplib, same bytes, {bl['batch_size']} RCPTs per transaction, same connections:")

@@ -32,9 +32,19 @@ client set-up.
 
 Goal: at least 1,000 durable posts/s with reused connections (mode a).
 
+Issue 10, ``--delivered``: the same 16 clients with reused connections send 2,000 posts
+(``--posts``) to a list of 4 (``--members``) with default settings; printed: posts/s
+accepted, posts/s fully delivered (from the first post until the sink has every copy),
+and the do-nothing aiosmtpd server's posts/s for the same clients in the same run, once
+per ``[server] workers`` value in ``--workers`` (default 1,2).  ``--store-url`` sets
+``[store] url`` (PostgreSQL).  Goals as ratios to the reference: accepted >= 0.6, fully
+delivered >= 0.5; 2 workers >= 1.6x one worker.
+
 Usage (from the repo root):  python bench/ingest.py [--seconds 8] [--clients 16]
                              [--client-procs 2] [--hold] [--log-level info] [--modes reuse,new]
                              [--list-default archive_policy=none ...] [--profile FILE]
+                             python bench/ingest.py --delivered [--posts 2000] [--members 4] [--workers 1,2]
+                             [--store-url postgresql://...]
 """
 
 from __future__ import annotations
@@ -91,7 +101,7 @@ def _client_thread(args: argparse.Namespace, number: int, start_at: float, deadl
     while time.time() < start_at:
         time.sleep(0.001)
     try:
-        while time.time() < deadline:
+        while time.time() < deadline and (not args.quota or i < args.quota):
             data = posts[i % len(posts)].replace(b"MSGID-PLACEHOLDER",
                                                   f"{args.seed}.{number}.{i}.{os.getpid()}@example.pl".encode())
             i += 1
@@ -147,11 +157,16 @@ def run_clients(args: argparse.Namespace, port: int, mode: str, server_pid: int)
     start_at = time.time() + 1.5  # every client process imported and ready
     procs = []
     first = 0
+    total = getattr(args, "posts", 0) or 0
+    per_client = [total // args.clients + (1 if k < total % args.clients else 0) for k in range(args.clients)]
+    seconds = 600.0 if total else args.seconds  # with a number of posts: until they are all sent
     for n_threads in per:
+        # Every client of one process sends the same number (the remainder goes to the first clients).
+        quota = max(per_client[first:first + n_threads], default=0) if total else 0
         procs.append(subprocess.Popen(
             [sys.executable, __file__, "--_mode", "client", "--port", str(port), "--mode", mode,
              "--threads", str(n_threads), "--first", str(first), "--start-at", repr(start_at),
-             "--seconds", str(args.seconds), "--seed", str(args.seed)],
+             "--seconds", str(seconds), "--seed", str(args.seed), "--quota", str(quota)],
             stdout=subprocess.PIPE, text=True, env=C.child_env()))
         first += n_threads
     while time.time() < start_at:
@@ -159,7 +174,7 @@ def run_clients(args: argparse.Namespace, port: int, mode: str, server_pid: int)
     srv_cpu0 = C.proc_cpu_seconds(server_pid)
     results = []
     for p in procs:
-        stdout, _ = p.communicate(timeout=args.seconds + 120)
+        stdout, _ = p.communicate(timeout=seconds + 120)
         if p.returncode != 0:
             raise SystemExit(f"a client process failed ({p.returncode})")
         results.append(json.loads(stdout.strip().splitlines()[-1]))
@@ -170,7 +185,7 @@ def run_clients(args: argparse.Namespace, port: int, mode: str, server_pid: int)
     errors = [e for r in results for e in r["errors"]]
     wall = last - start_at
     return {
-        "ok": ok, "wall": wall, "rate": ok / wall if wall > 0 else 0.0,
+        "ok": ok, "wall": wall, "rate": ok / wall if wall > 0 else 0.0, "start_at": start_at,
         "p50": _pct(lat, 50), "p90": _pct(lat, 90), "p99": _pct(lat, 99), "max": lat[-1] if lat else 0.0,
         "n_errors": sum(r["n_errors"] for r in results), "errors": errors[:5],
         "client_cpu": sum(r["cpu"] for r in results), "server_cpu": srv_cpu1 - srv_cpu0,
@@ -305,6 +320,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--quota", type=int, default=0, help=argparse.SUPPRESS)
+    # issue 10: sustained delivery
+    p.add_argument("--delivered", action="store_true",
+                   help="send --posts posts (reused connections) to a list of --members and measure until the "
+                        "sink has every copy, once per --workers value")
+    p.add_argument("--posts", type=int, default=2000, help="with --delivered: posts in all (default 2000)")
+    p.add_argument("--members", type=int, default=4, help="with --delivered: members of the list (default 4)")
+    p.add_argument("--workers", default="1,2", help="with --delivered: [server] workers values to run (default 1,2)")
+    p.add_argument("--store-url", default="",
+                   help="with --delivered: [store] url for the server (PostgreSQL; empty: the SQLite default)")
     args = p.parse_args()
     if args._mode == "client":
         _client_proc(args)
@@ -312,6 +337,11 @@ def main() -> None:
     if args._mode == "null":
         _null_server(args)
         return
+
+    if args.delivered:
+        delivered_main(args)
+        return
+    args.posts = 0  # the time-limited runs below
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     label = {"reuse": "(a) reused connections", "new": "(b) new connection per post"}
@@ -416,6 +446,138 @@ def main() -> None:
         if mode == "reuse":
             goal = f"  -> goal {'MET' if ls['rate'] >= GOAL else 'NOT MET'}"
         print(f"  {label[mode]:<30} listserv {ls['rate']:>7,.0f} posts/s{ref}{goal}")
+
+
+# -- issue 10: posts/s fully delivered, with 1 and 2 worker processes ------------------------------------
+
+ACCEPT_GOAL, DELIVERED_GOAL, SCALE_GOAL = 0.6, 0.5, 1.6
+
+
+def _members(n: int) -> list[str]:
+    return [AUTHOR] + [f"czlonek{i}@gmina{i % 7}.example.pl" for i in range(1, n)]
+
+
+def _delivered_config(state: Path, port: int, relay_port: int, args: argparse.Namespace, workers: int,
+                      dns_port: int) -> Path:
+    # Default settings: the list's own defaults, [delivery] as _common sets it for every benchmark.
+    mapping = C.config_mapping(state, listen_port=port, relay_port=relay_port, log_level=args.log_level)
+    mapping["server"]["workers"] = workers
+    text = C.to_toml(mapping)
+    if dns_port:
+        text += f'[dns]\nnameservers = ["127.0.0.1:{dns_port}"]\n\n'
+    if args.store_url:
+        text += f'[store]\nurl = {json.dumps(args.store_url)}\n\n'
+    text += (f'[[lists]]\nname = "{LIST}"\ntitle = "Dyskusja o energii"\nowners = ["{AUTHOR}"]\n'
+             'language = "pl"\n')
+    path = state / "listserv.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its children (the worker processes)."""
+    total = C.proc_cpu_seconds(pid)
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    return total + sum(C.proc_cpu_seconds(int(k)) for k in kids)
+
+
+def delivered_main(args: argparse.Namespace) -> None:
+    worker_counts = [int(w) for w in args.workers.split(",") if w.strip()]
+    members = _members(args.members)
+    copies = args.posts * len(members)
+    tmp = Path(tempfile.mkdtemp(prefix="listserv-bench-delivered-"))
+    print(C.machine_line())
+    print(C.load_line())
+    print(f"{args.clients} clients with reused connections (smtplib threads in {args.client_procs} processes), "
+          f"{args.posts} member posts of 2-5 KB to a list of {len(members)}, default settings "
+          f"({copies} copies); store {args.store_url or 'SQLite (default)'}. The machine is shared: figures are noisy.")
+    null = None
+    if not args.no_baseline:
+        port = C.free_port()
+        srv = subprocess.Popen([sys.executable, __file__, "--_mode", "null", "--port", str(port)], env=C.child_env())
+        try:
+            C.wait_port(port, proc=srv)
+            null = run_clients(args, port, "reuse", srv.pid)
+        finally:
+            _stop(srv)
+        _print_mode("reference: do-nothing aiosmtpd", null)
+    domain = AUTHOR.rpartition("@")[2]
+    dns = C.DnsStub({(domain, "TXT"): ["v=spf1 ip4:127.0.0.1 -all"],
+                     (f"_dmarc.{domain}", "TXT"): ["v=DMARC1; p=none"]}) if _server_has_dns_section() else None
+    runs: dict[int, dict[str, Any]] = {}
+    try:
+        for workers in worker_counts:
+            state = tmp / f"state-w{workers}"
+            state.mkdir()
+            sink = C.Sink(state / "sink", expect=copies)
+            port = C.free_port()
+            cfg = _write_members(_delivered_config(state, port, sink.port, args, workers, dns.port if dns else 0),
+                                 members)
+            log_path = state / "server.log"
+            with open(log_path, "wb") as log:
+                srv = subprocess.Popen([sys.executable, "-m", "listserv", "serve", "--config", str(cfg)],
+                                       stdout=log, stderr=subprocess.STDOUT, env=C.child_env(), cwd=state)
+                try:
+                    C.wait_port(port, timeout=60, proc=srv)
+                    time.sleep(1.0 if workers else 0.0)  # the worker processes imported and listening
+                    cpu0 = _tree_cpu(srv.pid)
+                    r = run_clients(args, port, "reuse", srv.pid)
+                    done = sink.wait_done(timeout=600)
+                    r["delivered_wall"] = float(done["now_ts"]) - r["start_at"]
+                    r["delivered_rate"] = r["ok"] / r["delivered_wall"]
+                    r["tree_cpu"] = _tree_cpu(srv.pid) - cpu0
+                    r["copies"] = done.get("recipients", 0)
+                finally:
+                    _stop(srv)
+                    sink.stop()
+            runs[workers] = r
+            _print_mode(f"listserv, workers = {workers}: accepted", r)
+            print(f"    fully delivered: {r['delivered_rate']:,.0f} posts/s ({r['copies']} copies in "
+                  f"{r['delivered_wall']:.2f} s from the first post, {r['copies'] / r['delivered_wall']:,.0f} "
+                  f"copies/s); CPU of the server and its workers {r['tree_cpu']:.1f} s")
+            errors = [ln for ln in log_path.read_text(errors="replace").splitlines()
+                      if " ERROR " in ln or "Traceback" in ln]
+            if errors:
+                print(f"    server log has {len(errors)} error lines, e.g. {errors[0][:200]}")
+            sys.stdout.flush()
+    finally:
+        if dns:
+            dns.stop()
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    print()
+    print(C.load_line())
+    print(f"summary (goals as ratios to the do-nothing server: accepted >= {ACCEPT_GOAL}, fully delivered >= "
+          f"{DELIVERED_GOAL}; 2 workers >= {SCALE_GOAL}x 1 worker in delivery)")
+    for workers, r in runs.items():
+        if null is None:
+            print(f"  workers = {workers}: accepted {r['rate']:,.0f}/s, delivered {r['delivered_rate']:,.0f}/s")
+            continue
+        acc, dlv = r["rate"] / null["rate"], r["delivered_rate"] / null["rate"]
+        print(f"  workers = {workers}: accepted {r['rate']:,.0f} posts/s = {acc:.2f} "
+              f"({'MET' if acc >= ACCEPT_GOAL else 'NOT MET'}), fully delivered {r['delivered_rate']:,.0f} posts/s "
+              f"= {dlv:.2f} ({'MET' if dlv >= DELIVERED_GOAL else 'NOT MET'}) of {null['rate']:,.0f}")
+    if 1 in runs and 2 in runs:
+        scale = runs[2]["delivered_rate"] / runs[1]["delivered_rate"]
+        print(f"  2 workers / 1 worker, fully delivered: {scale:.2f}x ({'MET' if scale >= SCALE_GOAL else 'NOT MET'})")
+
+
+def _write_members(cfg: Path, members: list[str]) -> Path:
+    """The list's members, added with the CLI before the server starts (as an operator would)."""
+    csv = cfg.parent / "members.csv"
+    # The author is the list's owner (seeded from [[lists]]), a member already.
+    csv.write_text("".join(f"{m}\n" for m in members if m != AUTHOR), encoding="utf-8")
+    for cmd in (["dkim", "keygen"], ["members", "add", LIST, "--file", str(csv)]):
+        subprocess.run([sys.executable, "-m", "listserv", *cmd, "--config", str(cfg)], check=True,
+                       capture_output=True, env=C.child_env(), cwd=cfg.parent)
+    return cfg
 
 
 if __name__ == "__main__":

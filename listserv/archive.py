@@ -847,6 +847,37 @@ class Archiver:
                     log.exception("archive pages of %s failed; `listserv archive build` repairs them", list_name)
                     await self.store.record_stage_error("archive", f"archive pages of {list_name} failed: {exc!r}")
 
+    async def catch_up(self, owner: str, now: float, until: float, limit: int = 200) -> int:
+        """The archive stage's step: claim archive rows not yet rendered, add them, record it.
+
+        The queue is in the store (``render_pending``), so posts stored while
+        no archive stage ran (a crash, a stop) are added when one runs again.
+        Returns how many rows were claimed.
+        """
+        work = await self.store.claim_archive_work(owner, now, until, limit)
+        touched: dict[str, set[str]] = {}
+        for _, list_name, msgid_hash in work:
+            try:
+                month = await self.add(list_name, msgid_hash, pages=False)
+            except Exception as exc:  # noqa: BLE001 - the archive is derived; a rebuild repairs it
+                log.exception("archive update failed list=%s hash=%s; `listserv archive build` repairs it",
+                              list_name, msgid_hash)
+                await self.store.record_stage_error("archive", f"archive update failed list={list_name}: {exc!r}")
+                continue
+            if month is not None:
+                touched.setdefault(list_name, set()).add(month)
+        for list_name, months in touched.items():
+            try:
+                async with self._lock:
+                    await self._render_pages(await self._info(list_name), months)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("archive pages of %s failed; `listserv archive build` repairs them", list_name)
+                await self.store.record_stage_error("archive", f"archive pages of {list_name} failed: {exc!r}")
+        # Done with, rendered or not: a failure is logged and left to `archive build`,
+        # never retried in a loop.
+        await self.store.archive_rendered([row_id for row_id, _, _ in work])
+        return len(work)
+
     async def idle(self) -> None:
         """Wait until every update started so far has finished (tests, shutdown)."""
         while self._tasks or self._pending:

@@ -18,7 +18,7 @@ import re
 import sys
 import time
 import unicodedata
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,7 +27,7 @@ import click
 from listserv import __version__, config as config_mod
 from listserv.errors import AddressError, ListservError, StoreError
 from listserv.message import normalize_address
-from listserv.settings import SETTINGS, ListSettings, effective_settings, parse_setting, storable
+from listserv.settings import SETTINGS, effective_settings, parse_setting, storable
 from listserv.store import DELIVERY_STATES, ROLES, Store
 
 T = TypeVar("T")
@@ -116,7 +116,9 @@ def main(config_path: Path | None) -> None:
 @config_option
 @click.option("--web-listen", metavar="HOST:PORT", default=None,
               help="Where the one-click unsubscribe listener listens, instead of [web] listen ('' for none).")
-def serve(config_path: Path | None, web_listen: str | None) -> None:
+@click.option("--only", type=click.Choice(["receive", "work"]), default=None,
+              help="Run only the SMTP receiver, or only the workers ([server] workers), on this machine.")
+def serve(config_path: Path | None, web_listen: str | None, only: str | None) -> None:
     """Receive, decide, deliver: run the server until SIGTERM.
 
     A failure to start (a port taken, a key or the state dir unusable) exits 1
@@ -135,7 +137,7 @@ def serve(config_path: Path | None, web_listen: str | None) -> None:
             raise click.BadParameter(str(exc), param_hint="--web-listen") from None
         cfg = dataclasses.replace(cfg, web=dataclasses.replace(cfg.web, listen=listen))
     try:
-        app.run(cfg)
+        app.run(cfg, only)
     except ListservError as exc:
         _fail(str(exc))
     except OSError as exc:

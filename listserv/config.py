@@ -73,6 +73,10 @@ class ServerConfig:
     postmaster: str = ""  # where mail to postmaster@ and abuse@ goes; "" = kept, not forwarded
     offload_threshold: int = 64 * 1024  # messages at least this big are checked in worker processes
     receive_workers: int = 2  # those worker processes (0 = none: everything on the event loop)
+    # Worker processes running the stages (prepare, deliver, commands and
+    # bounces, archive); 0: all the work in the serving process.
+    workers: int = 1
+    lease: int = 300  # seconds a worker's claim on a row lasts unless it records the outcome first
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +213,19 @@ def _positive(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"expected a whole number of at least 1, got {value!r}")
     return value
+
+
+def _non_negative(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number of at least 0, got {value!r}")
+    return value
+
+
+def _positive_duration(value: Any) -> int:
+    seconds = parse_duration(value)
+    if seconds < 1:
+        raise ValueError(f"expected at least 1 second, got {value!r}")
+    return seconds
 
 
 def _choice(*choices: str) -> Callable[[Any], str]:
@@ -374,6 +391,8 @@ def from_mapping(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         postmaster=s.get("postmaster", _optional_address, ""),
         offload_threshold=s.get("offload_threshold", _size_or_zero, 64 * 1024),
         receive_workers=s.get("receive_workers", _count, 2),
+        workers=s.get("workers", _non_negative, os.cpu_count() or 1),
+        lease=s.get("lease", _positive_duration, 300),
     )
     s.finish()
     if server.recipient_limit < 100:

@@ -1,29 +1,25 @@
-"""Deliver: turn accepted posts into signed copies and fan them out, durably and in batches.
+"""Deliver: claim due copies from the store, send them in batches, record each outcome.
 
-The worker does two things in a loop.
+The deliver stage of each worker claims due copies with a lease
+(``Store.claim_deliveries``: ``lease_owner``, ``lease_until``), groups them into
+transactions of up to ``max_recipients`` RCPTs (``plan_batches``; VERP'd and
+personalized copies go one per transaction) and sends them over its share of
+``connections``.  Each outcome is stored in the statement that clears the
+lease: 2xx -> sent, 5xx -> failed (recorded against that recipient), 4xx or a
+network failure -> retried with exponential backoff and jitter until
+``retry_period`` has passed.
 
-1. *Prepare*: each accepted post (oldest first) is rewritten once for its list,
-   signed once (DKIM comes last, on the final bytes), and queued for every
-   member with delivery enabled, in one transaction that also marks the post
-   ``queued``.  Mail to ``LIST-owner`` is forwarded to the owners, and the
-   other stages given to the worker run (commands, held-post notices).
-2. *Deliver*: due copies are grouped into batches of up to
-   ``max_recipients`` RCPTs per transaction (``plan_batches``) and sent over
-   ``connections`` parallel connections.  Each batch's outcome is stored in
-   one transaction: 2xx -> sent, 5xx -> failed (recorded against that
-   recipient), 4xx or a network failure -> retried with exponential backoff
-   and jitter until ``retry_period`` has passed.
-
-Nothing is marked "in flight" in the database: after a crash every copy not
-recorded as sent is still pending, so delivery resumes where it stopped and
-only the recipients of the batches that were on the wire can get a copy twice.
+Preparing posts is ``listserv.prepare``; this stage only reads the queue.  A
+worker that dies leaves its leases to run out (or to be given back when it
+restarts under the same name); the copies are pending still, so delivery
+resumes where it stopped and only the batches that were on the wire can reach
+a recipient twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
 import random
 import time
@@ -32,16 +28,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from listserv import dkim
-from listserv.auth import arc_seal, our_auth_results
 from listserv.config import Config
-from listserv.dmarc import TxtResolver, is_strict
-from listserv.message import archiving_refused
-from listserv.rewrite import ListContext, header_values, message_id_hash, rewrite
-from listserv.settings import ListSettings, effective_settings
-from listserv.store import ArchiveEntry, DueDelivery, IncomingRecord, Outcome, Store
+from listserv.rewrite import header_values
+from listserv.store import DueDelivery, Outcome, Store
 from listserv.transport import Transport
 from listserv.types import Reply
 from listserv.unsubscribe import Tokens, unsubscribe_headers, unsubscribe_url
+from listserv.wake import CHANNELS, Wakeup
 
 
 __all__ = ["Batch", "Fanout", "bounces_address", "plan_batches", "retry_delay"]
@@ -49,7 +42,7 @@ __all__ = ["Batch", "Fanout", "bounces_address", "plan_batches", "retry_delay"]
 log = logging.getLogger("listserv.fanout")
 
 MAX_BACKOFF = 4 * 3600.0
-PROBE_EVERY = 10  # verp = "probe": one post in this many goes VERP'd
+POLL = 1.0  # seconds between looks at the store when no wake-up comes (a lost one only delays)
 OUTCOME_FLUSH_SIZE = 64  # single copies recorded per transaction at most
 OUTCOME_FLUSH_DELAY = 0.02  # seconds an outcome may wait for others
 
@@ -203,60 +196,65 @@ def message_id_of(data: bytes) -> str:
     return values[0].strip().strip("<>").strip() if values else ""
 
 
-def generated_message_id(record: IncomingRecord, domain: str) -> str:
-    # Derived from the stored message, so a post prepared twice (after a
-    # crash) gets the same Message-ID and the same Archived-At.
-    digest = hashlib.sha1(record.data).hexdigest()[:20]
-    return f"listserv.{record.id}.{digest}@{domain}"
+class _NoWakeup:
+    def notify(self, channel: str) -> None:
+        pass
+
+    async def wait(self, channel: str, timeout: float) -> bool:
+        await asyncio.sleep(timeout)
+        return False
 
 
 class Fanout:
+    """The deliver stage of one worker: claims due copies with a lease, sends them, records each outcome.
+
+    ``connections`` is this worker's share of ``[delivery] connections``
+    (all of them when one process does all the work).  ``owner`` names the
+    worker in the leases it takes.
+    """
+
     def __init__(
         self,
         config: Config,
         store: Store,
         transport: Transport,
         key: dkim.DkimKey | dkim.KeySet,
-        resolve_txt: TxtResolver | None = None,
-        retry_initial: float = 60.0,
-        clock: Callable[[], float] = time.time,
-        on_archived: Callable[[str, str], Awaitable[None]] | None = None,
-        stages: Sequence[Callable[[], Awaitable[None]]] = (),
+        *,
         tokens: Tokens | None = None,
         on_failed: Callable[[int, str, Reply], Awaitable[None]] | None = None,
+        wakeup: Wakeup | None = None,
+        owner: str = "local",
+        connections: int | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.transport = transport
-        # Every copy is signed with all of keys (RSA, and Ed25519 when
-        # configured); the ARC seal with the RSA key alone.
+        # Every copy is signed with all of keys (RSA, and Ed25519 when configured).
         self.keys = dkim.KeySet.of(key)
-        self.key = self.keys.rsa
-        self.resolve_txt = resolve_txt
-        self.retry_initial = retry_initial
-        self.clock = clock
-        # Called with (list name, Message-ID-Hash) once a post is stored for
-        # the archive; the archive stage updates its pages in the background.
-        self.on_archived = on_archived
-        # Other work the worker does each pass (e-mail commands, held posts).
-        self.stages = tuple(stages)
         # Member tokens for one-click unsubscribe; None: no personalized copies.
         self.tokens = tokens
         # Told (list id, recipient, reply) of each copy of a post that failed
         # for good: bounce scoring counts the member's own failures.
         self.on_failed = on_failed
+        self.wakeup: Wakeup | _NoWakeup = wakeup or _NoWakeup()
+        self.owner = owner
+        self.connections = connections or config.delivery.connections
+        self.retry_initial = 60.0
+        self.clock: Callable[[], float] = time.time
+        self.lease = float(config.server.lease)
+        # Rows claimed per claim: enough for every connection to have a full
+        # batch (or a run of single copies), few enough that a worker never
+        # sits on copies another worker could be sending.
+        self.claim_size = self.connections * max(config.delivery.max_recipients, 32)
         self._templates: OrderedDict[int, PersonalTemplate] = OrderedDict()
         self._outcomes: list[Outcome] = []
-        self._outcome_ids: list[int] = []
         self._flush_task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
-        self._wake = asyncio.Event()
         self._deliver_wake = asyncio.Event()
         self._stopping = False
-        self._inflight: set[int] = set()
-        self._finished: list[int] = []
         self._batches: asyncio.Queue[Batch] = asyncio.Queue()
         self._queued_batches = 0
+        self._queued_copies = 0
         self._messages: OrderedDict[int, OutboxMessage] = OrderedDict()
         self._senders: list[asyncio.Task[None]] = []
         self._busy_senders = 0
@@ -267,76 +265,64 @@ class Fanout:
         self._relay_retry_at = 0.0
 
     def wake(self) -> None:
-        """New mail arrived (or a test wants a pass now): prepare, then deliver."""
-        self._wake.set()
+        """Tell every stage of this node to look at the store now (new mail; tests)."""
+        for channel in CHANNELS:
+            self.wakeup.notify(channel)
         self._deliver_wake.set()
 
     # -- main loop -------------------------------------------------------------
 
     async def run(self) -> None:
-        """Two loops: one prepares what arrived (and runs the stages), one feeds the senders.
+        """Claim due copies and feed them to the senders, until stopped.
 
-        They are apart so that each finished batch wakes only the cheap
-        scheduling step, not a round of queries for new mail.
+        It wakes when copies are queued (the "deliver" wake-up), when the
+        senders run low, or when the store says the next copy is due
+        (a retry, or a lease running out); and at least every POLL seconds.
         """
         self._senders = [
             asyncio.create_task(self._sender(i), name=f"fanout-sender-{i}")
-            for i in range(self.config.delivery.connections)
+            for i in range(self.connections)
         ]
-        scheduler = asyncio.create_task(self._schedule_loop(), name="fanout-scheduler")
+        listener = asyncio.create_task(self._listen(), name="fanout-wakeups")
         try:
             while not self._stopping:
-                self._wake.clear()
+                self._deliver_wake.clear()
                 try:
-                    await self.prepare()
-                except Exception as exc:  # noqa: BLE001 - the worker must survive anything
-                    log.exception("preparing mail failed; retrying shortly")
-                    await self.store.record_stage_error("prepare", f"preparing mail failed: {exc!r}")
-                self._deliver_wake.set()  # what was just queued may be due
-                if self._stopping:
-                    break
-                # Poll at least every second: the CLI (another process)
-                # approves held posts and queues notices through the database.
+                    await self.schedule()
+                    timeout = await self._sleep_for()
+                except Exception:  # noqa: BLE001 - the worker must survive anything
+                    log.exception("scheduling deliveries failed; retrying shortly")
+                    timeout = POLL
                 try:
-                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                    await asyncio.wait_for(self._deliver_wake.wait(), timeout)
                 except TimeoutError:
                     pass
         finally:
-            scheduler.cancel()
-            await asyncio.gather(scheduler, return_exceptions=True)
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
 
-    async def _schedule_loop(self) -> None:
+    async def _listen(self) -> None:
         while not self._stopping:
-            self._deliver_wake.clear()
-            try:
-                await self.schedule()
-                timeout = await self._sleep_for()
-            except Exception:  # noqa: BLE001 - the worker must survive anything
-                log.exception("scheduling deliveries failed; retrying shortly")
-                timeout = 1.0
-            try:
-                await asyncio.wait_for(self._deliver_wake.wait(), timeout)
-            except TimeoutError:
-                pass
+            if await self.wakeup.wait("deliver", POLL):
+                self._deliver_wake.set()
 
     async def _sleep_for(self) -> float:
         if self._queued_batches or self._busy_senders or self._outcomes:
-            # Copies on the wire are still "pending" and due in the database;
-            # the senders wake us as they finish, so no busy polling here.
-            return 1.0
-        nxt = await self.store.next_attempt_at()
+            # The senders wake us as they finish, so no busy polling here.
+            return POLL
+        now = self.clock()
+        nxt = await self.store.next_claimable_at(now)
         if nxt is None:
-            return 1.0
-        return max(0.0, min(1.0, nxt - self.clock()))
+            return POLL
+        return max(0.0, min(POLL, nxt - now))
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop taking new work; let batches on the wire finish (up to grace seconds).
 
-        Batches not yet started stay pending in the database and go out
-        after the restart.
+        Batches claimed but not yet started stay pending in the database; the
+        worker gives their leases back when it stops (``Store.release_leases``).
         """
         self._stopping = True
-        self._wake.set()
         self._deliver_wake.set()
         while not self._batches.empty():
             self._batches.get_nowait()
@@ -357,18 +343,22 @@ class Fanout:
         await self.transport.close()
 
     async def drain(self, timeout: float = 60.0) -> None:
-        """Wait until nothing is due or in flight (tests and benchmarks)."""
+        """Wait until nothing is due or in flight (tests and benchmarks).
+
+        It looks at the store, so it waits for every stage of this node:
+        posts still to prepare, commands still to handle, copies still due.
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if not (self._queued_batches or self._busy_senders or self._outcomes
+                    or await self.store.unhandled_incoming()):
+                nxt = await self.store.next_attempt_at()
+                if nxt is None or nxt > self.clock():
+                    return
+            # Only while there is work: a stage woken for nothing would still
+            # be running its pass when the caller goes on.
             self.wake()
             await asyncio.sleep(0.02)
-            if self._queued_batches or self._busy_senders or self._outcomes:
-                continue
-            if await self.store.unhandled_incoming():
-                continue
-            nxt = await self.store.next_attempt_at()
-            if nxt is None or nxt > self.clock():
-                return
         accepted = await self.store.incoming_with("post", "accepted", limit=5)
         raise TimeoutError(
             f"fan-out did not drain: queued={self._queued_batches} busy={self._busy_senders} "
@@ -376,135 +366,17 @@ class Fanout:
             f"next_attempt_at={await self.store.next_attempt_at()} now={self.clock()}"
         )
 
-    # -- prepare ---------------------------------------------------------------
-
-    async def prepare(self) -> None:
-        for record in await self.store.incoming_with("post", "accepted", limit=20):
-            await self._prepare_post(record)
-        for record in await self.store.incoming_with("owner", "new", limit=20):
-            await self._forward_owner_mail(record)
-        for stage in self.stages:
-            await stage()
-
-    async def _settings(self, list_id: int) -> tuple[str, ListSettings]:
-        lst = await self.store.get_list_by_id(list_id)
-        return lst.name, effective_settings(self.config.list_defaults, lst.settings_json)
-
-    async def _munge_from(self, settings: ListSettings, author: str) -> bool:
-        if settings.dmarc_mitigation == "always":
-            return True
-        if settings.dmarc_mitigation == "never" or "@" not in author:
-            return False
-        if self.resolve_txt is None:
-            return True
-        return await is_strict(author.rpartition("@")[2], self.resolve_txt)
-
-    def _sign(self, data: bytes) -> bytes:
-        return dkim.sign_message(data, self.keys)
-
-    async def _prepare_post(self, record: IncomingRecord) -> None:
-        domain = self.config.server.domain
-        try:
-            name, settings = await self._settings(record.list_id)
-            message_id = record.message_id or generated_message_id(record, domain)
-            ctx = ListContext(name=name, domain=domain, settings=settings,
-                              archive_base_url=self.config.archive.base_url)
-            munge = await self._munge_from(settings, record.sender)
-            personal = settings.personalize and self.tokens is not None
-            if personal and settings.personal_footer:
-                ctx = dataclasses.replace(ctx, unsubscribe_placeholder=PERSONAL_PLACEHOLDER)
-            rewritten = rewrite(record.data, ctx, message_id=message_id, munge_from=munge, author=record.sender)
-            if personal and rewritten.data.count(PERSONAL_PLACEHOLDER.encode()) != 1:
-                # The footer went where the marker cannot be found (a base64
-                # body): no per-member link in the body, only in the headers.
-                ctx = dataclasses.replace(ctx, unsubscribe_placeholder="")
-                rewritten = rewrite(record.data, ctx, message_id=message_id, munge_from=munge,
-                                    author=record.sender)
-            prepared = rewritten.data
-            if PERSONAL_PLACEHOLDER.encode() not in prepared:
-                # RFC 8617: sealed once, over what every copy shares.  A body
-                # with each member's own link cannot be sealed once (the seal
-                # covers the body), so personal_footer lists go unsealed.
-                authserv_id = self.config.server.domain
-                prepared = await arc_seal(prepared, self.key, authserv_id=authserv_id,
-                                          auth_results=our_auth_results(record.data, authserv_id) or "arc=none")
-            if personal:
-                kind, data = "post-personal", prepared  # signed per copy
-            else:
-                verp = settings.verp == "always" or (settings.verp == "probe" and record.id % PROBE_EVERY == 0)
-                kind, data = ("post-verp" if verp else "post"), self._sign(prepared)
-            recipients = await self.store.recipients(record.list_id)
-            archive = None
-            if not archiving_refused(record.data):
-                # The archive keeps the post as its author wrote it (the
-                # DMARC From rewrite is for delivery only), with its id.
-                archive = ArchiveEntry(message_id, message_id_hash(message_id), record.data)
-        except Exception as exc:  # noqa: BLE001 - a post we cannot prepare goes to a person
-            log.exception("cannot prepare post %s", record.id)
-            await self.store.record_stage_error("prepare", f"cannot prepare post {record.id} (held): {exc!r}")
-            await self.store.set_incoming_status(
-                record.id, "held", expect="accepted", reason=f"could not be prepared for the list: {exc!r}"[:500]
-            )
-            return
-        outbox_id = await self.store.enqueue(
-            list_id=record.list_id, kind=kind, envelope_from=bounces_address(name, domain), data=data,
-            recipients=recipients, incoming_id=record.id, incoming_status="queued", incoming_expect="accepted",
-            archive=archive,
-        )
-        if archive is not None and self.on_archived is not None:
-            try:
-                await self.on_archived(name, archive.msgid_hash)
-            except Exception as exc:  # noqa: BLE001 - the archive is derived: rebuildable, never blocks delivery
-                log.exception("archive update failed for %s; `listserv archive build` repairs it", message_id)
-                await self.store.record_stage_error("archive", f"archive update failed for {message_id}: {exc!r}")
-        if rewritten.stripped:
-            log.info("stripped list=%s message_id=%s types=%s", name, message_id, ",".join(rewritten.stripped))
-        log.info("queued list=%s message_id=%s outbox=%s recipients=%d mode=%s", name, message_id, outbox_id,
-                 len(recipients), kind)
-
-    async def _forward_owner_mail(self, record: IncomingRecord) -> None:
-        domain = self.config.server.domain
-        name, _ = await self._settings(record.list_id)
-        owners = await self.store.owners(record.list_id)
-        why = "" if owners else "the list has no owner to forward it to"
-        if not why:
-            try:
-                signed = self._sign(record.data)
-            except Exception as exc:  # noqa: BLE001 - e.g. no From: it cannot leave signed
-                why = f"cannot be forwarded: {exc}"
-        if why:
-            # Kept and recorded (visible in `listserv status` and `person
-            # export`), never dropped silently, and never retried in a loop.
-            await self.store.set_incoming_status(record.id, "failed", expect="new", reason=why[:500])
-            log.warning("owner-mail list=%s id=%s not forwarded: %s", name, record.id, why)
-            return
-        await self.store.enqueue(
-            list_id=record.list_id, kind="owner", envelope_from=bounces_address(name, domain),
-            data=signed, recipients=owners, incoming_id=record.id, incoming_status="done",
-            incoming_expect="new",
-        )
-        log.info("forwarded list=%s owner-mail=%s owners=%d", name, record.id, len(owners))
-
     # -- deliver ---------------------------------------------------------------
 
     async def schedule(self) -> None:
-        """Claim due copies and hand them to the senders as batches."""
-        per_batch = self.config.delivery.max_recipients
-        # Keep about two batches per connection waiting: enough to keep every
-        # connection busy, few enough that a new post is not stuck behind a
-        # long queue kept only in memory.
-        room = 2 * self.config.delivery.connections - self._queued_batches
-        if room <= 0 or self._stopping:
+        """Claim due copies (with a lease in the store) and hand them to the senders as batches."""
+        if self._stopping or self._queued_copies >= self.claim_size:
             return
-        # Copies whose outcome is committed leave the in-flight set only now,
-        # before the query: a query that started before that commit would
-        # still see them pending and send them again.
-        self._inflight.difference_update(self._finished)
-        self._finished.clear()
-        due = await self.store.due_deliveries(self.clock(), room * per_batch, self._inflight)
-        for batch in plan_batches(due, per_batch):
-            self._inflight.update(d.id for d in batch.deliveries)
+        now = self.clock()
+        due = await self.store.claim_deliveries(self.owner, now, now + self.lease, self.claim_size)
+        for batch in plan_batches(due, self.config.delivery.max_recipients):
             self._queued_batches += 1
+            self._queued_copies += len(batch.deliveries)
             self._batches.put_nowait(batch)
 
     async def _message(self, outbox_id: int) -> OutboxMessage:
@@ -523,6 +395,7 @@ class Fanout:
         while True:
             batch = await self._batches.get()
             self._queued_batches -= 1
+            self._queued_copies -= len(batch.deliveries)
             self._busy_senders += 1
             try:
                 await self._send_batch(batch)
@@ -537,12 +410,12 @@ class Fanout:
                         for d in batch.deliveries
                     ])
                 except Exception:  # noqa: BLE001
+                    # Their leases run out (or go back at the restart): retried then.
                     log.exception("could not record the failure either")
-                    self._finished.extend(d.id for d in batch.deliveries)
             finally:
                 self._busy_senders -= 1
                 self._batches.task_done()
-                if self._queued_batches <= self.config.delivery.connections:
+                if self._queued_copies < self.claim_size // 2 or self._queued_batches <= self.connections:
                     self._deliver_wake.set()  # running low: claim more
 
     async def _template(self, outbox_id: int, data: bytes) -> PersonalTemplate:
@@ -638,12 +511,11 @@ class Fanout:
         return self._relay_retry_at
 
     async def _record(self, outcomes: list[Outcome]) -> None:
-        """Store outcomes, many copies per transaction.
+        """Store outcomes, many copies per transaction; recording clears each copy's lease.
 
-        A copy leaves the in-flight set only once its outcome is committed;
-        until then it cannot be claimed again.  A crash before the commit
-        sends those few copies again: the duplicates allowed for what is on
-        the wire.
+        Until the commit the copies stay leased to this worker, so nobody
+        else claims them.  A crash before the commit sends those few copies
+        again: the duplicates allowed for what is on the wire.
         """
         self._outcomes.extend(outcomes)
         # A batch is recorded at once (one transaction for many recipients
@@ -675,7 +547,6 @@ class Fanout:
                 # the next flush tries again.
                 self._outcomes[:0] = outcomes
                 raise
-            self._finished.extend(o.delivery_id for o in outcomes)
             self._deliver_wake.set()
 
 

@@ -1,5 +1,9 @@
 """Crash safety for real: ``listserv serve`` as a subprocess, killed in the middle of a fan-out, restarted.
 
+The server runs its stages in WORKERS worker processes.  A SIGKILL of the
+server takes them along (they die with it); a SIGKILL of one worker alone is
+noticed by the server, which starts it again, and the fan-out goes on.
+
 The relay is an aiosmtpd sink in this process.  It is slow (a short sleep per
 transaction) and it has a *gate*: once it has taken a given number of
 recipients, it still stores each further transaction (the relay has the mail)
@@ -48,7 +52,8 @@ POST_ADDR = f"{LIST}@{DOMAIN}"
 OWNER = "koordynator@pnec.org.pl"
 MEMBER_COUNT = 3000
 MAX_RECIPIENTS = 100
-CONNECTIONS = 2
+CONNECTIONS = 2  # in all, shared by the worker processes
+WORKERS = 2  # worker processes of the server (one delivery connection each)
 GATE_AFTER = 1000  # recipients the relay takes before it starts holding its replies
 MEMBERS = [f"czlonek{i:04d}@gmina{i % 37:02d}.example.pl" for i in range(MEMBER_COUNT)]
 EVERYONE = frozenset(MEMBERS) | {OWNER}
@@ -172,6 +177,7 @@ def write_config(tmp_path: Path, listen_port: int, relay_port: int) -> Path:
         f"listen = {q(f'127.0.0.1:{listen_port}')}\n"
         f"state_dir = {q(str(tmp_path / 'state'))}\n"
         'log_level = "info"\n'
+        f"workers = {WORKERS}\n"
         "\n[delivery]\n"
         'mode = "smtp"\n'
         f"relay = {q(f'127.0.0.1:{relay_port}')}\n"
@@ -597,8 +603,8 @@ def test_five_sigkills_at_random_moments_of_a_5000_member_fanout(tmp_path: Path,
     per_kill_dups = [sum(later[r] - before[r] for r in before) for before, later in zip(at_kill, after)]
     assert sum(per_kill_dups) == extra
     # What may be sent twice per kill: what was on the wire (one batch per connection) and,
-    # for single copies, the outcomes gathered for one transaction (OUTCOME_FLUSH_SIZE).
-    per_kill = CONNECTIONS * MAX_RECIPIENTS if mode == "batched" else CONNECTIONS + OUTCOME_FLUSH_SIZE
+    # for single copies, the outcomes each worker gathered for one transaction (OUTCOME_FLUSH_SIZE).
+    per_kill = CONNECTIONS * MAX_RECIPIENTS if mode == "batched" else CONNECTIONS + WORKERS * OUTCOME_FLUSH_SIZE
     print(f"\n{KILLS} SIGKILLs during a {len(BIG_EVERYONE)}-member fan-out ({mode}): members with the post "
           f"at each kill {[len(c) for c in at_kill]}; duplicates per kill {per_kill_dups}, {extra} in all "
           f"({twice} recipients; bound {per_kill} per kill); {len(sink.snapshot())} transactions")
@@ -612,3 +618,80 @@ def test_five_sigkills_at_random_moments_of_a_5000_member_fanout(tmp_path: Path,
         assert dkimpy.verify(data, dnsfunc=dkim_dnsfunc(key)), "a copy does not verify"
     assert post_copies_status(db_path) == {"sent": len(BIG_EVERYONE)}
     assert query(db_path, "SELECT status FROM incoming WHERE kind = 'post'") == [("queued",)]
+
+
+# -- one worker process killed, the node goes on (issue 10) ------------------------------------------
+
+
+def worker_pids(srv: ServerProcess) -> dict[int, int]:
+    """Worker slot -> pid of its latest start, from the server's log."""
+    import re
+
+    current = srv.log().rsplit("---- start", 1)[-1]
+    return {int(m[1]): int(m[2]) for m in re.finditer(r"worker (\d+) started \(pid (\d+)\)", current)}
+
+
+def test_sigkill_of_one_worker_mid_personalized_fanout_the_node_finishes_it(tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                           server_process) -> None:
+    from listserv.fanout import OUTCOME_FLUSH_SIZE
+
+    listen_port, relay_port = free_port(), free_port()
+    cfg = write_config(tmp_path, listen_port, relay_port)
+    db_path = tmp_path / "state" / "listserv.sqlite3"
+    prepare_big_list(tmp_path, cfg, personalize=True)  # the default: one signed copy per member, VERP
+    sink = SlowReplySink(delay=0.002)
+    srv = server_process(cfg, listen_port)
+    with relay(sink, relay_port):
+        srv.start()
+        wait_until(lambda: len(worker_pids(srv)) == WORKERS, 60, f"{WORKERS} workers started", srv.check_alive)
+        victim = worker_pids(srv)[1]
+        code, reply = post(listen_port, post_bytes())
+        assert code == 250, reply
+        # Both workers are sending: each has claimed copies of its own.
+        wait_until(lambda: len(query(db_path, "SELECT DISTINCT lease_owner FROM deliveries"
+                                              " WHERE lease_owner IS NOT NULL")) == WORKERS
+                   and len(sink.counts()) >= 1000, 120, "both workers delivering, 1,000 members served",
+                   srv.check_alive)
+        os.kill(victim, signal.SIGKILL)
+        at_kill = sink.counts()
+        assert len(at_kill) < len(BIG_EVERYONE), "the kill must land before the fan-out is over"
+        # The server is up all along, and starts the worker again.
+        wait_until(lambda: worker_pids(srv).get(1, victim) != victim, 60, "worker 1 started again",
+                   srv.check_alive)
+        assert srv._answers()
+        wait_until(lambda: BIG_EVERYONE <= set(sink.counts()), 180,
+                   f"all {len(BIG_EVERYONE)} members received the post", srv.check_alive)
+        wait_until(lambda: post_copies_status(db_path).get("pending", 0) == 0, 60,
+                   "no copy left pending in the database", srv.check_alive)
+        srv.signal(signal.SIGTERM)
+        assert srv.wait(30) == 0, srv.log()[-4000:]
+
+    log = srv.log()
+    assert f"worker 1 (pid {victim}) exited with -9; starting it again" in log
+    counts = sink.counts()
+    assert set(counts) == BIG_EVERYONE
+    dups = sum(counts[r] - at_kill[r] for r in at_kill)
+    extra = sum(n - 1 for n in counts.values())
+    # Only the dead worker's copies can go out twice: the one on its connection and the
+    # outcomes it had gathered but not yet committed.
+    bound = connections_of_worker() + OUTCOME_FLUSH_SIZE
+    print(f"\nSIGKILL of one of {WORKERS} workers: {len(at_kill)} of {len(BIG_EVERYONE)} had the post at the kill; "
+          f"{extra} duplicate copies (bound {bound}); {len(sink.snapshot())} transactions")
+    assert dups == extra and extra <= bound, (extra, bound)
+    assert all(tx.rcpts and len(tx.rcpts) == 1 for tx in sink.snapshot()), "personalized: one member per copy"
+    ids = Counter(tx.message_id for tx in sink.snapshot())
+    assert set(ids) == {POST_MESSAGE_ID}
+    key = load_key(tmp_path)
+    import random
+
+    for data in random.Random(10).sample(list(sink.bodies.values()), 30):
+        assert dkimpy.verify(data, dnsfunc=dkim_dnsfunc(key)), "a copy does not verify"
+    assert post_copies_status(db_path) == {"sent": len(BIG_EVERYONE)}
+    # Nothing is left claimed: every lease was cleared by its outcome or given back.
+    assert query(db_path, "SELECT count(*) FROM deliveries WHERE lease_owner IS NOT NULL") == [(0,)]
+
+
+def connections_of_worker() -> int:
+    from listserv.worker import connections_for
+
+    return connections_for(CONNECTIONS, WORKERS, 0)

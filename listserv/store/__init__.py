@@ -4,7 +4,8 @@ One module per concern, each a part of ``Store`` with the SQL of that concern:
 ``lists`` (lists, members, bans), ``incoming`` (the group commit, received
 mail, held posts), ``queue`` (outbox and deliveries), ``people`` (bounces,
 tokens, consent, reply limits, GDPR), ``archive`` (the archive index),
-``status`` (the operator's view, backup).  ``base`` holds the connections and
+``status`` (the operator's view, backup), ``work`` (stage leases, the
+archive's queue).  ``base`` holds the connections and
 migrations, ``schema`` the versioned schema, ``records`` the frozen records.
 
 SQLite in WAL mode through aiosqlite.  The schema is versioned with ``PRAGMA
@@ -45,6 +46,7 @@ from listserv.store.records import (
 )
 from listserv.store.schema import MIGRATIONS
 from listserv.store.status import StatusPart
+from listserv.store.work import WorkPart
 
 __all__ = [
     "DELIVERY_STATES", "MIGRATIONS", "ROLES", "ArchiveEntry", "BounceState", "ConsentEvent", "DueDelivery",
@@ -53,5 +55,5 @@ __all__ = [
 ]
 
 
-class Store(QueuePart, PeoplePart, ArchivePart, StatusPart):
+class Store(QueuePart, PeoplePart, ArchivePart, StatusPart, WorkPart):
     """The state database: every part over one pair of connections.  Open with ``await Store.open(path)``."""

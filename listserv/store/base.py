@@ -21,6 +21,10 @@ from listserv.store.records import (
 class StoreBase:
     """The connections every part uses.  Open a whole store with ``await Store.open(path)``."""
 
+    # Appended to the sub-select of every claim (design note: leases).  SQLite
+    # needs nothing: its write lock (BEGIN IMMEDIATE) serialises the claims.
+    SKIP_LOCKED = ""
+
     def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, path: Path) -> None:
         self.path = path
         self._writer = writer

@@ -111,6 +111,46 @@ class IncomingPart(ListsPart):
         )
         return [self._incoming(r) for r in rows]
 
+    async def claim_incoming(self, kind: str, status: str, owner: str, now: float, until: float,
+                             limit: int) -> list[IncomingRecord]:
+        """Lease up to limit received messages of this kind and status to owner, oldest first.
+
+        Recording the stage's outcome (a new status) clears the lease; a
+        worker that dies leaves it to run out, and another claims the message.
+        """
+        async with self.transaction() as db:
+            claimed = await db.execute_fetchall(
+                "UPDATE incoming SET lease_owner = ?, lease_until = ? WHERE id IN ("
+                " SELECT id FROM incoming WHERE status = ? AND kind = ?"
+                " AND (lease_until IS NULL OR lease_until < ?)"
+                f" ORDER BY id LIMIT ?{self.SKIP_LOCKED}) RETURNING id",
+                (owner, until, status, kind, now, limit),
+            )
+            ids = [int(r[0]) for r in claimed]
+            if not ids:
+                return []
+            rows = await db.execute_fetchall(
+                f"SELECT {self._INCOMING_COLS} FROM incoming i LEFT JOIN lists l ON l.id = i.list_id"
+                f" WHERE i.id IN ({', '.join('?' * len(ids))}) ORDER BY i.id",
+                ids,
+            )
+        return [self._incoming(r) for r in rows]
+
+    async def release_incoming(self, incoming_id: int, owner: str, retry_at: float) -> None:
+        """Give a claimed message back for another try at retry_at (its stage failed on it for now)."""
+        async with self.transaction() as db:
+            await db.execute(
+                "UPDATE incoming SET lease_until = ? WHERE id = ? AND lease_owner = ?", (retry_at, incoming_id, owner)
+            )
+
+    async def next_incoming_lease_end(self, kind: str, status: str, now: float) -> float | None:
+        """When the first lease on such messages held by another worker runs out (None: none leased)."""
+        row = await self._fetchone(
+            "SELECT min(lease_until) FROM incoming WHERE status = ? AND kind = ? AND lease_until >= ?",
+            (status, kind, now),
+        )
+        return float(row[0]) if row and row[0] is not None else None
+
     async def unhandled_incoming(self) -> int:
         """Received mail some stage still has to act on (posts to prepare, notices to send, commands)."""
         row = await self._fetchone(
@@ -151,7 +191,8 @@ class IncomingPart(ListsPart):
         self, db: aiosqlite.Connection, incoming_id: int, status: str, *, expect: str | None = None,
         reason: str | None = None, notified: bool | None = None,
     ) -> None:
-        sets = ["status = ?", "updated_at = ?"]
+        # A new status is the stage's record of what it did: the lease goes with it.
+        sets = ["status = ?", "updated_at = ?", "lease_owner = NULL", "lease_until = NULL"]
         params: list[Any] = [status, _now()]
         if reason is not None:
             sets.append("reason = ?")

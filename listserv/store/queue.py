@@ -62,8 +62,8 @@ class QueuePart(IncomingPart):
             if archive is not None:
                 # A duplicate Message-ID keeps the first message (as HyperKitty does).
                 await db.execute(
-                    "INSERT OR IGNORE INTO archive (list_id, message_id, msgid_hash, received_at, source, data)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO archive (list_id, message_id, msgid_hash, received_at, source, data,"
+                    " render_pending) VALUES (?, ?, ?, ?, ?, ?, 1)",
                     (list_id, archive.message_id, archive.msgid_hash, now, archive.source, archive.data),
                 )
             return outbox_id
@@ -79,6 +79,41 @@ class QueuePart(IncomingPart):
         )
         out = [DueDelivery(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows if r[0] not in exclude]
         return out[:limit]
+
+    async def claim_deliveries(self, owner: str, now: float, until: float, limit: int) -> list[DueDelivery]:
+        """Lease up to limit due copies to owner until the given time, oldest message first.
+
+        A copy stays leased until its outcome is recorded (which clears the
+        lease) or the lease runs out: then another worker may claim it, so a
+        worker that died mid-batch only leaves its batch to be sent again.
+        """
+        async with self.transaction() as db:
+            claimed = await db.execute_fetchall(
+                "UPDATE deliveries SET lease_owner = ?, lease_until = ? WHERE id IN ("
+                " SELECT id FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?"
+                " AND (lease_until IS NULL OR lease_until < ?)"
+                f" ORDER BY outbox_id, id LIMIT ?{self.SKIP_LOCKED}) RETURNING id",
+                (owner, until, now, now, limit),
+            )
+            ids = [int(r[0]) for r in claimed]
+            if not ids:
+                return []
+            rows = await db.execute_fetchall(
+                "SELECT d.id, d.outbox_id, d.recipient, d.attempts, o.created_at, o.kind"
+                " FROM deliveries d JOIN outbox o ON o.id = d.outbox_id"
+                f" WHERE d.id IN ({', '.join('?' * len(ids))}) ORDER BY d.outbox_id, d.id",
+                ids,
+            )
+        return [DueDelivery(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+    async def next_claimable_at(self, now: float) -> float | None:
+        """When a pending copy can next be claimed: its retry time, or its lease's end if later."""
+        row = await self._fetchone(
+            "SELECT min(CASE WHEN lease_until IS NOT NULL AND lease_until >= ? AND lease_until > next_attempt_at"
+            " THEN lease_until ELSE next_attempt_at END) FROM deliveries WHERE status = 'pending'",
+            (now,),
+        )
+        return float(row[0]) if row and row[0] is not None else None
 
     async def next_attempt_at(self) -> float | None:
         row = await self._fetchone("SELECT min(next_attempt_at) FROM deliveries WHERE status = 'pending'")
@@ -116,7 +151,8 @@ class QueuePart(IncomingPart):
         async with self.transaction() as db:
             await db.executemany(
                 "UPDATE deliveries SET status = ?, last_reply = ?, updated_at = ?,"
-                " attempts = attempts + 1, next_attempt_at = ? WHERE id = ?",
+                " attempts = attempts + 1, next_attempt_at = ?, lease_owner = NULL, lease_until = NULL"
+                " WHERE id = ?",
                 [(o.status, o.reply, now, o.next_attempt_at, o.delivery_id) for o in outcomes],
             )
 

@@ -212,4 +212,28 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX stage_errors_by_stage ON stage_errors(stage, last_at);
     """,
+    # 6 -> 7: the store is the queue of every stage.  A worker claims rows with
+    # a lease (lease_owner, lease_until); one that dies leaves the lease to
+    # expire and another worker takes the row over.  Archive rows not yet
+    # rendered are the archive stage's work (posts lost from the old in-memory
+    # queue by a crash are picked up here).  stage_leases: the stages that run
+    # in one worker at a time (the e-mail commands and bounces, the archive).
+    """
+    ALTER TABLE incoming ADD COLUMN lease_owner TEXT;
+    ALTER TABLE incoming ADD COLUMN lease_until REAL;
+    ALTER TABLE deliveries ADD COLUMN lease_owner TEXT;
+    ALTER TABLE deliveries ADD COLUMN lease_until REAL;
+    ALTER TABLE archive ADD COLUMN render_pending INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE archive ADD COLUMN lease_owner TEXT;
+    ALTER TABLE archive ADD COLUMN lease_until REAL;
+    UPDATE archive SET render_pending = 1 WHERE source = 'post' AND removed = 0
+        AND id NOT IN (SELECT archive_id FROM archive_meta);
+    CREATE INDEX archive_to_render ON archive(id) WHERE render_pending = 1;
+    CREATE INDEX deliveries_by_lease ON deliveries(lease_owner) WHERE lease_owner IS NOT NULL;
+    CREATE TABLE stage_leases (
+        stage        TEXT PRIMARY KEY,
+        lease_owner  TEXT NOT NULL,
+        lease_until  REAL NOT NULL
+    );
+    """,
 )

@@ -1,0 +1,198 @@
+"""Prepare: turn an accepted post into the message its list sends, once per post.
+
+The prepare stage claims accepted posts from the store (oldest first, with a
+lease), rewrites each once for its list (List-* headers, subject tag, footer,
+DMARC-safe From), ARC-seals what every copy shares, signs it (DKIM comes last,
+on the final bytes; personalized copies are signed per member at delivery),
+and queues it for every member with delivery enabled, in one transaction that
+also marks the post ``queued`` and stores it for the archive.  Mail to
+``LIST-owner`` is forwarded to the owners the same way.  A post that cannot be
+prepared is held for a person, never dropped.
+
+Nothing passes to the next stages but rows and a wake-up: the deliver stage
+(``listserv.fanout``) and the archive stage (``listserv.archive``) find their
+work in the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from listserv import dkim
+from listserv.auth import arc_seal, our_auth_results
+from listserv.config import Config
+from listserv.dmarc import TxtResolver, is_strict
+from listserv.fanout import PERSONAL_PLACEHOLDER, bounces_address
+from listserv.message import archiving_refused
+from listserv.rewrite import ListContext, message_id_hash, rewrite
+from listserv.settings import ListSettings, effective_settings
+from listserv.store import ArchiveEntry, IncomingRecord, Store
+from listserv.unsubscribe import Tokens
+from listserv.wake import Wakeup
+
+__all__ = ["PROBE_EVERY", "Preparer", "generated_message_id"]
+
+log = logging.getLogger("listserv.prepare")
+
+PROBE_EVERY = 10  # verp = "probe": one post in this many goes VERP'd
+CLAIM = 50  # posts claimed per transaction
+RETRY_AFTER = 30.0  # seconds before a message whose preparation failed in the store is tried again
+
+
+def generated_message_id(record: IncomingRecord, domain: str) -> str:
+    # Derived from the stored message, so a post prepared twice (after a
+    # crash) gets the same Message-ID and the same Archived-At.
+    digest = hashlib.sha1(record.data).hexdigest()[:20]
+    return f"listserv.{record.id}.{digest}@{domain}"
+
+
+class _NoWakeup:
+    def notify(self, channel: str) -> None:
+        pass
+
+
+class Preparer:
+    def __init__(self, config: Config, store: Store, key: dkim.DkimKey | dkim.KeySet, *,
+                 resolve_txt: TxtResolver | None = None, tokens: Tokens | None = None,
+                 wakeup: Wakeup | None = None) -> None:
+        self.config = config
+        self.store = store
+        # Every copy is signed with all of keys (RSA, and Ed25519 when
+        # configured); the ARC seal with the RSA key alone.
+        self.keys = dkim.KeySet.of(key)
+        self.key = self.keys.rsa
+        self.resolve_txt = resolve_txt
+        # Member tokens for one-click unsubscribe; None: no personalized copies.
+        self.tokens = tokens
+        self.wakeup: Wakeup | _NoWakeup = wakeup or _NoWakeup()
+
+    async def run_once(self, owner: str, now: float, until: float) -> int:
+        """Claim what arrived (posts, then owner mail), prepare it, record it; returns how many were claimed.
+
+        The caller runs this again at once while it returns a full claim, so
+        a backlog is worked off at the stage's own speed, not one claim per poll.
+        """
+        posts = await self.store.claim_incoming("post", "accepted", owner, now, until, CLAIM)
+        for record in posts:
+            await self._guarded(self.prepare_post, record, owner, now)
+        owner_mail = await self.store.claim_incoming("owner", "new", owner, now, until, CLAIM)
+        for record in owner_mail:
+            await self._guarded(self.forward_owner_mail, record, owner, now)
+        return max(len(posts), len(owner_mail))
+
+    async def _guarded(self, step: Callable[[IncomingRecord], Awaitable[None]], record: IncomingRecord,
+                       owner: str, now: float) -> None:
+        # A post that cannot be prepared is held by prepare_post itself; what
+        # fails here is the store (a lock held too long, a full disk): the
+        # message stays claimed for a short while, then any worker tries again.
+        try:
+            await step(record)
+        except Exception:  # noqa: BLE001 - one message must not stop the others
+            log.exception("could not record the preparation of message %s; it is tried again shortly", record.id)
+            try:
+                await self.store.release_incoming(record.id, owner, now + RETRY_AFTER)
+            except Exception:  # noqa: BLE001 - then its lease runs out
+                log.exception("could not give message %s back either", record.id)
+
+    async def _settings(self, list_id: int) -> tuple[str, ListSettings]:
+        lst = await self.store.get_list_by_id(list_id)
+        return lst.name, effective_settings(self.config.list_defaults, lst.settings_json)
+
+    async def _munge_from(self, settings: ListSettings, author: str) -> bool:
+        if settings.dmarc_mitigation == "always":
+            return True
+        if settings.dmarc_mitigation == "never" or "@" not in author:
+            return False
+        if self.resolve_txt is None:
+            return True
+        return await is_strict(author.rpartition("@")[2], self.resolve_txt)
+
+    def _sign(self, data: bytes) -> bytes:
+        return dkim.sign_message(data, self.keys)
+
+    async def prepare_post(self, record: IncomingRecord) -> None:
+        domain = self.config.server.domain
+        try:
+            name, settings = await self._settings(record.list_id)
+            message_id = record.message_id or generated_message_id(record, domain)
+            ctx = ListContext(name=name, domain=domain, settings=settings,
+                              archive_base_url=self.config.archive.base_url)
+            munge = await self._munge_from(settings, record.sender)
+            personal = settings.personalize and self.tokens is not None
+            if personal and settings.personal_footer:
+                ctx = dataclasses.replace(ctx, unsubscribe_placeholder=PERSONAL_PLACEHOLDER)
+            rewritten = rewrite(record.data, ctx, message_id=message_id, munge_from=munge, author=record.sender)
+            if personal and rewritten.data.count(PERSONAL_PLACEHOLDER.encode()) != 1:
+                # The footer went where the marker cannot be found (a base64
+                # body): no per-member link in the body, only in the headers.
+                ctx = dataclasses.replace(ctx, unsubscribe_placeholder="")
+                rewritten = rewrite(record.data, ctx, message_id=message_id, munge_from=munge,
+                                    author=record.sender)
+            prepared = rewritten.data
+            if PERSONAL_PLACEHOLDER.encode() not in prepared:
+                # RFC 8617: sealed once, over what every copy shares.  A body
+                # with each member's own link cannot be sealed once (the seal
+                # covers the body), so personal_footer lists go unsealed.
+                authserv_id = self.config.server.domain
+                prepared = await arc_seal(prepared, self.key, authserv_id=authserv_id,
+                                          auth_results=our_auth_results(record.data, authserv_id) or "arc=none")
+            if personal:
+                kind, data = "post-personal", prepared  # signed per copy
+            else:
+                verp = settings.verp == "always" or (settings.verp == "probe" and record.id % PROBE_EVERY == 0)
+                kind, data = ("post-verp" if verp else "post"), self._sign(prepared)
+            recipients = await self.store.recipients(record.list_id)
+            archive = None
+            if not archiving_refused(record.data):
+                # The archive keeps the post as its author wrote it (the
+                # DMARC From rewrite is for delivery only), with its id.
+                archive = ArchiveEntry(message_id, message_id_hash(message_id), record.data)
+        except Exception as exc:  # noqa: BLE001 - a post we cannot prepare goes to a person
+            log.exception("cannot prepare post %s", record.id)
+            await self.store.record_stage_error("prepare", f"cannot prepare post {record.id} (held): {exc!r}")
+            await self.store.set_incoming_status(
+                record.id, "held", expect="accepted", reason=f"could not be prepared for the list: {exc!r}"[:500]
+            )
+            self.wakeup.notify("requests")  # the moderators are told it waits
+            return
+        outbox_id = await self.store.enqueue(
+            list_id=record.list_id, kind=kind, envelope_from=bounces_address(name, domain), data=data,
+            recipients=recipients, incoming_id=record.id, incoming_status="queued", incoming_expect="accepted",
+            archive=archive,
+        )
+        # Recorded: the deliver stage and (for an archived post) the archive
+        # stage find their work in the store; this only saves them a poll.
+        self.wakeup.notify("deliver")
+        if archive is not None:
+            self.wakeup.notify("archive")
+        if rewritten.stripped:
+            log.info("stripped list=%s message_id=%s types=%s", name, message_id, ",".join(rewritten.stripped))
+        log.info("queued list=%s message_id=%s outbox=%s recipients=%d mode=%s", name, message_id, outbox_id,
+                 len(recipients), kind)
+
+    async def forward_owner_mail(self, record: IncomingRecord) -> None:
+        domain = self.config.server.domain
+        name, _ = await self._settings(record.list_id)
+        owners = await self.store.owners(record.list_id)
+        why = "" if owners else "the list has no owner to forward it to"
+        if not why:
+            try:
+                signed = self._sign(record.data)
+            except Exception as exc:  # noqa: BLE001 - e.g. no From: it cannot leave signed
+                why = f"cannot be forwarded: {exc}"
+        if why:
+            # Kept and recorded (visible in `listserv status` and `person
+            # export`), never dropped silently, and never retried in a loop.
+            await self.store.set_incoming_status(record.id, "failed", expect="new", reason=why[:500])
+            log.warning("owner-mail list=%s id=%s not forwarded: %s", name, record.id, why)
+            return
+        await self.store.enqueue(
+            list_id=record.list_id, kind="owner", envelope_from=bounces_address(name, domain),
+            data=signed, recipients=owners, incoming_id=record.id, incoming_status="done",
+            incoming_expect="new",
+        )
+        log.info("forwarded list=%s owner-mail=%s owners=%d", name, record.id, len(owners))
+        self.wakeup.notify("deliver")

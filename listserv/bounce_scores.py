@@ -149,9 +149,12 @@ class BounceStage:
                                                  data=dkim.sign_message(data, self.key), recipients=owners)
                     log.info("removed list=%s rcpt=%s after %d warnings", view.name, address, state.warnings_sent)
                 continue
-            await self.store.note_warning(list_id, address, now)
+            # The notice is queued before the warning is counted: a crash in
+            # between repeats a reminder rather than counting one never sent
+            # (and whoever sees the count sees the notice queued).
             await self._warn(view, address, state.reason,
                              view.settings.bounce_warnings - state.warnings_sent - 1)
+            await self.store.note_warning(list_id, address, now)
         await self._policy_report(now)
 
     async def _policy_report(self, now: float) -> None:

@@ -102,6 +102,7 @@ class Mail:
     snippet: str
     search: str
     date_header: str
+    original_id: str = ""  # the Message-ID the message carries (the archive may know it by a derived one)
 
 
 def strip_angles(message_id: str) -> str:
@@ -155,8 +156,25 @@ _LOCAL_PUNCT = frozenset("_.!#$%&'*+/=?^`{|}~-")
 _DOMAIN_RUN = re.compile(r"[\w.-]*")
 
 
+def valid_text(text: str) -> str:
+    """The archive's one exit for decoded text: Unicode scalar values only.
+
+    Codecs can return lone surrogates (UTF-7 ``+3Rk-``, ``surrogateescape``
+    bytes, ``unicode_escape``); they cannot be written as UTF-8 (RFC 3629 §3),
+    so each becomes U+FFFD, while a pair split across two runs is joined.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
+
+
 def _clean(text: str) -> str:
-    return _C1_CONTROL.sub("", text)
+    """Valid text without the control characters a page must not show."""
+    return _C1_CONTROL.sub("", valid_text(text))
 
 
 # The headers the archive reads; the others are never decoded.
@@ -169,14 +187,14 @@ def _raw_headers(msg: Message) -> dict[str, str]:
         key = name.lower()
         if key in out or key not in _WANTED:
             continue
-        if isinstance(value, str):
-            raw: bytes | str = value.encode("ascii", "surrogateescape") if _has_surrogates(value) else value
-        else:
-            raw = str(value)
         try:
-            out[key] = decode_header_text(raw)
+            raw: bytes | str = value if isinstance(value, str) else str(value)
+            if isinstance(raw, str) and _has_surrogates(raw):
+                # compat32 keeps raw 8-bit header bytes as surrogate escapes.
+                raw = raw.encode("utf-8", "surrogateescape")
+            out[key] = _clean(decode_header_text(raw))
         except Exception:  # noqa: BLE001 - a header we cannot decode is shown as best we can
-            out[key] = str(value).encode("utf-8", "replace").decode("utf-8", "replace")
+            out[key] = _clean(str(value))
     return out
 
 
@@ -457,20 +475,50 @@ def _codec(charset: str | None) -> str:
     return ""
 
 
-def _decode_text(data: bytes, charset: str | None) -> str:
-    codec = _codec(charset)
-    if codec:
-        try:
-            return data.decode(codec, "replace")
-        except (LookupError, UnicodeError, ValueError):
-            pass
+# Labels that say nothing about 8-bit bytes: such bytes are guessed instead.
+_VAGUE_CHARSETS = frozenset({"", "ascii", "utf-8"})
+
+
+def _guess_text(data: bytes) -> str:
+    """Unlabelled 8-bit text: UTF-8 if it is that, else the Polish sets (C1 bytes: windows-1250)."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         pass
-    if re.search(rb"[\x80-\x9f]", data):
+    if _C1_BYTES.search(data):
         return data.decode("cp1250", "replace")
     return data.decode("iso-8859-2", "replace")
+
+
+_C1_BYTES = re.compile(rb"[\x80-\x9f]")
+
+
+def decode_text(data: bytes, charset: str | None) -> str:
+    """A body's bytes as valid text; never raises.
+
+    The declared charset is used when it reads the bytes cleanly.  An
+    unknown or unusable label (HyperKitty and MHonArc also fall back when
+    the codec lookup fails), or us-ascii / utf-8 that the bytes contradict,
+    is treated as no label: UTF-8, else windows-1250 / ISO-8859-2, so Polish
+    mail from misconfigured clients is readable instead of a run of U+FFFD.
+    Any other label that does not fit is decoded with U+FFFD for the bad bytes.
+    """
+    codec = _codec(charset)
+    if codec not in _VAGUE_CHARSETS:
+        try:
+            return valid_text(data.decode(codec))
+        except (LookupError, UnicodeError, ValueError, TypeError):
+            pass
+        try:
+            return valid_text(data.decode(codec, "replace"))
+        except (LookupError, UnicodeError, ValueError, TypeError):
+            pass  # codecs such as idna raise even with "replace"
+    elif data.isascii():
+        return data.decode("ascii")
+    return valid_text(_guess_text(data))
+
+
+_decode_text = decode_text
 
 
 _SIMPLE_CHARSET = re.compile(r'[ \t]*[\w.+-]+/[\w.+-]+[ \t]*;[ \t]*charset[ \t]*=[ \t]*("?)([\w.:+-]+)\1[ \t]*;?[ \t]*',
@@ -508,9 +556,12 @@ def _filename(part: Message) -> str:
     if isinstance(name, tuple):  # an RFC 2231 value compat32 did not collapse
         name = email.utils.collapse_rfc2231_value(name)
     text = str(name)
-    if _has_surrogates(text):
-        return decode_header_text(text.encode("ascii", "surrogateescape"))
-    return decode_header_text(text)
+    try:
+        if _has_surrogates(text):
+            return _clean(decode_header_text(text.encode("ascii", "surrogateescape")))
+        return _clean(decode_header_text(text))
+    except Exception:  # noqa: BLE001 - a name we cannot read becomes attachment-N
+        return ""
 
 
 def safe_filename(name: str, index: int, content_type: str) -> str:
@@ -726,6 +777,8 @@ def _parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Label
         snippet=flat[:SNIPPET],
         search=flat[:SEARCH_TEXT],
         date_header=_clean(raw_headers.get("date", ""))[:100],
+        original_id=strip_angles(_MSGID.findall(raw_headers.get("message-id", ""))[0] if _MSGID.search(
+            raw_headers.get("message-id", "")) else raw_headers.get("message-id", ""))[:500],
     )
 
 

@@ -962,6 +962,7 @@ class Archiver:
             except Exception as exc:  # noqa: BLE001 - recorded; every other message goes on
                 log.exception("archive: message %s of %s cannot be rendered; see `listserv archive status`",
                               row.message_id, list_name)
+                await self.store.archive_drop_meta([row.id])
                 await self.store.archive_record_failures(info.id, [(row.id, failure_reason(exc))])
                 return None
             await self.store.archive_note_build(info.id)
@@ -1121,6 +1122,18 @@ def read_mbox(path: Path, block: int = 8 << 20) -> Iterator[tuple[bytes, float |
 
 
 
+def read_messages(path: Path) -> Iterator[tuple[bytes, float | None]]:
+    """An mbox's messages; a file that does not start with a "From " line is one message (.eml)."""
+    with open(path, "rb") as fh:
+        start = fh.read(5)
+    if start == b"From ":
+        yield from read_mbox(path)
+        return
+    data = path.read_bytes()
+    if data.strip():
+        yield data, None
+
+
 def _separators(buf: bytes, pos: int) -> Iterator[int]:
     """Offsets of the "From " lines that follow a blank line."""
     while True:
@@ -1222,7 +1235,7 @@ async def import_mbox(store: Store, info: ListInfo, path: Path, progress: Progre
                 _PRESCANS.setdefault(key, []).append(pool.submit(_prescan, job))
         return count
 
-    for raw, when in read_mbox(path):
+    for raw, when in read_messages(path):
         read += 1
         done_bytes += len(raw)
         entry = import_entry(raw, when)

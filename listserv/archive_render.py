@@ -190,8 +190,9 @@ def _raw_headers(msg: Message) -> dict[str, str]:
         try:
             raw: bytes | str = value if isinstance(value, str) else str(value)
             if isinstance(raw, str) and _has_surrogates(raw):
-                # compat32 keeps raw 8-bit header bytes as surrogate escapes.
-                raw = raw.encode("utf-8", "surrogateescape")
+                # compat32 keeps raw 8-bit header bytes as surrogate escapes:
+                # back to bytes, then guessed as a body without a charset is.
+                raw = _guess_text(raw.encode("utf-8", "surrogateescape"))
             out[key] = _clean(decode_header_text(raw))
         except Exception:  # noqa: BLE001 - a header we cannot decode is shown as best we can
             out[key] = _clean(str(value))
@@ -480,17 +481,26 @@ _VAGUE_CHARSETS = frozenset({"", "ascii", "utf-8"})
 
 
 def _guess_text(data: bytes) -> str:
-    """Unlabelled 8-bit text: UTF-8 if it is that, else the Polish sets (C1 bytes: windows-1250)."""
+    """Unlabelled 8-bit text: UTF-8 if it is that, else windows-1250 or ISO-8859-2.
+
+    The two Polish sets differ in where they put ą ś ź (and capitals):
+    whichever set's Polish letters the bytes use more often wins; bytes
+    0x80-0x9F (control codes in ISO-8859-2) count for windows-1250.
+    """
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         pass
-    if _C1_BYTES.search(data):
+    cp1250 = len(_CP1250_ONLY.findall(data))
+    latin2 = len(_LATIN2_ONLY.findall(data))
+    if cp1250 > latin2:
         return data.decode("cp1250", "replace")
     return data.decode("iso-8859-2", "replace")
 
 
-_C1_BYTES = re.compile(rb"[\x80-\x9f]")
+# ą Ą ś Ś ź Ź in each set, where the other has something else (š ¥ ... / ± ˇ ¶ ...).
+_CP1250_ONLY = re.compile(rb"[\x80-\x9f\xb9\xa5]")
+_LATIN2_ONLY = re.compile(rb"[\xb1\xa1\xb6\xa6\xbc\xac]")
 
 
 def decode_text(data: bytes, charset: str | None) -> str:

@@ -146,6 +146,19 @@ class ArchivePart(StoreBase):
             )
             return int(db.total_changes - before)
 
+    async def archive_drop_meta(self, archive_ids: Sequence[int]) -> None:
+        """Forget what was derived from these messages (a page that could not be written): unbuilt again."""
+        async with self.transaction() as db:
+            for aid in archive_ids:
+                async with db.execute("SELECT list_id, month FROM archive_meta WHERE archive_id = ?", (aid,)) as cur:
+                    old = await cur.fetchone()
+                if old is None:
+                    continue
+                await db.execute("UPDATE archive_months SET count = count - 1 WHERE list_id = ? AND month = ?",
+                                 (old[0], old[1]))
+                await db.execute("DELETE FROM archive_meta WHERE archive_id = ?", (aid,))
+                await db.execute("DELETE FROM archive_refs WHERE archive_id = ?", (aid,))
+
     # -- bookkeeping: failures and builds (`listserv archive status`)
 
     async def archive_record_failures(self, list_id: int, failures: Sequence[tuple[int, str]]) -> None:

@@ -982,7 +982,8 @@ class Archiver:
         # same function the full build runs, merges two threads it links and
         # re-parents early replies exactly as `archive build --full` would.
         known = await self.store.archive_meta_by_message_ids(info.id, h.references)
-        early = await self.store.archive_meta_referring(info.id, h.message_id)
+        # Replies to it, and messages naming the same (perhaps missing) ancestors.
+        early = await self.store.archive_meta_referring_any(info.id, [*h.references, h.message_id])
         threads = {m.thread for m in known} | {m.thread for m in early}
         if not h.references and is_reply_subject(h.subject):
             same = await self.store.archive_meta_by_subject(info.id, normalize_subject(h.subject), h.date)

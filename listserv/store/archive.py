@@ -315,6 +315,19 @@ class ArchivePart(StoreBase):
         )
         return [self._meta(r) for r in rows]
 
+    async def archive_meta_referring_any(self, list_id: int, message_ids: Sequence[str]) -> list[ArchiveMetaT]:
+        """Messages whose References name any of these Message-IDs (one query for a message's whole chain)."""
+        ids = list(dict.fromkeys(message_ids))[-200:]
+        if not ids:
+            return []
+        rows = await self._fetchall(
+            f"SELECT DISTINCT {', '.join('m.' + c.strip() for c in self._META_COLS.split(','))}"
+            " FROM archive_refs r JOIN archive_meta m ON m.archive_id = r.archive_id"
+            f" WHERE r.list_id = ? AND r.ref IN ({','.join('?' * len(ids))})",
+            (list_id, *ids),
+        )
+        return [self._meta(r) for r in rows]
+
     async def archive_meta_by_subject(self, list_id: int, nsubject: str, before: float) -> ArchiveMetaT | None:
         r = await self._fetchone(
             f"SELECT {self._META_COLS} FROM archive_meta WHERE list_id = ? AND nsubject = ? AND date <= ?"

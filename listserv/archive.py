@@ -846,7 +846,7 @@ async def write_site_indexes(config: Config, store: Store) -> None:
 # -- incremental ------------------------------------------------------------------------------
 
 
-COALESCE_DELAY = 0.25  # seconds posts may wait to be added to the archive together
+COALESCE_DELAY = 0.0  # seconds a first post waits for others (posts arriving meanwhile are batched anyway)
 
 
 class Archiver:
@@ -1173,7 +1173,19 @@ def _unescape(body: bytes) -> bytes:
     return _UNESCAPE.sub(rb"\1", body) if b">From " in body else body
 
 
+_MONTH_NUMBERS = {m.encode(): i for i, m in enumerate(calendar.month_abbr) if m}
+_FROM_DATE = re.compile(rb"[A-Z][a-z]{2} +([A-Z][a-z]{2}) +(\d{1,2}) (\d\d):(\d\d):(\d\d) (\d{4})")
+
+
 def _mbox_date(text: bytes) -> float | None:
+    # The usual ctime() shape read directly (time.strptime was a tenth of an import).
+    m = _FROM_DATE.match(text)
+    if m is not None and m.group(1) in _MONTH_NUMBERS:
+        try:
+            return float(calendar.timegm((int(m.group(6)), _MONTH_NUMBERS[m.group(1)], int(m.group(2)),
+                                          int(m.group(3)), int(m.group(4)), int(m.group(5)), 0, 0, 0)))
+        except (ValueError, OverflowError):
+            pass
     try:
         return calendar.timegm(time.strptime(text.decode("ascii", "replace")[:24], "%a %b %d %H:%M:%S %Y"))
     except ValueError:

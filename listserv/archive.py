@@ -26,9 +26,18 @@ threads are rendered in parallel (each message parsed once, its body shown on
 its own page and in its thread) and the month pages last; files of the fresh
 tree are written in place and the tree is swapped in for the old one.
 *Incremental*: ``Archiver.on_archived`` (called by the fan-out after a post is
-stored) starts a background task that places the message in its thread with a
-few indexed lookups and rewrites only its message page, its parent's page, its
-thread, its month (pages, mbox, search part), the list home and the feed.
+stored) starts a background task that loads the threads the message touches
+(the ones it names, the replies that name it or its ancestors, a subject
+match), re-threads them with the full build's own function (so two threads it
+links merge and early replies are re-parented exactly as ``--full`` does) and
+rewrites only the pages that changed: message pages, threads, months (pages,
+mbox, search part), the list home and the feed.
+
+*Never stops*: all text comes out of ``archive_render``'s decoding seam as
+valid Unicode; a message whose pages still cannot be written is recorded
+(``archive_failures``, shown by ``listserv archive status``) and skipped, in
+the full build, in ``archive build`` and in the live stage alike.  Dates are
+shown in the list's ``timezone`` (``archive_pages``).
 """
 
 from __future__ import annotations

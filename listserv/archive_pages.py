@@ -48,12 +48,14 @@ def _offset(d: datetime.datetime) -> str:
     return f"{off[:3]}:{off[3:]}" if len(off) == 5 else "+00:00"
 
 
+@functools.lru_cache(maxsize=16384)  # each date is shown on several pages (message, thread, month twice, search)
 def fmt_date(ts: float, tz: str) -> str:
     """``2024-03-05 14:30 +01:00``: local time as readers see it, with the offset."""
     d = _local(ts, tz)
     return f"{d.year:04d}-{d.month:02d}-{d.day:02d} {d.hour:02d}:{d.minute:02d} {_offset(d)}"
 
 
+@functools.lru_cache(maxsize=16384)
 def iso_date(ts: float, tz: str) -> str:
     """RFC 3339 §5.6 date-time with the local offset, e.g. ``2024-03-05T14:30:00+01:00``."""
     d = _local(ts, tz).replace(microsecond=0)

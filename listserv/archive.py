@@ -69,13 +69,14 @@ from markupsafe import Markup
 from markupsafe import escape as _markup_escape
 
 from listserv.archive_render import (
+    HeaderScan,
     Labels,
     Mail,
     fallback_message_id,
     hide_addresses,
     mbox_entry,
-    parse_headers,
     parse_mail,
+    scan_headers,
     strip_angles,
 )
 from listserv.archive_pages import fmt_date, iso_date, local_month, message_page, thread_page
@@ -546,6 +547,7 @@ class _ThreadJob:
     root: Path
     threads: tuple[tuple[str, tuple[int, ...]], ...]
     hashes: dict[int, str]
+    scans: dict[int, HeaderScan]  # read once while threading: the render does not decode headers again
 
 
 @dataclass(frozen=True, slots=True)
@@ -563,14 +565,16 @@ class _PrescanJob:
     hashes: tuple[str, ...]
 
 
-Scan = tuple[int, str, tuple[str, ...], str, float]  # row id, Message-ID, References, Subject, date
+# row id, Message-ID, References, Subject, date; and the headers as parse_mail reads them
+Scan = tuple[int, str, tuple[str, ...], str, float, HeaderScan]
 
 
 def _scan_rows(rows: dict[int, tuple[str, float, bytes]]) -> list[Scan]:
     out = []
     for row_id, (mid, received, data) in rows.items():
-        h = parse_headers(data, mid, received)
-        out.append((row_id, h.message_id or strip_angles(mid), h.references, h.subject, h.date))
+        scan = scan_headers(data, mid, received)
+        h = scan.headers
+        out.append((row_id, h.message_id or strip_angles(mid), h.references, h.subject, h.date, scan))
     return out
 
 
@@ -644,7 +648,7 @@ def _render_threads_direct(job: _ThreadJob) -> tuple[list[ArchiveMeta], list[Fai
         for i in tids:
             try:
                 mid, received, raw = data[i]
-                mail = parse_mail(raw, mid, received, labels)
+                mail = parse_mail(raw, mid, received, labels, job.scans.get(i))
                 mails[i] = mail
                 metas.append(make_meta(i, job.info, job.hashes[i], mail, thread, ""))
             except Exception as exc:  # noqa: BLE001 - recorded; the other messages go on
@@ -752,7 +756,7 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
         for part in await run(_scan, [_ScanJob(store.path, tuple(c)) for c in _chunks(missing, scan_size)]):
             known.update((scan[0], scan) for scan in part)
         nodes = [Node(key=row_id, message_id=mid, references=refs, subject=subject, date=date)
-                 for row_id, mid, refs, subject, date in (known[i] for i, _, _ in index)]
+                 for row_id, mid, refs, subject, date, _ in (known[i] for i, _, _ in index)]
         placed = thread_messages(nodes)
         by_thread: dict[str, list[int]] = {}
         for node in sorted(nodes, key=lambda n: (n.date, n.key)):
@@ -764,10 +768,12 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
             batch.append((thread, tuple(ids)))
             size += len(ids)
             if size >= THREAD_JOB:
-                jobs.append(_ThreadJob(store.path, info, scratch, tuple(batch), {i: hashes[i] for _, t in batch for i in t}))
+                jobs.append(_ThreadJob(store.path, info, scratch, tuple(batch), {i: hashes[i] for _, t in batch for i in t},
+                                      {i: known[i][5] for _, t in batch for i in t}))
                 batch, size = [], 0
         if batch:
-            jobs.append(_ThreadJob(store.path, info, scratch, tuple(batch), {i: hashes[i] for _, t in batch for i in t}))
+            jobs.append(_ThreadJob(store.path, info, scratch, tuple(batch), {i: hashes[i] for _, t in batch for i in t},
+                                      {i: known[i][5] for _, t in batch for i in t}))
         done = 0
         failures: list[Failure] = []
         if pool is None:

@@ -453,13 +453,34 @@ def _headers_of(msg: Message, message_id: str, fallback_date: float) -> tuple[He
     return headers, raw
 
 
-def parse_headers(raw: bytes, message_id: str, fallback_date: float) -> Headers:
-    """Only the headers: for threading a whole list quickly."""
+@dataclass(frozen=True, slots=True)
+class HeaderScan:
+    """What ``parse_mail`` takes from the headers; a full build reads it once (for threading) and passes it on."""
+
+    headers: Headers
+    date_header: str
+    original_id: str
+
+
+def _original_id(raw_headers: dict[str, str]) -> str:
+    value = raw_headers.get("message-id", "")
+    ids = _MSGID.findall(value)
+    return strip_angles(ids[0] if ids else value)[:500]
+
+
+def scan_headers(raw: bytes, message_id: str, fallback_date: float) -> HeaderScan:
+    """Only the headers (no body parsed); never raises."""
     try:
         msg = _quick_message(raw, with_body=False) or BytesHeaderParser(policy=policy.compat32).parsebytes(raw)
-        return _headers_of(msg, message_id, fallback_date)[0]
+        headers, raw_headers = _headers_of(msg, message_id, fallback_date)
+        return HeaderScan(headers, _clean(raw_headers.get("date", ""))[:100], _original_id(raw_headers))
     except Exception:  # noqa: BLE001 - never crash on a message
-        return Headers(strip_angles(message_id), (), "", "?", fallback_date)
+        return HeaderScan(Headers(strip_angles(message_id), (), "", "?", fallback_date), "", "")
+
+
+def parse_headers(raw: bytes, message_id: str, fallback_date: float) -> Headers:
+    """Only the headers: for threading a whole list quickly."""
+    return scan_headers(raw, message_id, fallback_date).headers
 
 
 # -- bodies
@@ -725,23 +746,31 @@ class Labels:
     forwarded: str = "Forwarded message"
 
 
-def parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Labels = Labels()) -> Mail:
-    """Decode one message for display.  Never raises."""
+def parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Labels = Labels(),
+               known: HeaderScan | None = None) -> Mail:
+    """Decode one message for display.  Never raises.
+
+    ``known`` is this message's ``scan_headers`` result when the caller has
+    it (a full build): the headers are then not decoded a second time.
+    """
     try:
-        return _parse_mail(raw, message_id, fallback_date, labels)
+        return _parse_mail(raw, message_id, fallback_date, labels, known)
     except Exception:  # noqa: BLE001 - show the bytes as text rather than fail the build
         text = hide_addresses(_clean(raw[:MAX_TEXT].decode("utf-8", "replace")))
         headers = parse_headers(raw, message_id, fallback_date)
         return Mail(headers, text_to_html(text, labels.quoted), (), text, text[:SNIPPET], text[:SEARCH_TEXT], "")
 
 
-def _parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Labels) -> Mail:
+def _parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Labels, known: HeaderScan | None) -> Mail:
     # Most list mail is one text part: read only the headers and decode the
     # body directly; parse the MIME tree only when there is one.
     msg = _quick_message(raw) or BytesParser(policy=policy.compat32).parsebytes(raw, headersonly=True)
     if msg.get_content_maintype() in ("multipart", "message") and not msg.is_multipart():
         msg = BytesParser(policy=policy.compat32).parsebytes(raw)
-    headers, raw_headers = _headers_of(msg, message_id, fallback_date)
+    if known is None:
+        headers, raw_headers = _headers_of(msg, message_id, fallback_date)
+        known = HeaderScan(headers, _clean(raw_headers.get("date", ""))[:100], _original_id(raw_headers))
+    headers = known.headers
     blocks: list[str] = []
     texts: list[str] = []
     attachments: list[Attachment] = []
@@ -786,9 +815,8 @@ def _parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Label
         text=full,
         snippet=flat[:SNIPPET],
         search=flat[:SEARCH_TEXT],
-        date_header=_clean(raw_headers.get("date", ""))[:100],
-        original_id=strip_angles(_MSGID.findall(raw_headers.get("message-id", ""))[0] if _MSGID.search(
-            raw_headers.get("message-id", "")) else raw_headers.get("message-id", ""))[:500],
+        date_header=known.date_header,
+        original_id=known.original_id,
     )
 
 

@@ -26,9 +26,18 @@ threads are rendered in parallel (each message parsed once, its body shown on
 its own page and in its thread) and the month pages last; files of the fresh
 tree are written in place and the tree is swapped in for the old one.
 *Incremental*: ``Archiver.on_archived`` (called by the fan-out after a post is
-stored) starts a background task that places the message in its thread with a
-few indexed lookups and rewrites only its message page, its parent's page, its
-thread, its month (pages, mbox, search part), the list home and the feed.
+stored) starts a background task that loads the threads the message touches
+(the ones it names, the replies that name it or its ancestors, a subject
+match), re-threads them with the full build's own function (so two threads it
+links merge and early replies are re-parented exactly as ``--full`` does) and
+rewrites only the pages that changed: message pages, threads, months (pages,
+mbox, search part), the list home and the feed.
+
+*Never stops*: all text comes out of ``archive_render``'s decoding seam as
+valid Unicode; a message whose pages still cannot be written is recorded
+(``archive_failures``, shown by ``listserv archive status``) and skipped, in
+the full build, in ``archive build`` and in the live stage alike.  Dates are
+shown in the list's ``timezone`` (``archive_pages``).
 """
 
 from __future__ import annotations
@@ -60,17 +69,19 @@ from markupsafe import Markup
 from markupsafe import escape as _markup_escape
 
 from listserv.archive_render import (
+    HeaderScan,
     Labels,
     Mail,
     fallback_message_id,
     hide_addresses,
     mbox_entry,
-    parse_headers,
     parse_mail,
+    scan_headers,
     strip_angles,
 )
+from listserv.archive_pages import fmt_date, iso_date, local_month, message_page, thread_page
 from listserv.archive_thread import Node, is_reply_subject, normalize_subject, thread_messages, tree_order
-from listserv.archive_types import ArchiveMeta
+from listserv.archive_types import ArchiveMeta, ArchiveRow
 from listserv.config import Config
 from listserv.message import archiving_refused
 from listserv.rewrite import message_id_hash
@@ -199,6 +210,7 @@ class ListInfo:
     base_url: str
     public_root: Path
     private_root: Path
+    timezone: str = "Europe/Warsaw"
 
     @property
     def root(self) -> Path:
@@ -229,6 +241,7 @@ def list_info(config: Config, lst: ListRecord) -> ListInfo:
         id=lst.id, name=lst.name, title=settings.title.strip() or lst.name, description=settings.description,
         language=settings.language, policy=settings.archive_policy, domain=config.server.domain,
         base_url=config.archive.base_url, public_root=root, private_root=root.with_name(root.name + "-private"),
+        timezone=settings.timezone,
     )
 
 
@@ -240,16 +253,9 @@ def escape_html(text: str) -> str:
     return str(_markup_escape(text))
 
 
-def _fmt(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def month_of(ts: float) -> str:
-    return time.strftime("%Y-%m", time.gmtime(ts))
+def month_of(ts: float, tz: str = "UTC") -> str:
+    """YYYY-MM of a time in the zone ``tz`` (the list's: month pages split by local month)."""
+    return local_month(ts, tz)
 
 
 def _size(n: int) -> str:
@@ -276,7 +282,7 @@ class Renderer:
 
     def prepare(self) -> None:
         """Compile every template now (before worker processes are forked from this one)."""
-        for name in ("message.html", "thread.html", "month.html", "list_index.html", "search.html",
+        for name in ("month.html", "list_index.html", "search.html",
                      "site_index.html", "redirect.html", "feed.atom"):
             self.template(name)
 
@@ -289,9 +295,10 @@ class Renderer:
     def page(self, name: str, info: ListInfo | None, depth: int, **ctx: Any) -> str:
         lang = info.lang if info else ctx.pop("lang", "pl")
         up = "../" * depth
+        tz = info.timezone if info else "UTC"
         values: dict[str, Any] = {
             "lang": lang, "t": STRINGS[lang], "csp": CSP, "static": f"{up}static/", "canonical": "", "feed": "",
-            "title": "", "info": info, "fmt": _fmt, "iso": _iso,
+            "title": "", "info": info, "fmt": lambda ts: fmt_date(ts, tz), "iso": lambda ts: iso_date(ts, tz),
         }
         values.update(ctx)
         return self.template(name).render(values)
@@ -324,7 +331,7 @@ def make_meta(row_id: int, info: ListInfo, msgid_hash: str, mail: Mail, thread: 
     names = [f"{a.filename} ({_size(len(a.data))})" for a in mail.attachments]
     return ArchiveMeta(
         archive_id=row_id, list_id=info.id, msgid_hash=msgid_hash, message_id=h.message_id, thread=thread,
-        parent=parent, refs=h.references, date=h.date, month=month_of(h.date), subject=h.subject,
+        parent=parent, refs=h.references, date=h.date, month=month_of(h.date, info.timezone), subject=h.subject,
         nsubject=normalize_subject(h.subject), author=h.author, snippet=mail.snippet, search=mail.search,
         attachments=len(mail.attachments), mbox=mbox_entry(mail, names),
     )
@@ -353,12 +360,15 @@ def write_message_dir(info: ListInfo, root: Path, meta: ArchiveMeta, mail: Mail,
             pass
     for a in mail.attachments:
         write_atomic(mdir / str(a.index) / a.filename, a.data)
+    t = STRINGS[info.lang]
     canonical = f"{info.list_url}m/{meta.msgid_hash}/" if info.list_url else ""
-    page = r.page(
-        "message.html", info, 3, title=f"{meta.subject or STRINGS[info.lang]['no_subject']} – {info.title}",
-        canonical=canonical, meta=meta, body=Markup(mail.body_html), attachments=_attachment_links(mail),
-        parent=parent, replies=sorted(replies, key=lambda m: (m.date, m.archive_id)), thread_count=thread_count,
-        month_name=r.month_name(info, meta.month),
+    header_id = mail.headers.message_id
+    page = message_page(
+        lang=info.lang, t=t, csp=CSP, list_title=info.title, tz=info.timezone,
+        title=f"{meta.subject or t['no_subject']} – {info.title}", canonical=canonical, meta=meta,
+        month_name=r.month_name(info, meta.month), body=mail.body_html, attachments=_attachment_links(mail),
+        parent=parent, replies=sorted(replies, key=lambda m: (m.date, m.archive_id)),
+        original_id=mail.original_id if mail.original_id and mail.original_id != header_id else "",
     )
     write_atomic(mdir / "index.html", page)
 
@@ -385,14 +395,16 @@ def render_thread(info: ListInfo, root: Path, thread: str, metas: Sequence[Archi
             replies.setdefault(parent, []).append(meta)
         mail = mails[meta.archive_id]
         items.append({"meta": meta, "depth": depth, "parent": by_mid.get(parent) if parent else None,
-                      "body": Markup(mail.body_html), "attachments": _attachment_links(mail)})
+                      "body": mail.body_html, "attachments": _attachment_links(mail)})
     if not items:
         _remove_file(root / info.name / "t" / f"{thread}.html")
         return parents
     first: ArchiveMeta = items[0]["meta"]
-    page = r.page(
-        "thread.html", info, 2, title=f"{first.subject or STRINGS[info.lang]['no_subject']} – {info.title}",
-        subject=first.subject, items=items, month=first.month, month_name=r.month_name(info, first.month),
+    t = STRINGS[info.lang]
+    page = thread_page(
+        lang=info.lang, t=t, csp=CSP, list_title=info.title, tz=info.timezone,
+        title=f"{first.subject or t['no_subject']} – {info.title}", subject=first.subject, items=items,
+        month=first.month, month_name=r.month_name(info, first.month),
         canonical=f"{info.list_url}t/{thread}.html" if info.list_url else "",
     )
     write_atomic(root / info.name / "t" / f"{thread}.html", page)
@@ -414,6 +426,7 @@ def render_month(info: ListInfo, root: Path, month: str, metas: Sequence[Archive
         _remove_tree(mdir)
         _remove_file(root / info.name / "search" / f"{month}.js")
         return
+    tz = info.timezone
     by_date = sorted(metas, key=lambda m: (m.date, m.archive_id))
     groups: OrderedDict[str, list[ArchiveMeta]] = OrderedDict()
     for m in by_date:
@@ -429,11 +442,11 @@ def render_month(info: ListInfo, root: Path, month: str, metas: Sequence[Archive
                     f'{escape_html(entries[0][0].subject or no_subject)}</a></h2>\n<ul class="tree">\n')
         tree.extend(f'<li class="d{min(depth, 8)}"><a href="../m/{m.msgid_hash}/index.html">'
                     f'{escape_html(m.subject or no_subject)}</a>\n'
-                    f'<span class="meta">{escape_html(m.author)} · {_fmt(m.date)}</span></li>\n'
+                    f'<span class="meta">{escape_html(m.author)} · {fmt_date(m.date, tz)}</span></li>\n'
                     for m, depth in entries)
         tree.append("</ul>\n</section>\n")
     dates = ['<ul class="bydate">\n']
-    dates.extend(f'<li><span class="meta">{_fmt(m.date)}</span> <a href="../m/{m.msgid_hash}/index.html">'
+    dates.extend(f'<li><span class="meta">{fmt_date(m.date, tz)}</span> <a href="../m/{m.msgid_hash}/index.html">'
                  f'{escape_html(m.subject or no_subject)}</a>\n<span class="meta">{escape_html(m.author)}</span></li>\n'
                  for m in by_date)
     dates.append("</ul>\n")
@@ -444,7 +457,7 @@ def render_month(info: ListInfo, root: Path, month: str, metas: Sequence[Archive
     write_atomic(mdir / "date.html", r.page("month.html", info, 2, view="dates", listing=Markup("".join(dates)),
                                             **common))
     write_atomic(mdir / f"{month}.mbox", b"".join(m.mbox for m in by_date))
-    records = [[m.msgid_hash, m.subject, m.author, _fmt(m.date)[:10], m.search] for m in by_date]
+    records = [[m.msgid_hash, m.subject, m.author, fmt_date(m.date, tz)[:10], m.search] for m in by_date]
     # JSON inside a script file: "</" and U+2028/9 escaped so no text can end or break the script.
     payload = json.dumps(records, ensure_ascii=False, separators=(",", ":"))
     payload = payload.replace("</", "<\\/").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
@@ -467,7 +480,7 @@ def render_list_home(info: ListInfo, root: Path, months: Sequence[tuple[str, int
     for m in latest:
         counts[m.thread] = counts.get(m.thread, 0) + 1
         if m.thread not in threads:
-            threads[m.thread] = {"thread": m.thread, "subject": m.subject, "author": m.author, "date": _fmt(m.date)}
+            threads[m.thread] = {"thread": m.thread, "subject": m.subject, "author": m.author, "date": fmt_date(m.date, info.timezone)}
     latest_threads = [dict(v, count=counts[k]) for k, v in list(threads.items())[:LATEST_THREADS]]
     ldir = root / info.name
     write_atomic(ldir / "index.html", r.page(
@@ -488,7 +501,7 @@ def render_list_home(info: ListInfo, root: Path, months: Sequence[tuple[str, int
         return f"{base}m/{m.msgid_hash}/" if base else f"urn:listserv:{info.name}:{m.msgid_hash}"
 
     feed = r.page("feed.atom", info, 1, entries=entries, entry_url=entry_url, entry_id=entry_id,
-                  feed_id=base or f"urn:listserv:{info.name}", updated=_iso(entries[0].date if entries else 0))
+                  feed_id=base or f"urn:listserv:{info.name}", updated=iso_date(entries[0].date if entries else 0, info.timezone))
     write_atomic(ldir / "feed.atom", feed)
 
 
@@ -534,6 +547,7 @@ class _ThreadJob:
     root: Path
     threads: tuple[tuple[str, tuple[int, ...]], ...]
     hashes: dict[int, str]
+    scans: dict[int, HeaderScan]  # read once while threading: the render does not decode headers again
 
 
 @dataclass(frozen=True, slots=True)
@@ -551,14 +565,16 @@ class _PrescanJob:
     hashes: tuple[str, ...]
 
 
-Scan = tuple[int, str, tuple[str, ...], str, float]  # row id, Message-ID, References, Subject, date
+# row id, Message-ID, References, Subject, date; and the headers as parse_mail reads them
+Scan = tuple[int, str, tuple[str, ...], str, float, HeaderScan]
 
 
 def _scan_rows(rows: dict[int, tuple[str, float, bytes]]) -> list[Scan]:
     out = []
     for row_id, (mid, received, data) in rows.items():
-        h = parse_headers(data, mid, received)
-        out.append((row_id, h.message_id or strip_angles(mid), h.references, h.subject, h.date))
+        scan = scan_headers(data, mid, received)
+        h = scan.headers
+        out.append((row_id, h.message_id or strip_angles(mid), h.references, h.subject, h.date, scan))
     return out
 
 
@@ -605,7 +621,14 @@ def _release_pool() -> None:
 atexit.register(_release_pool)
 
 
-def _render_threads(job: _ThreadJob) -> list[ArchiveMeta]:
+Failure = tuple[int, str]  # archive row id, why it could not be rendered
+
+
+def failure_reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+def _render_threads(job: _ThreadJob) -> tuple[list[ArchiveMeta], list[Failure]]:
     _local.direct = True
     try:
         return _render_threads_direct(job)
@@ -613,22 +636,54 @@ def _render_threads(job: _ThreadJob) -> list[ArchiveMeta]:
         _local.direct = False
 
 
-def _render_threads_direct(job: _ThreadJob) -> list[ArchiveMeta]:
+def _render_threads_direct(job: _ThreadJob) -> tuple[list[ArchiveMeta], list[Failure]]:
     ids = [i for _, ids in job.threads for i in ids]
     data = Store.read_archive_data(job.db, ids)
     labels = labels_for(job.info)
     out: list[ArchiveMeta] = []
+    failed: list[Failure] = []
     for thread, tids in job.threads:
         mails: dict[int, Mail] = {}
         metas: list[ArchiveMeta] = []
         for i in tids:
-            mid, received, raw = data[i]
-            mail = parse_mail(raw, mid, received, labels)
-            mails[i] = mail
-            metas.append(make_meta(i, job.info, job.hashes[i], mail, thread, ""))
-        parents = render_thread(job.info, job.root, thread, metas, mails)
+            try:
+                mid, received, raw = data[i]
+                mail = parse_mail(raw, mid, received, labels, job.scans.get(i))
+                mails[i] = mail
+                metas.append(make_meta(i, job.info, job.hashes[i], mail, thread, ""))
+            except Exception as exc:  # noqa: BLE001 - recorded; the other messages go on
+                failed.append((i, failure_reason(exc)))
+        metas, parents, bad = render_thread_safely(job.info, job.root, thread, metas, mails)
+        failed.extend(bad)
         out.extend(dataclasses.replace(m, parent=parents.get(m.archive_id, "")) for m in metas)
-    return out
+    return out, failed
+
+
+def render_thread_safely(info: ListInfo, root: Path, thread: str, metas: list[ArchiveMeta], mails: dict[int, Mail],
+                         message_pages: Iterable[int] | None = None
+                         ) -> tuple[list[ArchiveMeta], dict[int, str], list[Failure]]:
+    """``render_thread``; if it fails, the messages that fail alone are left out (and returned) and the rest written."""
+    try:
+        return metas, render_thread(info, root, thread, metas, mails, message_pages), []
+    except Exception:  # noqa: BLE001 - find the message(s) at fault
+        pass
+    good: list[ArchiveMeta] = []
+    failed: list[Failure] = []
+    scratch = root / info.name / "t" / f".{thread}.probe"
+    for m in metas:
+        try:
+            # Alone, as a one-message thread in a scratch name, so nothing real is overwritten.
+            render_thread(info, root, scratch.name, [m], {m.archive_id: mails[m.archive_id]}, ())
+            good.append(m)
+        except Exception as exc:  # noqa: BLE001
+            failed.append((m.archive_id, failure_reason(exc)))
+    _remove_file(root / info.name / "t" / f"{scratch.name}.html")
+    try:
+        parents = render_thread(info, root, thread, good, mails, message_pages)
+    except Exception as exc:  # noqa: BLE001 - together they still fail: none of this thread is shown
+        failed.extend((m.archive_id, failure_reason(exc)) for m in good)
+        return [], {}, failed
+    return good, parents, failed
 
 
 def _render_months(job: _MonthJob) -> int:
@@ -655,6 +710,7 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
     The new tree is built beside the old one and swapped in at the end, so
     readers never see a half-built archive and no stale page survives.
     """
+    started = time.perf_counter()
     # A list that became private or "none" must disappear from the public folder.
     for root in (info.public_root, info.private_root):
         if root != info.root or info.policy == "none":
@@ -700,7 +756,7 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
         for part in await run(_scan, [_ScanJob(store.path, tuple(c)) for c in _chunks(missing, scan_size)]):
             known.update((scan[0], scan) for scan in part)
         nodes = [Node(key=row_id, message_id=mid, references=refs, subject=subject, date=date)
-                 for row_id, mid, refs, subject, date in (known[i] for i, _, _ in index)]
+                 for row_id, mid, refs, subject, date, _ in (known[i] for i, _, _ in index)]
         placed = thread_messages(nodes)
         by_thread: dict[str, list[int]] = {}
         for node in sorted(nodes, key=lambda n: (n.date, n.key)):
@@ -712,14 +768,18 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
             batch.append((thread, tuple(ids)))
             size += len(ids)
             if size >= THREAD_JOB:
-                jobs.append(_ThreadJob(store.path, info, scratch, tuple(batch), {i: hashes[i] for _, t in batch for i in t}))
+                jobs.append(_ThreadJob(store.path, info, scratch, tuple(batch), {i: hashes[i] for _, t in batch for i in t},
+                                      {i: known[i][5] for _, t in batch for i in t}))
                 batch, size = [], 0
         if batch:
-            jobs.append(_ThreadJob(store.path, info, scratch, tuple(batch), {i: hashes[i] for _, t in batch for i in t}))
+            jobs.append(_ThreadJob(store.path, info, scratch, tuple(batch), {i: hashes[i] for _, t in batch for i in t},
+                                      {i: known[i][5] for _, t in batch for i in t}))
         done = 0
+        failures: list[Failure] = []
         if pool is None:
             for job in jobs:
-                metas = await asyncio.to_thread(_render_threads, job)
+                metas, bad = await asyncio.to_thread(_render_threads, job)
+                failures += bad
                 await store.archive_put_meta(metas, count_months=False)
                 done += len(metas)
                 if progress:
@@ -729,7 +789,7 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
             # in memory only until they are stored (in one transaction for
             # all jobs finished meanwhile).
             queue = iter(jobs)
-            running: set[asyncio.Future[list[ArchiveMeta]]] = set()
+            running: set[asyncio.Future[tuple[list[ArchiveMeta], list[Failure]]]] = set()
 
             def submit() -> None:
                 job = next(queue, None)
@@ -740,13 +800,19 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
                 submit()
             while running:
                 finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                metas = [m for fut in finished for m in fut.result()]
+                metas = [m for fut in finished for m in fut.result()[0]]
+                failures += [f for fut in finished for f in fut.result()[1]]
                 for _ in finished:
                     submit()
                 await store.archive_put_meta(metas, count_months=False)
                 done += len(metas)
                 if progress:
                     progress("pages", done, total)
+        if failures:
+            await store.archive_record_failures(info.id, failures)
+            for aid, reason in failures:
+                log.error("archive: message %s of %s cannot be rendered (%s); see `listserv archive status`",
+                          aid, info.name, reason)
         if progress:
             progress("months", 0, 1)
         await store.archive_recount_months(info.id)
@@ -771,6 +837,7 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
     os.replace(built, final)
     _remove_tree(old)
     _remove_tree(scratch)
+    await store.archive_note_build(info.id, full_seconds=time.perf_counter() - started, messages=len(index))
     return len(index)
 
 
@@ -794,7 +861,7 @@ async def write_site_indexes(config: Config, store: Store) -> None:
 # -- incremental ------------------------------------------------------------------------------
 
 
-COALESCE_DELAY = 0.25  # seconds posts may wait to be added to the archive together
+COALESCE_DELAY = 0.0  # seconds a first post waits for others (posts arriving meanwhile are batched anyway)
 
 
 class Archiver:
@@ -813,6 +880,8 @@ class Archiver:
         self._pending: list[tuple[str, str]] = []
         self._mails: OrderedDict[int, Mail] = OrderedDict()
         self._cache_size = cache_size
+        # Months whose pages an update changed besides its own (threads merged across months).
+        self._months: dict[str, set[str]] = {}
 
     async def on_archived(self, list_name: str, msgid_hash: str) -> None:
         # Posts that arrive close together are added as one batch: each gets
@@ -839,6 +908,7 @@ class Archiver:
                     continue
                 if month is not None:
                     touched.setdefault(list_name, set()).add(month)
+                touched.setdefault(list_name, set()).update(self._months.pop(list_name, set()))
             for list_name, months in touched.items():
                 try:
                     async with self._lock:
@@ -923,7 +993,10 @@ class Archiver:
         """Put one stored message into the built archive, rewriting only what it changes.
 
         With ``pages=False`` the month pages, list home and feed are left to
-        the caller (``_render_pages``, once for a batch).  Returns the month.
+        the caller (``_render_pages``, once for a batch).  Returns the month,
+        or None when nothing was added.  A message that cannot be rendered is
+        recorded (``listserv archive status``) and logged; this never raises
+        for the message's sake.
         """
         async with self._lock:
             info = await self._info(list_name)
@@ -932,40 +1005,72 @@ class Archiver:
             row = await self.store.archive_row(info.id, msgid_hash)
             if row is None or row.removed:
                 return None
-            mail = await asyncio.to_thread(parse_mail, row.data, row.message_id, row.received_at, labels_for(info))
-            self._remember(row.id, mail)
-            h = mail.headers
-            thread = await self._place(info, h.message_id, h.references, h.subject, h.date)
-            # Replies that arrived before this message join its thread.
-            merged = {c.thread for c in await self.store.archive_meta_referring(info.id, h.message_id)
-                      if c.thread != thread}
-            if merged:
-                await self.store.archive_set_thread(info.id, sorted(merged), thread)
-            known = await self.store.archive_meta_by_message_ids(info.id, h.references)
-            parent = ""
-            known_ids = {k.message_id for k in known}
-            for ref in reversed(h.references):
-                if ref in known_ids:
-                    parent = ref
-                    break
-            meta = make_meta(row.id, info, row.msgid_hash, mail, thread, parent)
-            await self.store.archive_put_meta([meta])
-            await self._rerender(info, thread, {meta.month}, around=meta, merged=merged, pages=pages)
-            return meta.month
+            try:
+                month = await self._add_row(info, row, pages=pages)
+            except Exception as exc:  # noqa: BLE001 - recorded; every other message goes on
+                log.exception("archive: message %s of %s cannot be rendered; see `listserv archive status`",
+                              row.message_id, list_name)
+                await self.store.archive_drop_meta([row.id])
+                await self.store.archive_record_failures(info.id, [(row.id, failure_reason(exc))])
+                return None
+            await self.store.archive_note_build(info.id)
+            return month
 
-    async def _place(self, info: ListInfo, message_id: str, refs: Sequence[str], subject: str, date: float) -> str:
-        """The thread key, from a few indexed lookups (the same rule as the full build)."""
-        if refs:
-            known = {m.message_id: m for m in await self.store.archive_meta_by_message_ids(info.id, refs)}
-            for ref in reversed(refs):
-                if ref in known:
-                    return known[ref].thread
-            return message_id_hash(refs[0])
-        if is_reply_subject(subject):
-            same = await self.store.archive_meta_by_subject(info.id, normalize_subject(subject), date)
+    async def _add_row(self, info: ListInfo, row: ArchiveRow, *, pages: bool) -> str | None:
+        mail = await asyncio.to_thread(parse_mail, row.data, row.message_id, row.received_at, labels_for(info))
+        self._remember(row.id, mail)
+        h = mail.headers
+        if mail.original_id and mail.original_id != h.message_id:
+            log.info("archive: %s reuses the Message-ID <%s> of another post; archived as <%s>",
+                     info.name, mail.original_id, h.message_id)
+        meta = make_meta(row.id, info, row.msgid_hash, mail, "", "")
+        # The threads this message touches: those of the messages it names,
+        # of the replies that name it (they may have come first), and the one
+        # the subject fallback picks.  Re-threading them together, with the
+        # same function the full build runs, merges two threads it links and
+        # re-parents early replies exactly as `archive build --full` would.
+        known = await self.store.archive_meta_by_message_ids(info.id, h.references)
+        # Replies to it, and messages naming the same (perhaps missing) ancestors.
+        early = await self.store.archive_meta_referring_any(info.id, [*h.references, h.message_id])
+        threads = {m.thread for m in known} | {m.thread for m in early}
+        if not h.references and is_reply_subject(h.subject):
+            same = await self.store.archive_meta_by_subject(info.id, normalize_subject(h.subject), h.date)
             if same is not None:
-                return same.thread
-        return message_id_hash(message_id)
+                threads.add(same.thread)
+        group: dict[int, ArchiveMeta] = {}
+        for thread in sorted(threads):
+            for m in await self.store.archive_thread_meta(info.id, thread):
+                group[m.archive_id] = m
+        group.pop(row.id, None)
+        group[row.id] = meta
+        placed = thread_messages(_node(m) for m in sorted(group.values(), key=lambda m: (m.date, m.archive_id)))
+        changed: list[ArchiveMeta] = []
+        for aid, m in group.items():
+            where = placed[aid]
+            new = dataclasses.replace(m, thread=message_id_hash(where.thread), parent=where.parent)
+            if aid == row.id or (new.thread, new.parent) != (m.thread, m.parent):
+                changed.append(new)
+            group[aid] = new
+        meta = group[row.id]
+        await self.store.archive_put_meta(changed)
+        await self.store.archive_clear_failures(info.id, [row.id])
+        new_threads = {m.thread for m in group.values()}
+        gone = threads - new_threads
+        others = [m for m in changed if m.archive_id != row.id]
+        for thread in sorted(new_threads):
+            touched = [m for m in changed if m.thread == thread]
+            if not touched:
+                continue
+            moved = any(m.archive_id != row.id for m in touched)
+            await self._rerender(info, thread, set(), around=meta if thread == meta.thread else None,
+                                 merged=sorted(gone) if thread == meta.thread else (),
+                                 all_messages=moved, pages=False)
+        months = {meta.month} | {m.month for m in others}
+        if pages:
+            await self._render_pages(info, months)
+        else:
+            self._months.setdefault(info.name, set()).update(months - {meta.month})
+        return meta.month
 
     async def _rerender(self, info: ListInfo, thread: str, months: set[str], *, around: ArchiveMeta | None,
                         merged: Iterable[str] = (), all_messages: bool = False, pages: bool = True) -> None:
@@ -1066,6 +1171,18 @@ def read_mbox(path: Path, block: int = 8 << 20) -> Iterator[tuple[bytes, float |
 
 
 
+def read_messages(path: Path) -> Iterator[tuple[bytes, float | None]]:
+    """An mbox's messages; a file that does not start with a "From " line is one message (.eml)."""
+    with open(path, "rb") as fh:
+        start = fh.read(5)
+    if start == b"From ":
+        yield from read_mbox(path)
+        return
+    data = path.read_bytes()
+    if data.strip():
+        yield data, None
+
+
 def _separators(buf: bytes, pos: int) -> Iterator[int]:
     """Offsets of the "From " lines that follow a blank line."""
     while True:
@@ -1104,7 +1221,19 @@ def _unescape(body: bytes) -> bytes:
     return _UNESCAPE.sub(rb"\1", body) if b">From " in body else body
 
 
+_MONTH_NUMBERS = {m.encode(): i for i, m in enumerate(calendar.month_abbr) if m}
+_FROM_DATE = re.compile(rb"[A-Z][a-z]{2} +([A-Z][a-z]{2}) +(\d{1,2}) (\d\d):(\d\d):(\d\d) (\d{4})")
+
+
 def _mbox_date(text: bytes) -> float | None:
+    # The usual ctime() shape read directly (time.strptime was a tenth of an import).
+    m = _FROM_DATE.match(text)
+    if m is not None and m.group(1) in _MONTH_NUMBERS:
+        try:
+            return float(calendar.timegm((int(m.group(6)), _MONTH_NUMBERS[m.group(1)], int(m.group(2)),
+                                          int(m.group(3)), int(m.group(4)), int(m.group(5)), 0, 0, 0)))
+        except (ValueError, OverflowError):
+            pass
     try:
         return calendar.timegm(time.strptime(text.decode("ascii", "replace")[:24], "%a %b %d %H:%M:%S %Y"))
     except ValueError:
@@ -1167,7 +1296,7 @@ async def import_mbox(store: Store, info: ListInfo, path: Path, progress: Progre
                 _PRESCANS.setdefault(key, []).append(pool.submit(_prescan, job))
         return count
 
-    for raw, when in read_mbox(path):
+    for raw, when in read_messages(path):
         read += 1
         done_bytes += len(raw)
         entry = import_entry(raw, when)

@@ -102,6 +102,7 @@ class Mail:
     snippet: str
     search: str
     date_header: str
+    original_id: str = ""  # the Message-ID the message carries (the archive may know it by a derived one)
 
 
 def strip_angles(message_id: str) -> str:
@@ -155,8 +156,25 @@ _LOCAL_PUNCT = frozenset("_.!#$%&'*+/=?^`{|}~-")
 _DOMAIN_RUN = re.compile(r"[\w.-]*")
 
 
+def valid_text(text: str) -> str:
+    """The archive's one exit for decoded text: Unicode scalar values only.
+
+    Codecs can return lone surrogates (UTF-7 ``+3Rk-``, ``surrogateescape``
+    bytes, ``unicode_escape``); they cannot be written as UTF-8 (RFC 3629 §3),
+    so each becomes U+FFFD, while a pair split across two runs is joined.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
+
+
 def _clean(text: str) -> str:
-    return _C1_CONTROL.sub("", text)
+    """Valid text without the control characters a page must not show."""
+    return _C1_CONTROL.sub("", valid_text(text))
 
 
 # The headers the archive reads; the others are never decoded.
@@ -169,14 +187,15 @@ def _raw_headers(msg: Message) -> dict[str, str]:
         key = name.lower()
         if key in out or key not in _WANTED:
             continue
-        if isinstance(value, str):
-            raw: bytes | str = value.encode("ascii", "surrogateescape") if _has_surrogates(value) else value
-        else:
-            raw = str(value)
         try:
-            out[key] = decode_header_text(raw)
+            raw: bytes | str = value if isinstance(value, str) else str(value)
+            if isinstance(raw, str) and _has_surrogates(raw):
+                # compat32 keeps raw 8-bit header bytes as surrogate escapes:
+                # back to bytes, then guessed as a body without a charset is.
+                raw = _guess_text(raw.encode("utf-8", "surrogateescape"))
+            out[key] = _clean(decode_header_text(raw))
         except Exception:  # noqa: BLE001 - a header we cannot decode is shown as best we can
-            out[key] = str(value).encode("utf-8", "replace").decode("utf-8", "replace")
+            out[key] = _clean(str(value))
     return out
 
 
@@ -434,13 +453,34 @@ def _headers_of(msg: Message, message_id: str, fallback_date: float) -> tuple[He
     return headers, raw
 
 
-def parse_headers(raw: bytes, message_id: str, fallback_date: float) -> Headers:
-    """Only the headers: for threading a whole list quickly."""
+@dataclass(frozen=True, slots=True)
+class HeaderScan:
+    """What ``parse_mail`` takes from the headers; a full build reads it once (for threading) and passes it on."""
+
+    headers: Headers
+    date_header: str
+    original_id: str
+
+
+def _original_id(raw_headers: dict[str, str]) -> str:
+    value = raw_headers.get("message-id", "")
+    ids = _MSGID.findall(value)
+    return strip_angles(ids[0] if ids else value)[:500]
+
+
+def scan_headers(raw: bytes, message_id: str, fallback_date: float) -> HeaderScan:
+    """Only the headers (no body parsed); never raises."""
     try:
         msg = _quick_message(raw, with_body=False) or BytesHeaderParser(policy=policy.compat32).parsebytes(raw)
-        return _headers_of(msg, message_id, fallback_date)[0]
+        headers, raw_headers = _headers_of(msg, message_id, fallback_date)
+        return HeaderScan(headers, _clean(raw_headers.get("date", ""))[:100], _original_id(raw_headers))
     except Exception:  # noqa: BLE001 - never crash on a message
-        return Headers(strip_angles(message_id), (), "", "?", fallback_date)
+        return HeaderScan(Headers(strip_angles(message_id), (), "", "?", fallback_date), "", "")
+
+
+def parse_headers(raw: bytes, message_id: str, fallback_date: float) -> Headers:
+    """Only the headers: for threading a whole list quickly."""
+    return scan_headers(raw, message_id, fallback_date).headers
 
 
 # -- bodies
@@ -457,20 +497,59 @@ def _codec(charset: str | None) -> str:
     return ""
 
 
-def _decode_text(data: bytes, charset: str | None) -> str:
-    codec = _codec(charset)
-    if codec:
-        try:
-            return data.decode(codec, "replace")
-        except (LookupError, UnicodeError, ValueError):
-            pass
+# Labels that say nothing about 8-bit bytes: such bytes are guessed instead.
+_VAGUE_CHARSETS = frozenset({"", "ascii", "utf-8"})
+
+
+def _guess_text(data: bytes) -> str:
+    """Unlabelled 8-bit text: UTF-8 if it is that, else windows-1250 or ISO-8859-2.
+
+    The two Polish sets differ in where they put ą ś ź (and capitals):
+    whichever set's Polish letters the bytes use more often wins; bytes
+    0x80-0x9F (control codes in ISO-8859-2) count for windows-1250.
+    """
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         pass
-    if re.search(rb"[\x80-\x9f]", data):
+    cp1250 = len(_CP1250_ONLY.findall(data))
+    latin2 = len(_LATIN2_ONLY.findall(data))
+    if cp1250 > latin2:
         return data.decode("cp1250", "replace")
     return data.decode("iso-8859-2", "replace")
+
+
+# ą Ą ś Ś ź Ź in each set, where the other has something else (š ¥ ... / ± ˇ ¶ ...).
+_CP1250_ONLY = re.compile(rb"[\x80-\x9f\xb9\xa5]")
+_LATIN2_ONLY = re.compile(rb"[\xb1\xa1\xb6\xa6\xbc\xac]")
+
+
+def decode_text(data: bytes, charset: str | None) -> str:
+    """A body's bytes as valid text; never raises.
+
+    The declared charset is used when it reads the bytes cleanly.  An
+    unknown or unusable label (HyperKitty and MHonArc also fall back when
+    the codec lookup fails), or us-ascii / utf-8 that the bytes contradict,
+    is treated as no label: UTF-8, else windows-1250 / ISO-8859-2, so Polish
+    mail from misconfigured clients is readable instead of a run of U+FFFD.
+    Any other label that does not fit is decoded with U+FFFD for the bad bytes.
+    """
+    codec = _codec(charset)
+    if codec not in _VAGUE_CHARSETS:
+        try:
+            return valid_text(data.decode(codec))
+        except (LookupError, UnicodeError, ValueError, TypeError):
+            pass
+        try:
+            return valid_text(data.decode(codec, "replace"))
+        except (LookupError, UnicodeError, ValueError, TypeError):
+            pass  # codecs such as idna raise even with "replace"
+    elif data.isascii():
+        return data.decode("ascii")
+    return valid_text(_guess_text(data))
+
+
+_decode_text = decode_text
 
 
 _SIMPLE_CHARSET = re.compile(r'[ \t]*[\w.+-]+/[\w.+-]+[ \t]*;[ \t]*charset[ \t]*=[ \t]*("?)([\w.:+-]+)\1[ \t]*;?[ \t]*',
@@ -508,9 +587,12 @@ def _filename(part: Message) -> str:
     if isinstance(name, tuple):  # an RFC 2231 value compat32 did not collapse
         name = email.utils.collapse_rfc2231_value(name)
     text = str(name)
-    if _has_surrogates(text):
-        return decode_header_text(text.encode("ascii", "surrogateescape"))
-    return decode_header_text(text)
+    try:
+        if _has_surrogates(text):
+            return _clean(decode_header_text(text.encode("ascii", "surrogateescape")))
+        return _clean(decode_header_text(text))
+    except Exception:  # noqa: BLE001 - a name we cannot read becomes attachment-N
+        return ""
 
 
 def safe_filename(name: str, index: int, content_type: str) -> str:
@@ -664,23 +746,31 @@ class Labels:
     forwarded: str = "Forwarded message"
 
 
-def parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Labels = Labels()) -> Mail:
-    """Decode one message for display.  Never raises."""
+def parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Labels = Labels(),
+               known: HeaderScan | None = None) -> Mail:
+    """Decode one message for display.  Never raises.
+
+    ``known`` is this message's ``scan_headers`` result when the caller has
+    it (a full build): the headers are then not decoded a second time.
+    """
     try:
-        return _parse_mail(raw, message_id, fallback_date, labels)
+        return _parse_mail(raw, message_id, fallback_date, labels, known)
     except Exception:  # noqa: BLE001 - show the bytes as text rather than fail the build
         text = hide_addresses(_clean(raw[:MAX_TEXT].decode("utf-8", "replace")))
         headers = parse_headers(raw, message_id, fallback_date)
         return Mail(headers, text_to_html(text, labels.quoted), (), text, text[:SNIPPET], text[:SEARCH_TEXT], "")
 
 
-def _parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Labels) -> Mail:
+def _parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Labels, known: HeaderScan | None) -> Mail:
     # Most list mail is one text part: read only the headers and decode the
     # body directly; parse the MIME tree only when there is one.
     msg = _quick_message(raw) or BytesParser(policy=policy.compat32).parsebytes(raw, headersonly=True)
     if msg.get_content_maintype() in ("multipart", "message") and not msg.is_multipart():
         msg = BytesParser(policy=policy.compat32).parsebytes(raw)
-    headers, raw_headers = _headers_of(msg, message_id, fallback_date)
+    if known is None:
+        headers, raw_headers = _headers_of(msg, message_id, fallback_date)
+        known = HeaderScan(headers, _clean(raw_headers.get("date", ""))[:100], _original_id(raw_headers))
+    headers = known.headers
     blocks: list[str] = []
     texts: list[str] = []
     attachments: list[Attachment] = []
@@ -725,7 +815,8 @@ def _parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Label
         text=full,
         snippet=flat[:SNIPPET],
         search=flat[:SEARCH_TEXT],
-        date_header=_clean(raw_headers.get("date", ""))[:100],
+        date_header=known.date_header,
+        original_id=known.original_id,
     )
 
 

@@ -676,7 +676,7 @@ def dkim_keygen(config_path: Path | None, force: bool, ed25519_key: bool) -> Non
 
 @main.group("archive")
 def archive_group() -> None:
-    """The static web archive: build, import an mbox, take a message down."""
+    """The static web archive: build, import an mbox, status, take a message down."""
 
 
 def _progress_reporter() -> tuple[Callable[[str, int, int], None], Callable[[], None]]:
@@ -741,7 +741,7 @@ async def archive_build(cfg: config_mod.Config, store: Store, name: str | None, 
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Processes for rendering (default: cores).")
 @with_store
 async def archive_import(cfg: config_mod.Config, store: Store, name: str, mbox: Path, workers: int | None) -> None:
-    """Bring an existing archive (mbox: Mailman, Google Groups ...) into list NAME, then rebuild its pages."""
+    """Bring an existing archive (mbox: Mailman, Google Groups ...; or one .eml message) into list NAME, then rebuild its pages."""
     from listserv import archive
 
     info = archive.list_info(cfg, await store.get_list(name))
@@ -757,6 +757,37 @@ async def archive_import(cfg: config_mod.Config, store: Store, name: str, mbox: 
     finally:
         close()
     click.echo(f"{name}: {count} messages in the archive, {time.perf_counter() - started:.1f} s in all")
+
+
+@archive_group.command("status")
+@click.argument("name", required=False)
+@with_store
+async def archive_status(cfg: config_mod.Config, store: Store, name: str | None) -> None:
+    """Messages, pages and last build of list NAME's archive (default: every list), and what could not be rendered."""
+    from listserv import archive
+
+    lists = [await store.get_list(name)] if name else await store.lists()
+
+    def when(ts: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "never"
+
+    for lst in lists:
+        info = archive.list_info(cfg, lst)
+        st = await store.archive_status(info.id)
+        failures = await store.archive_failures(info.id)
+        click.echo(f"{lst.name}: {info.policy}, {st['messages']} messages"
+                   + (f" ({st['removed']} removed)" if st["removed"] else "")
+                   + f", {st['message_pages']} message pages, {st['threads']} threads, {st['months']} months"
+                   + (f" -> {info.dir}" if info.policy != "none" else ""))
+        full = (f"{when(st['full_at'])} ({st['full_messages']} messages, {st['full_seconds']:.1f} s)"
+                if st["full_at"] else "never")
+        click.echo(f"  last full build: {full}; last update: {when(st['updated_at'])}")
+        unbuilt = len(await store.archive_unbuilt(info.id)) - len(failures)
+        if unbuilt > 0 and info.policy != "none":
+            click.echo(f"  not built yet: {unbuilt} (`listserv archive build {lst.name}`)")
+        click.echo(f"  could not be rendered: {len(failures) or 'none'}")
+        for message_id, reason, at in failures:
+            click.echo(f"    <{message_id}> {when(at)}: {reason}")
 
 
 @archive_group.command("remove")

@@ -118,6 +118,9 @@ class Preparer:
         try:
             name, settings = await self._settings(record.list_id)
             message_id = record.message_id or generated_message_id(record, domain)
+            # The archive's id for this post (a derived one when another post
+            # already has its Message-ID): Archived-At points at its own page.
+            message_id, _ = await self.store.archive_identity(record.list_id, message_id, record.data)
             ctx = ListContext(name=name, domain=domain, settings=settings,
                               archive_base_url=self.config.archive.base_url)
             munge = await self._munge_from(settings, record.sender)

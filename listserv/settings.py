@@ -101,6 +101,7 @@ class ListSettings:
     bounce_warnings: int = 3
     bounce_warning_interval: int = 7 * 86400
     archive_policy: str = "public"
+    timezone: str = "Europe/Warsaw"
 
     def to_display(self) -> dict[str, str]:
         """Every setting rendered as the string ``list set`` accepts."""
@@ -204,6 +205,20 @@ def _parse_attachments(value: Any) -> AttachmentPolicy:
     )
 
 
+def _parse_timezone(value: Any) -> str:
+    """An IANA time zone name that zoneinfo knows (the archive shows local time in it)."""
+    import zoneinfo
+
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a time zone name like Europe/Warsaw or UTC")
+    name = value.strip()
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r} (an IANA name like Europe/Warsaw or UTC)") from None
+    return name
+
+
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -280,6 +295,7 @@ SETTINGS: Mapping[str, Setting] = {
         Setting("bounce_warnings", _parse_count, "Reminders a paused member gets before removal"),
         Setting("bounce_warning_interval", parse_duration, "Time between those reminders, e.g. 7d"),
         Setting("archive_policy", _choice("public", "private", "none"), "Web archive: public, private (a separate folder served behind a login), none"),
+        Setting("timezone", _parse_timezone, "Time zone of the archive's dates and month pages (IANA name, e.g. Europe/Warsaw, UTC)"),
     )
 }
 

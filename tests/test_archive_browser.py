@@ -34,6 +34,17 @@ from listserv.rewrite import message_id_hash
 from listserv.store import Store
 from test_archive import LIST, open_store, put
 
+# Headers in raw windows-1250 bytes, no charset anywhere (an old Outlook): the
+# page must read as Polish, without U+FFFD where the charset can be guessed.
+RAW_8BIT_HEADERS = (
+    "From: Józef Dąbrowski <jozef@gmina-z.example.pl>\r\nTo: seap-planning@lists.example.org\r\n"
+    "Subject: Spotkanie w Żyrardowie - ważne, proszę o odpowiedź\r\n"
+    "Date: Wed, 15 May 2024 09:00:00 +0200\r\nMessage-ID: <raw8bit.headers@gmina-z.example.pl>\r\n"
+    "Content-Type: text/plain\r\n\r\n"
+    "Zebranie zespołu ds. SEAP w Żyrardowie, sala nr 5, środa 10:00.\r\n"
+    "Proszę o potwierdzenie obecności. Pozdrawiam, Józef Dąbrowski\r\n"
+).encode("cp1250")
+
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -131,7 +142,8 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         store: Store = await open_store(cfg)
         try:
             await put(store, "pl_iso8859_2.eml", "pl_cp1250.eml", "pl_utf8.eml", "pl_raw8bit.eml",
-                      "hostile_subject.eml", "hostile_html.eml", "hostile_attachments.eml", "koi8r.eml")
+                      "hostile_subject.eml", "hostile_html.eml", "hostile_attachments.eml", "koi8r.eml",
+                      RAW_8BIT_HEADERS)
             info = archive.list_info(cfg, await store.get_list(LIST))
             await archive.build_list(cfg, store, info, workers=1)
             await archive.write_site_indexes(cfg, store)
@@ -164,6 +176,7 @@ PAGES = {
     "hostile_subject": f"{LIST}/m/{message_id_hash('hostile.7@attacker.example')}/index.html",
     "hostile_html": f"{LIST}/m/{message_id_hash('hostile.8@attacker.example')}/index.html",
     "hostile_attachments": f"{LIST}/m/{message_id_hash('hostile.9@attacker.example')}/index.html",
+    "raw8bit_headers": f"{LIST}/m/{message_id_hash('raw8bit.headers@gmina-z.example.pl')}/index.html",
     "search": f"{LIST}/search.html?q=%C5%81%C3%B3d%C5%BA",  # "Łódź"
 }
 
@@ -202,7 +215,9 @@ def test_pages_render_safely_on_a_phone(chromium: str, served: tuple[str, Path],
                     expression="({scroll: document.documentElement.scrollWidth, inner: window.innerWidth,"
                                " results: document.querySelectorAll('#results li').length,"
                                " status: (document.getElementById('status')||{}).textContent || '',"
-                               " title: document.title})",
+                               " title: document.title,"
+                               " replacement: (document.body.innerText.match(/\\uFFFD/g) || []).length,"
+                               " text: document.body.innerText})",
                 )
                 shot = await b.call("Page.captureScreenshot", session, format="png")
                 (shots / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
@@ -225,3 +240,7 @@ def test_pages_render_safely_on_a_phone(chromium: str, served: tuple[str, Path],
         assert r["probe"]["scroll"] <= WIDTH, (name, r["probe"])  # no sideways scrolling on a phone
     assert results["search"]["probe"]["results"] >= 1, results["search"]["probe"]
     assert "Termomodernizacja szkoły w Łodzi" in results["thread"]["probe"]["title"]
+    raw8 = results["raw8bit_headers"]["probe"]
+    assert raw8["title"].startswith("Spotkanie w Żyrardowie - ważne, proszę o odpowiedź"), raw8["title"]
+    assert "Józef Dąbrowski" in raw8["text"] and "Zebranie zespołu ds. SEAP w Żyrardowie" in raw8["text"], raw8
+    assert raw8["replacement"] == 0, raw8["text"]

@@ -74,25 +74,171 @@ class ArchivePart(StoreBase):
             out.update({r[0]: (r[1], r[2], bytes(r[3])) for r in rows})
         return out
 
+    async def archive_identity(self, list_id: int, message_id: str, data: bytes) -> tuple[str, bool]:
+        """The Message-ID a post is archived under, and whether that entry exists already.
+
+        Its own id when free or held by the same post (a true duplicate:
+        ``True``); else the derived id of ``archive_ids`` (``True`` if this
+        content came before under it too).  The fan-out computes Archived-At
+        from the returned id, so every copy points at its own page.
+        """
+        from listserv.archive_ids import derived_message_id, same_post
+        from listserv.rewrite import message_id_hash
+
+        row = await self._fetchone("SELECT data FROM archive WHERE list_id = ? AND msgid_hash = ?",
+                                   (list_id, message_id_hash(message_id)))
+        if row is None:
+            return message_id, False
+        if same_post(bytes(row[0]), data):
+            return message_id, True
+        derived = derived_message_id(message_id, data)
+        row = await self._fetchone("SELECT 1 FROM archive WHERE list_id = ? AND msgid_hash = ?",
+                                   (list_id, message_id_hash(derived)))
+        return derived, row is not None
+
     async def archive_import(self, list_id: int, entries: Sequence[tuple[str, str, float, bytes]]) -> int:
         """Add (Message-ID, hash, received_at, data) rows from an imported archive; returns how many were new.
 
-        A Message-ID already in the list's archive keeps its first message.
+        A message already archived (same bytes or same content, see
+        ``archive_ids``) is not added again; a different message reusing a
+        Message-ID is added under a derived id.
         """
+        from listserv.archive_ids import derived_message_id, same_post
+        from listserv.rewrite import message_id_hash
+
+        if not entries:
+            return 0
+        hashes = list(dict.fromkeys(h for _, h, _, _ in entries))
+        taken: dict[str, bytes | None] = {}  # hash -> data (None: not loaded yet)
+        for start in range(0, len(hashes), 500):
+            chunk = hashes[start : start + 500]
+            rows = await self._fetchall(
+                f"SELECT msgid_hash FROM archive WHERE list_id = ? AND msgid_hash IN ({','.join('?' * len(chunk))})",
+                (list_id, *chunk),
+            )
+            taken.update((r[0], None) for r in rows)
+        rows_out: list[tuple[int, str, str, float, bytes]] = []
+        for mid, h, at, data in entries:
+            if h in taken:
+                known = taken[h]
+                if known is None:
+                    r = await self._fetchone("SELECT data FROM archive WHERE list_id = ? AND msgid_hash = ?",
+                                             (list_id, h))
+                    known = taken[h] = bytes(r[0]) if r is not None else b""
+                if same_post(known, data):
+                    continue
+                mid = derived_message_id(mid, data)
+                h = message_id_hash(mid)
+                if h in taken:
+                    continue
+                r = await self._fetchone("SELECT 1 FROM archive WHERE list_id = ? AND msgid_hash = ?", (list_id, h))
+                if r is not None:
+                    taken[h] = None
+                    continue
+            taken[h] = data
+            rows_out.append((list_id, mid, h, at, data))
         async with self.transaction() as db:
             before = db.total_changes
             await db.executemany(
-                "INSERT OR IGNORE INTO archive (list_id, message_id, msgid_hash, received_at, source, data)"
-                " VALUES (?, ?, ?, ?, 'import', ?)",
-                [(list_id, mid, h, at, data) for mid, h, at, data in entries],
+                "INSERT INTO archive (list_id, message_id, msgid_hash, received_at, source, data)"
+                " VALUES (?, ?, ?, ?, 'import', ?) ON CONFLICT (list_id, msgid_hash) DO NOTHING",
+                rows_out,
             )
             return int(db.total_changes - before)
+
+    async def archive_drop_meta(self, archive_ids: Sequence[int]) -> None:
+        """Forget what was derived from these messages (a page that could not be written): unbuilt again."""
+        async with self.transaction() as db:
+            for aid in archive_ids:
+                async with db.execute("SELECT list_id, month FROM archive_meta WHERE archive_id = ?", (aid,)) as cur:
+                    old = await cur.fetchone()
+                if old is None:
+                    continue
+                await db.execute("UPDATE archive_months SET count = count - 1 WHERE list_id = ? AND month = ?",
+                                 (old[0], old[1]))
+                await db.execute("DELETE FROM archive_meta WHERE archive_id = ?", (aid,))
+                await db.execute("DELETE FROM archive_refs WHERE archive_id = ?", (aid,))
+
+    # -- bookkeeping: failures and builds (`listserv archive status`)
+
+    async def archive_record_failures(self, list_id: int, failures: Sequence[tuple[int, str]]) -> None:
+        """Remember messages that could not be rendered, with the reason (replacing an older one)."""
+        if not failures:
+            return
+        import time
+
+        now = time.time()
+        async with self.transaction() as db:
+            await db.executemany(
+                "INSERT INTO archive_failures (archive_id, list_id, reason, at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (archive_id) DO UPDATE SET reason = excluded.reason, at = excluded.at",
+                [(aid, list_id, reason[:1000], now) for aid, reason in failures],
+            )
+
+    async def archive_clear_failures(self, list_id: int, archive_ids: Sequence[int] | None = None) -> None:
+        async with self.transaction() as db:
+            if archive_ids is None:
+                await db.execute("DELETE FROM archive_failures WHERE list_id = ?", (list_id,))
+            else:
+                await db.executemany("DELETE FROM archive_failures WHERE archive_id = ?",
+                                     [(aid,) for aid in archive_ids])
+
+    async def archive_failures(self, list_id: int) -> list[tuple[str, str, float]]:
+        """(Message-ID, reason, when) of each message of the list that could not be rendered."""
+        rows = await self._fetchall(
+            "SELECT a.message_id, f.reason, f.at FROM archive_failures f JOIN archive a ON a.id = f.archive_id"
+            " WHERE f.list_id = ? AND a.removed = 0 ORDER BY f.at, f.archive_id",
+            (list_id,),
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    async def archive_note_build(self, list_id: int, *, full_seconds: float | None = None,
+                                 messages: int | None = None) -> None:
+        """Record a full build (with its duration) or an incremental update, now."""
+        import time
+
+        now = time.time()
+        async with self.transaction() as db:
+            if full_seconds is not None:
+                await db.execute(
+                    "INSERT INTO archive_builds (list_id, full_at, full_seconds, full_messages, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (list_id) DO UPDATE SET full_at = excluded.full_at,"
+                    " full_seconds = excluded.full_seconds, full_messages = excluded.full_messages,"
+                    " updated_at = excluded.updated_at",
+                    (list_id, now, full_seconds, messages, now),
+                )
+            else:
+                await db.execute(
+                    "INSERT INTO archive_builds (list_id, updated_at) VALUES (?, ?)"
+                    " ON CONFLICT (list_id) DO UPDATE SET updated_at = excluded.updated_at",
+                    (list_id, now),
+                )
+
+    async def archive_status(self, list_id: int) -> dict[str, Any]:
+        """Counts and times for `listserv archive status`."""
+        stored = await self._fetchone(
+            "SELECT count(*), coalesce(sum(removed), 0) FROM archive WHERE list_id = ?", (list_id,))
+        built = await self._fetchone(
+            "SELECT count(*), count(DISTINCT thread) FROM archive_meta WHERE list_id = ?", (list_id,))
+        months = await self._fetchone("SELECT count(*) FROM archive_months WHERE list_id = ? AND count > 0",
+                                      (list_id,))
+        builds = await self._fetchone(
+            "SELECT full_at, full_seconds, full_messages, updated_at FROM archive_builds WHERE list_id = ?",
+            (list_id,))
+        assert stored is not None and built is not None and months is not None
+        return {
+            "messages": int(stored[0]) - int(stored[1]), "removed": int(stored[1]),
+            "message_pages": int(built[0]), "threads": int(built[1]), "months": int(months[0]),
+            "full_at": builds[0] if builds else None, "full_seconds": builds[1] if builds else None,
+            "full_messages": builds[2] if builds else None, "updated_at": builds[3] if builds else None,
+        }
 
     async def archive_clear_meta(self, list_id: int) -> None:
         async with self.transaction() as db:
             await db.execute("DELETE FROM archive_meta WHERE list_id = ?", (list_id,))
             await db.execute("DELETE FROM archive_refs WHERE list_id = ?", (list_id,))
             await db.execute("DELETE FROM archive_months WHERE list_id = ?", (list_id,))
+            await db.execute("DELETE FROM archive_failures WHERE list_id = ?", (list_id,))
 
     async def archive_put_meta(self, metas: Sequence[ArchiveMetaT], *, count_months: bool = True) -> None:
         """Insert (or replace) derived rows; with count_months the month counts follow."""
@@ -166,6 +312,19 @@ class ArchivePart(StoreBase):
             " FROM archive_refs r JOIN archive_meta m ON m.archive_id = r.archive_id"
             " WHERE r.list_id = ? AND r.ref = ?",
             (list_id, message_id),
+        )
+        return [self._meta(r) for r in rows]
+
+    async def archive_meta_referring_any(self, list_id: int, message_ids: Sequence[str]) -> list[ArchiveMetaT]:
+        """Messages whose References name any of these Message-IDs (one query for a message's whole chain)."""
+        ids = list(dict.fromkeys(message_ids))[-200:]
+        if not ids:
+            return []
+        rows = await self._fetchall(
+            f"SELECT DISTINCT {', '.join('m.' + c.strip() for c in self._META_COLS.split(','))}"
+            " FROM archive_refs r JOIN archive_meta m ON m.archive_id = r.archive_id"
+            f" WHERE r.list_id = ? AND r.ref IN ({','.join('?' * len(ids))})",
+            (list_id, *ids),
         )
         return [self._meta(r) for r in rows]
 

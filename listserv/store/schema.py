@@ -236,4 +236,22 @@ MIGRATIONS: tuple[str, ...] = (
         lease_until  REAL NOT NULL
     );
     """,
+    # 7 -> 8: the archive's own bookkeeping, for `listserv archive status`:
+    # messages that could not be rendered (and why), and the last builds.
+    """
+    CREATE TABLE archive_failures (
+        archive_id  INTEGER PRIMARY KEY,   -- archive.id
+        list_id     INTEGER NOT NULL,
+        reason      TEXT NOT NULL,
+        at          REAL NOT NULL
+    );
+    CREATE INDEX archive_failures_by_list ON archive_failures(list_id);
+    CREATE TABLE archive_builds (
+        list_id        INTEGER PRIMARY KEY,
+        full_at        REAL,
+        full_seconds   REAL,
+        full_messages  INTEGER,
+        updated_at     REAL
+    );
+    """,
 )

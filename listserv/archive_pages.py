@@ -1,0 +1,159 @@
+"""The archive's two most numerous pages, message and thread, written without Jinja; and local time.
+
+A full build writes one message page per message and one thread page per
+thread: profiling showed Jinja's per-page overhead (context, blocks,
+attribute lookups, markupsafe objects) to be a fifth of the build.  These
+functions write the same markup as ``base.html`` with every value escaped by
+``escape`` (markupsafe's, as autoescape does) and take the body as the
+already-safe HTML fragment ``archive_render`` made.
+
+Dates: every page shows the list's local time (``timezone`` setting, IANA
+name through zoneinfo) with its UTC offset, and feeds use RFC 3339 §5.6 with
+the offset.  Month pages split by the local month.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import zoneinfo
+from collections.abc import Sequence
+from typing import Any
+
+from markupsafe import escape as _escape
+
+from listserv.archive_types import ArchiveMeta
+
+__all__ = ["fmt_date", "iso_date", "local_month", "message_page", "thread_page", "zone"]
+
+
+@functools.lru_cache(maxsize=64)
+def zone(name: str) -> datetime.tzinfo:
+    """The zone by IANA name; UTC for a name zoneinfo does not know (the setting is validated)."""
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return datetime.timezone.utc
+
+
+def _local(ts: float, tz: str) -> datetime.datetime:
+    try:
+        return datetime.datetime.fromtimestamp(ts, zone(tz))
+    except (OverflowError, OSError, ValueError):
+        return datetime.datetime.fromtimestamp(0, zone(tz))
+
+
+def _offset(d: datetime.datetime) -> str:
+    off = d.strftime("%z")  # +0100
+    return f"{off[:3]}:{off[3:]}" if len(off) == 5 else "+00:00"
+
+
+@functools.lru_cache(maxsize=16384)  # each date is shown on several pages (message, thread, month twice, search)
+def fmt_date(ts: float, tz: str) -> str:
+    """``2024-03-05 14:30 +01:00``: local time as readers see it, with the offset."""
+    d = _local(ts, tz)
+    return f"{d.year:04d}-{d.month:02d}-{d.day:02d} {d.hour:02d}:{d.minute:02d} {_offset(d)}"
+
+
+@functools.lru_cache(maxsize=16384)
+def iso_date(ts: float, tz: str) -> str:
+    """RFC 3339 §5.6 date-time with the local offset, e.g. ``2024-03-05T14:30:00+01:00``."""
+    d = _local(ts, tz).replace(microsecond=0)
+    return d.isoformat()
+
+
+def local_month(ts: float, tz: str) -> str:
+    d = _local(ts, tz)
+    return f"{d.year:04d}-{d.month:02d}"
+
+
+def escape(value: Any) -> str:
+    return str(_escape(value))
+
+
+def base_page(*, lang: str, t: dict[str, str], csp: str, depth: int, title: str, canonical: str, crumbs: str,
+              main: str) -> str:
+    """What ``base.html`` renders, for the pages written here."""
+    static = "../" * depth + "static/"
+    canon = f'<link rel="canonical" href="{escape(canonical)}">\n' if canonical else ""
+    return (
+        f'<!doctype html>\n<html lang="{escape(lang)}">\n<head>\n<meta charset="utf-8">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{escape(csp)}">\n'
+        '<meta name="referrer" content="no-referrer">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{escape(title)}</title>\n"
+        f'<link rel="stylesheet" href="{static}archive.css">\n'
+        f'<link rel="icon" href="{static}favicon.svg" type="image/svg+xml">\n'
+        f"{canon}</head>\n<body>\n<header class=\"top\">\n<nav aria-label=\"{escape(t['navigation'])}\">\n"
+        f"{crumbs}\n</nav>\n</header>\n<main>\n{main}</main>\n"
+        f"<footer class=\"bottom\"><p>{escape(t['footer'])}</p></footer>\n</body>\n</html>\n"
+    )
+
+
+def _time(ts: float, tz: str) -> str:
+    return f'<time datetime="{iso_date(ts, tz)}">{fmt_date(ts, tz)}</time>'
+
+
+def message_page(*, lang: str, t: dict[str, str], csp: str, list_title: str, tz: str, title: str, canonical: str,
+                 meta: ArchiveMeta, month_name: str, body: str, attachments: Sequence[dict[str, str]],
+                 parent: ArchiveMeta | None, replies: Sequence[ArchiveMeta], original_id: str = "") -> str:
+    """One message's page (``m/HASH/index.html``)."""
+    subject = escape(meta.subject or t["no_subject"])
+    crumbs = (f'<a href="../../../index.html">{escape(t["all_lists"])}</a> › '
+              f'<a href="../../index.html">{escape(list_title)}</a> › '
+              f'<a href="../../{meta.month}/index.html">{escape(month_name)}</a>')
+    out = [f'<article class="message">\n<header>\n<h1>{subject}</h1>\n',
+           f'<p class="meta"><span class="author">{escape(meta.author)}</span> · {_time(meta.date, tz)}</p>\n']
+    if parent is not None:
+        out.append(f'<p class="meta">{escape(t["in_reply_to"])} <a href="../{parent.msgid_hash}/index.html">'
+                   f'{escape(parent.subject or t["no_subject"])}</a> ({escape(parent.author)})</p>\n')
+    if original_id:
+        # A post that reused another post's Message-ID: archived under a
+        # derived id, its own Message-ID shown here.
+        out.append(f'<p class="meta">Message-ID: <code>{escape(original_id)}</code></p>\n')
+    out.append(f'<p class="meta"><a href="../../t/{meta.thread}.html#m-{meta.msgid_hash}">'
+               f'{escape(t["whole_thread"])}</a></p>\n</header>\n<div class="body">{body}</div>\n')
+    if attachments:
+        out.append(f'<section class="attachments"><h2>{escape(t["attachments"])}</h2><ul>\n')
+        out.extend(f'<li><a href="{escape(a["path"])}" download>{escape(a["name"])}</a> '
+                   f'<span class="meta">{escape(a["type"])}, {escape(a["size"])}</span></li>' for a in attachments)
+        out.append("\n</ul></section>\n")
+    if replies:
+        out.append(f'<section class="replies"><h2>{escape(t["replies"])}</h2><ul>\n')
+        out.extend(f'<li><a href="../{r.msgid_hash}/index.html">{escape(r.subject or t["no_subject"])}</a> '
+                   f'<span class="meta">{escape(r.author)} · {fmt_date(r.date, tz)}</span></li>' for r in replies)
+        out.append("\n</ul></section>\n")
+    out.append("</article>\n")
+    return base_page(lang=lang, t=t, csp=csp, depth=3, title=title, canonical=canonical, crumbs=crumbs,
+                     main="".join(out))
+
+
+def thread_page(*, lang: str, t: dict[str, str], csp: str, list_title: str, tz: str, title: str, canonical: str,
+                subject: str, month: str, month_name: str, items: Sequence[dict[str, Any]]) -> str:
+    """One thread's page (``t/THREAD.html``): every message in tree order, bodies shown."""
+    crumbs = (f'<a href="../../index.html">{escape(t["all_lists"])}</a> › '
+              f'<a href="../index.html">{escape(list_title)}</a> › '
+              f'<a href="../{month}/index.html">{escape(month_name)}</a>')
+    out = [f"<h1>{escape(subject or t['no_subject'])}</h1>\n",
+           f'<p class="meta">{len(items)} {escape(t["messages"])}</p>\n<ol class="thread">\n']
+    no_subject = t["no_subject"]
+    in_reply_to = escape(t["in_reply_to"])
+    for it in items:
+        m: ArchiveMeta = it["meta"]
+        parent: ArchiveMeta | None = it["parent"]
+        reply = f' · {in_reply_to} <a href="#m-{parent.msgid_hash}">{escape(parent.author)}</a>' if parent else ""
+        out.append(
+            f'<li class="post d{min(it["depth"], 8)}" id="m-{m.msgid_hash}">\n<article>\n<header>\n'
+            f'<h2><a href="../m/{m.msgid_hash}/index.html">{escape(m.subject or no_subject)}</a></h2>\n'
+            f'<p class="meta"><span class="author">{escape(m.author)}</span> · {_time(m.date, tz)}{reply}</p>\n'
+            f'</header>\n<div class="body">{it["body"]}</div>\n'
+        )
+        if it["attachments"]:
+            out.append('<ul class="attachments">')
+            out.extend(f'<li><a href="../m/{m.msgid_hash}/{escape(a["path"])}" download>{escape(a["name"])}</a> '
+                       f'<span class="meta">{escape(a["size"])}</span></li>' for a in it["attachments"])
+            out.append("</ul>")
+        out.append("</article>\n</li>\n")
+    out.append("</ol>\n")
+    return base_page(lang=lang, t=t, csp=csp, depth=2, title=title, canonical=canonical, crumbs=crumbs,
+                     main="".join(out))

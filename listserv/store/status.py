@@ -154,6 +154,18 @@ class StatusPart(StoreBase):
         for r in rows:
             out[r[1]].append({"at": r[0], "first_at": r[0], "count": 1,
                               "detail": f"{r[2]} mail to {r[3] or '-'} from {r[4] or r[5] or '<>'}: {r[6]}"})
+        # The archive stage records each message it cannot render in
+        # archive_failures (``listserv archive status``); it is the archive
+        # stage's error as much as one recorded with record_stage_error.
+        rows = await self._fetchall(
+            "SELECT f.at, coalesce(l.name, ''), a.message_id, f.reason FROM archive_failures f"
+            " JOIN archive a ON a.id = f.archive_id LEFT JOIN lists l ON l.id = f.list_id"
+            " WHERE f.at >= ? ORDER BY f.at DESC, f.archive_id DESC LIMIT ?",
+            (since, limit),
+        )
+        for r in rows:
+            out["archive"].append({"at": r[0], "first_at": r[0], "count": 1,
+                                   "detail": f"message <{r[2]}> of list={r[1]} not rendered: {r[3]}"})
         rows = await self._fetchall(
             "SELECT stage, last_at, first_at, count, detail FROM stage_errors WHERE last_at >= ?"
             " ORDER BY last_at DESC, id DESC",

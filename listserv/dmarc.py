@@ -81,6 +81,21 @@ def parse_record(record: str) -> dict[str, str]:
     return tags
 
 
+async def find_records(domain: str, resolve: TxtResolver) -> tuple[str, list[str]]:
+    """§6.6.3 steps 1-4: the domain whose records apply, and its DMARC1 records (any number).
+
+    ``discover`` takes the policy from exactly one of them; ``doctor`` tells the
+    operator why there is none (no record, or several).
+    """
+    domain = domain.lower().rstrip(".")
+    found = _records(await resolve(f"_dmarc.{domain}"))
+    if not found:  # step 3: only an *empty* set sends us to the organizational domain
+        org = organizational_domain(domain)
+        if org != domain:
+            return org, _records(await resolve(f"_dmarc.{org}"))
+    return domain, found
+
+
 async def discover(domain: str, resolve: TxtResolver) -> DmarcPolicy | None:
     """§6.6.3 policy discovery for an RFC5322.From domain; None when no DMARC policy applies.
 
@@ -88,14 +103,7 @@ async def discover(domain: str, resolve: TxtResolver) -> DmarcPolicy | None:
     a temporary failure means for it.
     """
     domain = domain.lower().rstrip(".")
-    where = domain
-    found = _records(await resolve(f"_dmarc.{domain}"))
-    if not found:  # step 3: only an *empty* set sends us to the organizational domain
-        org = organizational_domain(domain)
-        if org == domain:
-            return None
-        where = org
-        found = _records(await resolve(f"_dmarc.{org}"))
+    where, found = await find_records(domain, resolve)
     if len(found) != 1:  # step 5: "multiple records or no records": no DMARC processing
         return None
     tags = parse_record(found[0])

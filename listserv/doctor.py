@@ -29,7 +29,6 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
@@ -40,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from listserv import dkim, files
 from listserv.auth import check_spf
 from listserv.config import Config
-from listserv.dmarc import organizational_domain
+from listserv import dmarc
 from listserv.dns import DnspythonResolver, DnsTemporaryError, Resolver
 from listserv.errors import ListservError
 from listserv.store import Store
@@ -398,29 +397,23 @@ async def _spf(config: Config, resolver: Resolver, public_ip: str | None) -> Che
 # -- DMARC ---------------------------------------------------------------------------------
 
 
-def _dmarc_records(records: Sequence[str]) -> list[str]:
-    return [r for r in records if re.match(r"\s*v\s*=\s*DMARC1\s*(;|$)", r)]
-
-
 async def _dmarc(config: Config, resolver: Resolver) -> Check:
     name, domain = "dmarc", config.server.domain
     owner = f"_dmarc.{domain}"
     publish = f'{owner}. IN TXT "v=DMARC1; p=quarantine; rua=mailto:postmaster@{domain}"'
     try:
-        found, where = _dmarc_records(await resolver.txt(owner)), owner
-        org = organizational_domain(domain)
-        if not found and org != domain:
-            # RFC 7489 §6.6.3: receivers fall back to the organizational domain.
-            found, where = _dmarc_records(await resolver.txt(f"_dmarc.{org}")), f"_dmarc.{org}"
+        # The same discovery the list applies to authors (RFC 7489 §6.6.3), on the list domain.
+        record_domain, found = await dmarc.find_records(domain, resolver.txt)
     except DnsTemporaryError as exc:
         return _could_not(name, exc)
+    where = f"_dmarc.{record_domain}"
     if not found:
         return Check("FAIL", name, f"no DMARC record at {owner}: Gmail, Yahoo and Outlook require one "
                                    "from bulk senders", publish)
     if len(found) > 1:
         return Check("FAIL", name, f"{where} has {len(found)} DMARC records, so receivers apply none "
                                    "(RFC 7489 §6.6.3): keep one", publish)
-    tags = _tags(found[0])
+    tags = dmarc.parse_record(found[0])
     policy = tags.get("p", "").lower()
     if where != owner:
         policy = tags.get("sp", policy).lower()  # the policy for subdomains

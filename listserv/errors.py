@@ -56,5 +56,9 @@ class DuplicateError(StoreError):
     pass
 
 
+class ArchiveIdTaken(StoreError):
+    """Another post took this Message-ID in the archive between choosing the id and queueing."""
+
+
 class AddressError(ListservError):
     pass

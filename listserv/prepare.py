@@ -25,6 +25,7 @@ from listserv import dkim
 from listserv.auth import arc_seal, our_auth_results
 from listserv.config import Config
 from listserv.dmarc import TxtResolver, is_strict
+from listserv.errors import ArchiveIdTaken
 from listserv.fanout import PERSONAL_PLACEHOLDER, bounces_address
 from listserv.message import archiving_refused
 from listserv.rewrite import ListContext, message_id_hash, rewrite
@@ -114,6 +115,14 @@ class Preparer:
         return dkim.sign_message(data, self.keys)
 
     async def prepare_post(self, record: IncomingRecord) -> None:
+        try:
+            await self._prepare_post(record)
+        except ArchiveIdTaken:
+            # Its twin (same Message-ID, other content) was queued by another
+            # worker meanwhile; preparing again gives this post a derived id.
+            await self._prepare_post(record)
+
+    async def _prepare_post(self, record: IncomingRecord) -> None:
         domain = self.config.server.domain
         try:
             name, settings = await self._settings(record.list_id)

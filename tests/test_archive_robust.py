@@ -16,6 +16,7 @@ import re
 import smtplib
 import tempfile
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
@@ -407,6 +408,37 @@ def test_reused_message_ids_get_their_own_pages_and_duplicates_are_one(tmp_path:
                                            "--full"])
     assert result.exit_code == 0, result.output
     assert len(list((config.archive.dir / LIST / "m").iterdir())) == 6  # and so after a full rebuild
+
+
+async def test_twins_prepared_at_once_are_not_archived_as_one(tmp_path: Path) -> None:
+    """Two workers choose an archive id for twins (one Message-ID, other content) before either
+    is queued: the second enqueue is refused whole, and choosing again gives it a derived id."""
+    from listserv.errors import ArchiveIdTaken
+    from listserv.store import ArchiveEntry
+
+    store = await open_store(make_config(tmp_path))
+    try:
+        lst = await store.get_list(LIST)
+        mid = "twin@gmina.example.pl"
+        first, second = (plain(mid, f"Bliźniak {n}", body=f"Treść {n}: źdźbło.") for n in (1, 2))
+        ids = [await store.archive_identity(lst.id, mid, raw) for raw in (first, second)]
+        assert ids == [(mid, False), (mid, False)]  # neither archived yet: both choose the same id
+
+        def queue(raw: bytes, message_id: str) -> Awaitable[int]:
+            return store.enqueue(list_id=lst.id, kind="post", envelope_from="", data=raw, recipients=["a@x.pl"],
+                                 archive=ArchiveEntry(message_id, message_id_hash(message_id), raw))
+
+        await queue(first, mid)
+        with pytest.raises(ArchiveIdTaken):
+            await queue(second, mid)
+        assert (await store.delivery_counts()).get("pending") == 1  # nothing of the refused twin was queued
+        again, known = await store.archive_identity(lst.id, mid, second)
+        assert again != mid and not known
+        await queue(second, again)
+        await queue(first, mid)  # a true duplicate is still taken as the one entry it is
+        assert len(await store.archive_index(lst.id)) == 2
+    finally:
+        await store.close()
 
 
 def write_config_for(tmp_path: Path, config: Config) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from listserv.errors import StoreError
+from listserv.errors import ArchiveIdTaken, StoreError
 from listserv.store.incoming import IncomingPart
 from listserv.store.records import (
     ArchiveEntry,
@@ -60,12 +60,24 @@ class QueuePart(IncomingPart):
                     notified=True if mark_notified else None,
                 )
             if archive is not None:
-                # A duplicate Message-ID keeps the first message (as HyperKitty does).
-                await db.execute(
+                # A true duplicate (same post again) keeps the first entry.
+                cur = await db.execute(
                     "INSERT OR IGNORE INTO archive (list_id, message_id, msgid_hash, received_at, source, data,"
                     " render_pending) VALUES (?, ?, ?, ?, ?, ?, 1)",
                     (list_id, archive.message_id, archive.msgid_hash, now, archive.source, archive.data),
                 )
+                if cur.rowcount == 0:
+                    from listserv.archive_ids import same_post
+
+                    row = await (await db.execute(
+                        "SELECT data FROM archive WHERE list_id = ? AND msgid_hash = ?",
+                        (list_id, archive.msgid_hash),
+                    )).fetchone()
+                    if row is not None and not same_post(bytes(row[0]), archive.data):
+                        # A different post took the id since archive_identity
+                        # chose it (two workers preparing twins at once):
+                        # nothing is queued; the caller chooses again.
+                        raise ArchiveIdTaken(f"Message-ID {archive.message_id} was archived meanwhile")
             return outbox_id
 
     async def due_deliveries(self, now: float, limit: int, exclude: set[int]) -> list[DueDelivery]:

@@ -177,7 +177,9 @@ class App:
         if not self.receive:
             return
         if config.web.listen is not None:
-            self.web = UnsubscribeListener(config, store, self.tokens)
+            # The confirmation links' page confirms through the same code as a reply by mail.
+            self.web = UnsubscribeListener(config, store, self.tokens,
+                                           MembershipStage(config, store, key, tokens=self.tokens))
             await self.web.start()
             log.info("one-click unsubscribe listener on %s:%d", config.web.listen.host, self.web.port)
 

@@ -13,7 +13,9 @@ Safety rules, all enforced here:
 * a confirmation counts only if it comes from the address concerned: its From
   *and* its envelope sender are that address.  Any other sender is refused
   (the code stays valid) and told why, once per code and address, within the
-  reply limits.  There is no web page for confirming: mail is the only way;
+  reply limits.  Where the web listener runs, the confirmation also carries
+  a link: its page has a button (GET changes nothing: link scanners fetch
+  every URL), and pressing it confirms, since only that mailbox got the link;
 * at most one pending confirmation per address and list, no resend within
   ``[limits] confirm_resend_interval``, daily caps per address and overall,
   and at most ``replies_per_address_per_day`` automatic replies per address;
@@ -332,9 +334,12 @@ class MembershipStage:
             expires = now + view.settings.confirm_expiry
             await self.store.create_token(token, view.id, target, action,
                                           {"requester": requester, "request": msgid}, expires)
+        web = self.config.web
+        # The link is the other way to confirm; only where the web listener runs.
+        confirm_url = f"{web.base_url}c/{token}" if web.base_url and web.listen is not None else ""
         sent = await self._send(
             view, target, f"confirm_{action}",
-            {"address": target, "requester": requester, "token": token,
+            {"address": target, "requester": requester, "token": token, "confirm_url": confirm_url,
              "expires": self._expires_text(view, expires)},
             kind="confirm", from_addr=view.addr(f"confirm+{token}"),
             in_reply_to=msgid if target == requester else "", references=refs if target == requester else "",
@@ -373,21 +378,50 @@ class MembershipStage:
         if not await self.store.use_token(token, who, now):
             return _t(view, "Ten kod został już użyty.", "This confirmation code was already used.")
         detail = f"confirmed by mail from {who}, Message-ID <{reply['in_reply_to']}>"
+        return await self._apply(view, tok, "email", detail, reply["in_reply_to"], reply["references"])
+
+    async def _apply(self, view: ListView, tok: TokenRecord, method: str, detail: str,
+                     in_reply_to: str = "", references: str = "") -> str:
+        """The confirmed join or leave: done (or put to the owners), and the member told."""
         if tok.action == "join":
             if view.settings.subscription_policy == "moderate":
                 await self._ask_owners(view, tok.address, detail)
                 return _t(view, f"Potwierdzono; zapis {tok.address} czeka na zgodę właściciela.",
                           f"Confirmed; {tok.address} now waits for an owner's approval.")
-            if await self.store.join(view.id, tok.address, method="email", detail=detail):
+            if await self.store.join(view.id, tok.address, method=method, detail=detail):
                 await self._send(view, tok.address, "welcome", {"address": tok.address}, kind="reply",
-                                 limited=False, in_reply_to=reply["in_reply_to"], references=reply["references"])
+                                 limited=False, in_reply_to=in_reply_to, references=references)
                 return _t(view, f"{tok.address} zapisano na listę.", f"{tok.address} has joined the list.")
             return _t(view, f"{tok.address} jest już na liście.", f"{tok.address} is already a member.")
-        if await self.store.leave(view.id, tok.address, method="email", detail=detail):
+        if await self.store.leave(view.id, tok.address, method=method, detail=detail):
             await self._send(view, tok.address, "goodbye", {"address": tok.address}, kind="reply",
-                             limited=False, in_reply_to=reply["in_reply_to"], references=reply["references"])
+                             limited=False, in_reply_to=in_reply_to, references=references)
             return _t(view, f"{tok.address} wypisano z listy.", f"{tok.address} has left the list.")
         return _t(view, f"{tok.address} nie jest na liście.", f"{tok.address} is not a member.")
+
+    async def confirmation_for_link(self, token: str) -> tuple[ListView, TokenRecord] | None:
+        """The pending join or leave a confirmation link stands for, or None (unknown, used, expired)."""
+        tok = await self.store.get_token(token)
+        if tok is None or tok.action not in ("join", "leave") or tok.used_at is not None \
+                or tok.expires_at <= self.clock():
+            return None
+        return await self._view(tok.list_id), tok
+
+    async def confirm_by_link(self, token: str) -> tuple[bool, str]:
+        """The other way to confirm: the link in the confirmation mail, opened and its button pressed.
+
+        The link reached only the address concerned (the confirmation is
+        mailed to it and nowhere else), so holding it proves that mailbox, as
+        a reply from it does.  Returns (done, the text for the page).
+        """
+        found = await self.confirmation_for_link(token)
+        if found is None:
+            return False, ""
+        view, tok = found
+        if not await self.store.use_token(token, f"web link for {tok.address}", self.clock()):
+            return False, ""
+        detail = "confirmed with the link in the confirmation mail"
+        return True, await self._apply(view, tok, "web", detail)
 
     async def _answer_mismatch(self, view: ListView, record: IncomingRecord, mismatch: Mismatch,
                                reply: dict[str, str]) -> str:

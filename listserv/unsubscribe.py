@@ -18,8 +18,10 @@ confirmation page (§3.2); any other POST gets 400 and the member stays.  A GET
 shows a page with a button that POSTs that same body, so link scanners that
 fetch every URL unsubscribe nobody.
 
-There is no web page for confirming a join or leave: confirmations are by
-mail only, from the address concerned (``membership``).
+The same listener serves the confirmation link of a join or leave
+(``/c/TOKEN``, in the confirmation mail when ``[web] base_url`` is set): the
+other way to confirm besides a reply from the address concerned. GET shows a
+button; only its POST confirms (``MembershipStage.confirm_by_link``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -40,6 +43,9 @@ from listserv.config import Config
 from listserv.errors import ConfigError
 from listserv.settings import effective_settings
 from listserv.store import Store
+
+if TYPE_CHECKING:  # membership imports this module for the tokens
+    from listserv.membership import MembershipStage
 
 __all__ = ["Tokens", "UnsubscribeListener", "load_secret", "unsubscribe_headers"]
 
@@ -153,6 +159,10 @@ _TEXTS = {
         "button": "Wypisz mnie", "done_title": "Wypisano",
         "done": "Adres {addr} został wypisany z listy „{list}”.",
         "bad_title": "Nieważny link", "bad": "Ten link jest nieważny albo adres nie jest już na liście.",
+        "confirm_title": "Potwierdzenie", "confirm_join": "Potwierdzić zapis adresu {addr} na listę „{list}”?",
+        "confirm_leave": "Potwierdzić wypisanie adresu {addr} z listy „{list}”?", "confirm_button": "Potwierdzam",
+        "confirmed_title": "Potwierdzono",
+        "bad_confirm": "Ten link jest nieważny: kod wygasł, został już użyty albo nie istnieje.",
         "no_body_title": "Nie wypisano",
         "no_body": "Nie wypisano: brak potwierdzenia „List-Unsubscribe=One-Click” (RFC 8058). "
                    "Otwórz link w przeglądarce i naciśnij przycisk „Wypisz mnie”.",
@@ -162,6 +172,10 @@ _TEXTS = {
         "button": "Unsubscribe", "done_title": "Unsubscribed",
         "done": "{addr} has been removed from the list \u201c{list}\u201d.",
         "bad_title": "Invalid link", "bad": "This link is not valid, or the address is no longer on the list.",
+        "confirm_title": "Confirmation", "confirm_join": "Confirm that {addr} joins the list \u201c{list}\u201d?",
+        "confirm_leave": "Confirm that {addr} leaves the list \u201c{list}\u201d?", "confirm_button": "Confirm",
+        "confirmed_title": "Confirmed",
+        "bad_confirm": "This link is not valid: the code has expired, was used already, or does not exist.",
         "no_body_title": "Not unsubscribed",
         "no_body": "Not unsubscribed: the request lacks \u201cList-Unsubscribe=One-Click\u201d (RFC 8058). "
                    "Open the link in a browser and press the \u201cUnsubscribe\u201d button.",
@@ -172,13 +186,18 @@ _TEXTS = {
 class UnsubscribeListener:
     """The aiohttp application for ``/u/LIST/TOKEN``."""
 
-    def __init__(self, config: Config, store: Store, tokens: Tokens) -> None:
+    def __init__(self, config: Config, store: Store, tokens: Tokens,
+                 membership: MembershipStage | None = None) -> None:
         self.config = config
         self.store = store
         self.tokens = tokens
+        self.membership = membership
         self.app = web.Application()
         self.app.router.add_get("/u/{list}/{token}", self.show)
         self.app.router.add_post("/u/{list}/{token}", self.unsubscribe)
+        if membership is not None:
+            self.app.router.add_get("/c/{token}", self.show_confirmation)
+            self.app.router.add_post("/c/{token}", self.confirm)
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -246,3 +265,35 @@ class UnsubscribeListener:
         await self.store.leave(lst.id, address, method="web", detail="one-click unsubscribe (RFC 8058)")
         log.info("unsubscribed list=%s address=%s via one-click", list_name, address)
         return self._page(lang, t["done_title"], t["done"].format(addr=address, list=list_name))
+
+    async def show_confirmation(self, request: web.Request) -> web.Response:
+        """GET /c/TOKEN, the link in a join or leave confirmation: a page with a button, nothing more."""
+        assert self.membership is not None
+        found = await self.membership.confirmation_for_link(request.match_info["token"])
+        if found is None:
+            t = _TEXTS["pl"]
+            return self._page("pl", t["bad_title"], t["bad_confirm"], status=404)
+        view, tok = found
+        lang = view.settings.language
+        t = _TEXTS.get(lang, _TEXTS["en"])
+        form = f'<form method="post"><button type="submit">{html.escape(t["confirm_button"])}</button></form>'
+        text = t[f"confirm_{tok.action}"].format(addr=tok.address, list=view.title)
+        return self._page(lang, t["confirm_title"], text, form)
+
+    async def confirm(self, request: web.Request) -> web.Response:
+        """POST /c/TOKEN: the join or leave is confirmed (once; the code is then used)."""
+        assert self.membership is not None
+        token = request.match_info["token"]
+        found = await self.membership.confirmation_for_link(token)
+        lang = found[0].settings.language if found is not None else "pl"
+        t = _TEXTS.get(lang, _TEXTS["en"])
+        if request.headers.get("Sec-Fetch-Site", "same-origin") == "cross-site":
+            # Only the page's own button confirms; another site cannot make a
+            # browser press it for the mailbox's owner.
+            return self._page(lang, t["bad_title"], t["bad_confirm"], status=403)
+        done, text = await self.membership.confirm_by_link(token)
+        if not done:
+            return self._page(lang, t["bad_title"], t["bad_confirm"], status=404)
+        log.info("confirmed by link list=%s address=%s action=%s", found[0].name if found else "-",
+                 found[1].address if found else "-", found[1].action if found else "-")
+        return self._page(lang, t["confirmed_title"], text)

@@ -295,3 +295,54 @@ def test_dns_failure_makes_a_post_unverified_not_forged(tmp_path: Path, sink, st
     send(server.port, ANNA, f"{LIST}@{DOMAIN}", dkim.sign_message(post(msgid="dnsfail@x"), member_domain_key))
     server.drain()
     assert _outcome(server, "dnsfail@x")[0] == "queued"
+
+
+# -- the confirmation link: the other way to confirm ---------------------------------------
+
+
+def test_confirmation_link_confirms_on_post_only_and_once(web_server) -> None:  # type: ignore[no-untyped-def]
+    server, handler, web_port = web_server
+    stranger = "zofia.wojcik@gmina-zabki.pl"
+    join = f"{LIST}-join@{DOMAIN}"
+    send(server.port, stranger, join, b"From: Zofia W\xc3\xb3jcik <" + stranger.encode()
+         + b">\r\nTo: " + join.encode() + b"\r\nSubject: zapisz\r\nMessage-ID: <zj1@gmina-zabki.pl>\r\n\r\n\r\n")
+    server.drain()
+    (confirmation,) = handler.copies_for(stranger)
+    text = parsed(confirmation.data).get_content()
+    found = re.search(r"https://listy\.example\.org/(c/[a-z0-9]+)", text)
+    assert found, text
+    assert "nacisnąć przycisk „Potwierdzam”" in text and "nie ma do tego strony WWW" not in text
+    local = f"http://127.0.0.1:{web_port}/{found.group(1)}"
+    # A link scanner's GET, twice: a page with a button, and nobody joins.
+    for _ in range(2):
+        with urllib.request.urlopen(local) as page:
+            body = page.read().decode()
+        assert "Potwierdzić zapis adresu zofia.wojcik@gmina-zabki.pl" in body and '<form method="post">' in body
+    assert server.call(server.store.member(1, stranger)) is None
+    # Another site cannot make her browser press the button.
+    cross = urllib.request.Request(local, data=b"", method="POST", headers={"Sec-Fetch-Site": "cross-site"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(cross)
+    assert refused.value.code == 403
+    refused.value.close()
+    assert server.call(server.store.member(1, stranger)) is None
+    # Her button: she joins, once, and is welcomed.
+    with urllib.request.urlopen(urllib.request.Request(local, data=b"", method="POST")) as done:
+        assert "zapisano na listę" in done.read().decode()
+    assert server.call(server.store.member(1, stranger)) is not None
+    history = server.call(server.store.consent_history(LIST, stranger))
+    assert [(e.event, e.method) for e in history] == [("joined", "web")]
+    assert "link in the confirmation mail" in history[0].detail
+    with pytest.raises(urllib.error.HTTPError) as again:
+        urllib.request.urlopen(urllib.request.Request(local, data=b"", method="POST"))
+    assert again.value.code == 404
+    again.value.close()
+    server.drain()
+    assert parsed(handler.copies_for(stranger)[-1].data)["Subject"].startswith("Witamy na liście")
+    # A made-up code is refused on both verbs.
+    for req in (f"http://127.0.0.1:{web_port}/c/zmyslony", urllib.request.Request(
+            f"http://127.0.0.1:{web_port}/c/zmyslony", data=b"", method="POST")):
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            urllib.request.urlopen(req)
+        assert bad.value.code == 404
+        bad.value.close()

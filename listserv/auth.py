@@ -628,6 +628,20 @@ async def arc_seal(
     timestamp: int | None = None,
     signed_headers: Sequence[bytes] = ARC_SIGNED_HEADERS,
 ) -> bytes:
+    """``arc_seal_message`` for callers on a loop (it does no I/O: a thread is the caller's choice)."""
+    return arc_seal_message(raw, key, authserv_id=authserv_id, auth_results=auth_results, timestamp=timestamp,
+                            signed_headers=signed_headers)
+
+
+def arc_seal_message(
+    raw: bytes,
+    key: DkimKey,
+    *,
+    authserv_id: str,
+    auth_results: str,
+    timestamp: int | None = None,
+    signed_headers: Sequence[bytes] = ARC_SIGNED_HEADERS,
+) -> bytes:
     """``raw`` with our ARC set (ARC-Seal, ARC-Message-Signature, ARC-Authentication-Results) prepended.
 
     ``auth_results`` is what we verified on arrival: ``AuthResult.header()``

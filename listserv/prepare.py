@@ -16,19 +16,21 @@ work in the store.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 
 from listserv import dkim
-from listserv.auth import arc_seal, our_auth_results
+from listserv.auth import arc_seal_message, our_auth_results
 from listserv.config import Config
 from listserv.dmarc import TxtResolver, is_strict
 from listserv.errors import ArchiveIdTaken
 from listserv.fanout import PERSONAL_PLACEHOLDER, bounces_address
 from listserv.message import archiving_refused
-from listserv.rewrite import ListContext, message_id_hash, rewrite
+from listserv.rewrite import ListContext, Rewritten, message_id_hash, rewrite
 from listserv.settings import ListSettings, effective_settings
 from listserv.store import ArchiveEntry, IncomingRecord, Store
 from listserv.unsubscribe import Tokens
@@ -136,26 +138,16 @@ class Preparer:
             personal = settings.personalize and self.tokens is not None
             if personal and settings.personal_footer:
                 ctx = dataclasses.replace(ctx, unsubscribe_placeholder=PERSONAL_PLACEHOLDER)
-            rewritten = rewrite(record.data, ctx, message_id=message_id, munge_from=munge, author=record.sender)
-            if personal and rewritten.data.count(PERSONAL_PLACEHOLDER.encode()) != 1:
-                # The footer went where the marker cannot be found (a base64
-                # body): no per-member link in the body, only in the headers.
-                ctx = dataclasses.replace(ctx, unsubscribe_placeholder="")
-                rewritten = rewrite(record.data, ctx, message_id=message_id, munge_from=munge,
-                                    author=record.sender)
-            prepared = rewritten.data
-            if PERSONAL_PLACEHOLDER.encode() not in prepared:
-                # RFC 8617: sealed once, over what every copy shares.  A body
-                # with each member's own link cannot be sealed once (the seal
-                # covers the body), so personal_footer lists go unsealed.
-                authserv_id = self.config.server.domain
-                prepared = await arc_seal(prepared, self.key, authserv_id=authserv_id,
-                                          auth_results=our_auth_results(record.data, authserv_id) or "arc=none")
-            if personal:
-                kind, data = "post-personal", prepared  # signed per copy
+            build = functools.partial(self._build, record, ctx, message_id, munge, personal, settings)
+            if len(record.data) >= self.config.server.offload_threshold:
+                # A big post's rewrite and signatures take seconds of CPU; on
+                # this loop they would stall the other stages mid-transaction,
+                # and an open transaction holds SQLite's write lock, which the
+                # receiver needs before its next 250.  In a thread the loop
+                # keeps turning (the GIL is handed over every few ms).
+                rewritten, kind, data = await asyncio.to_thread(build)
             else:
-                verp = settings.verp == "always" or (settings.verp == "probe" and record.id % PROBE_EVERY == 0)
-                kind, data = ("post-verp" if verp else "post"), self._sign(prepared)
+                rewritten, kind, data = build()
             recipients = await self.store.recipients(record.list_id)
             archive = None
             if not archiving_refused(record.data):
@@ -184,6 +176,28 @@ class Preparer:
             log.info("stripped list=%s message_id=%s types=%s", name, message_id, ",".join(rewritten.stripped))
         log.info("queued list=%s message_id=%s outbox=%s recipients=%d mode=%s", name, message_id, outbox_id,
                  len(recipients), kind)
+
+    def _build(self, record: IncomingRecord, ctx: ListContext, message_id: str, munge: bool, personal: bool,
+               settings: ListSettings) -> tuple[Rewritten, str, bytes]:
+        """The CPU part of preparing: rewrite, ARC seal, sign (pure: no I/O, no store)."""
+        rewritten = rewrite(record.data, ctx, message_id=message_id, munge_from=munge, author=record.sender)
+        if personal and rewritten.data.count(PERSONAL_PLACEHOLDER.encode()) != 1:
+            # The footer went where the marker cannot be found (a base64
+            # body): no per-member link in the body, only in the headers.
+            ctx = dataclasses.replace(ctx, unsubscribe_placeholder="")
+            rewritten = rewrite(record.data, ctx, message_id=message_id, munge_from=munge, author=record.sender)
+        prepared = rewritten.data
+        if PERSONAL_PLACEHOLDER.encode() not in prepared:
+            # RFC 8617: sealed once, over what every copy shares.  A body
+            # with each member's own link cannot be sealed once (the seal
+            # covers the body), so personal_footer lists go unsealed.
+            authserv_id = self.config.server.domain
+            prepared = arc_seal_message(prepared, self.key, authserv_id=authserv_id,
+                                        auth_results=our_auth_results(record.data, authserv_id) or "arc=none")
+        if personal:
+            return rewritten, "post-personal", prepared  # signed per copy
+        verp = settings.verp == "always" or (settings.verp == "probe" and record.id % PROBE_EVERY == 0)
+        return rewritten, ("post-verp" if verp else "post"), self._sign(prepared)
 
     async def forward_owner_mail(self, record: IncomingRecord) -> None:
         domain = self.config.server.domain

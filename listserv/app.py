@@ -24,19 +24,18 @@ import subprocess
 import sys
 import time
 import weakref
-from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
 from listserv import dkim, files
 from listserv.config import Config
 from listserv.dns import DnspythonResolver, Resolver
-from listserv.errors import DuplicateError
 from listserv.archive import Archiver
 from listserv.bounce_scores import BounceStage
 from listserv.fanout import Fanout
 from listserv.membership import MembershipStage
 from listserv.smtp_in import ListHandler, server_factory
+from listserv.seeding import seed_lists
 from listserv.store import Store
 from listserv.transport import Transport, make_transport
 from listserv.unsubscribe import Tokens, UnsubscribeListener, load_secret
@@ -77,27 +76,6 @@ def load_or_create_key(config: Config) -> dkim.KeySet:
         setting = "[dkim] ed25519_private_key" if ed is not None and str(ed) in str(exc) else "[dkim] private_key"
         text = str(exc) if isinstance(exc, dkim.DkimKeyError) else f"cannot make the DKIM key {path}: {exc.strerror}"
         raise dkim.DkimKeyError(f"{text} ({setting})") from None
-
-
-async def seed_lists(store: Store, config: Config) -> None:
-    """Create the lists named in the config that were never created before.
-
-    A seeded list that the administrator removed stays removed.
-    """
-    existing = await store.list_names() | await store.seeded_names()
-    for seed in config.lists:
-        if seed.name in existing:
-            continue
-        settings: dict[str, Any] = {"language": seed.language}
-        if seed.title:
-            settings["title"] = seed.title
-        if seed.description:
-            settings["description"] = seed.description
-        try:
-            await store.create_list(seed.name, settings, seed.owners, seeded=True)
-            log.info("created list %s from the config", seed.name)
-        except DuplicateError:  # created by a CLI at the same moment
-            pass
 
 
 class App:

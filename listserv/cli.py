@@ -65,7 +65,7 @@ def with_store(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T | N
         cfg = _load(config_path)
 
         async def main() -> T:
-            from listserv.app import seed_lists
+            from listserv.seeding import seed_lists
 
             store = await Store.open(cfg.db_path)
             try:

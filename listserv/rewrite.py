@@ -42,6 +42,7 @@ import datetime
 import email.header
 import email.message
 import email.utils
+import functools
 import hashlib
 import mimetypes
 import re
@@ -230,6 +231,7 @@ _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 # -- public helpers
 
 
+@functools.lru_cache(maxsize=65536)
 def message_id_hash(message_id: str) -> str:
     """The Mailman 3 / HyperKitty hash of a Message-ID, used in archive URLs.
 

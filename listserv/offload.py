@@ -23,7 +23,9 @@ import asyncio
 import concurrent.futures
 import logging
 import multiprocessing
+import os
 import pickle
+import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
@@ -87,12 +89,49 @@ async def check(raw: bytes, *, attachments: bool, auth: AuthRequest | None, reso
 _worker_resolver: Resolver | None = None
 
 
-def _init_worker(resolver_spec: Any) -> None:
+def _init_worker(resolver_spec: Any, owner: int | None = None) -> None:
     global _worker_resolver
+    if owner is not None:
+        _exit_with(owner)
     if isinstance(resolver_spec, tuple) and resolver_spec and resolver_spec[0] == "dnspython":
         _worker_resolver = DnspythonResolver(resolver_spec[1], timeout=resolver_spec[2])
     else:
         _worker_resolver = resolver_spec
+
+
+def _exit_with(owner: int) -> None:
+    """End this worker when the serving process that owns the pool ends, a SIGKILL included.
+
+    A pool worker's parent is the forkserver, not the serving process, so
+    PR_SET_PDEATHSIG cannot tell it; and it holds the forkserver's "alive"
+    pipe, so while it lives the forkserver (and the resource tracker) live
+    on too: orphans that pile up with every kill.  A pidfd becomes readable
+    when the owner ends, zombie or not.
+    """
+    import select
+    import threading
+
+    try:
+        pidfd = os.pidfd_open(owner)
+    except (AttributeError, OSError):  # not Linux >= 5.3, or the owner is gone already
+        pidfd = -1
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            os._exit(0)
+
+    def watch() -> None:
+        while True:
+            if pidfd >= 0:
+                select.select([pidfd], [], [])
+                os._exit(0)
+            time.sleep(1)
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-owner", daemon=True).start()
 
 
 def _parse_in_worker(raw: bytes) -> msg.ParsedMessage:
@@ -137,7 +176,7 @@ class Receiving:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["listserv.offload"])
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=ctx, initializer=_init_worker, initargs=(self._spec,))
+                max_workers=self.workers, mp_context=ctx, initializer=_init_worker, initargs=(self._spec, os.getpid()))
         return self._pool
 
     async def _run(self, fn: Any, *args: Any) -> Any:

@@ -441,3 +441,46 @@ def test_noop_answers_within_100ms_while_pathological_headers_are_received_and_f
     with capsys.disabled():
         print(f"\nNOOP round trips while receiving and fanning out: n={len(times)} max={worst * 1000:.1f} ms")
     assert worst < 0.1, f"NOOP took {worst * 1000:.0f} ms"
+
+
+def _pool_processes(folder: Path) -> list[int]:
+    """The receive pool's processes (forkserver, its workers, resource tracker) of a server run in ``folder``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "multiprocessing" in cmdline and str(folder) in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc to find the pool's processes")
+def test_sigkill_of_the_server_leaves_no_receive_pool_behind(tmp_path: Path, sink: tuple[SinkHandler, int]) -> None:
+    """Pool workers are children of the forkserver, not of the server: they watch the server themselves."""
+    import signal
+
+    from test_crash import ServerProcess, cli, wait_until, write_config
+
+    _, relay_port = sink
+    port = free_port()
+    cfg = write_config(tmp_path, port, relay_port)
+    cli(cfg, "dkim", "keygen")
+    cli(cfg, "list", "create", LIST, "--title", "Zarządzanie energią", "--owner", OWNER)
+    cli(cfg, "members", "add", LIST, *MEMBERS)
+    srv = ServerProcess(cfg, port, tmp_path / "serve.log")
+    srv.start()
+    try:
+        big = (f"From: {MEMBERS[0]}\r\nTo: {POST_ADDR}\r\nSubject: Duży załącznik\r\n\r\n").encode() \
+            + b"Tre\xc5\x9b\xc4\x87 za\xc5\x82\xc4\x85cznika.\r\n" * 4000  # > 64 KB: parsed in the pool
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+            assert client.sendmail(MEMBERS[0], [POST_ADDR], big) == {}
+        assert _pool_processes(tmp_path), "the post was not parsed in the receive pool"
+        srv.signal(signal.SIGKILL)
+        srv.wait(30)
+        wait_until(lambda: not _pool_processes(tmp_path), 20, "the receive pool gone with the server")
+    finally:
+        srv.close()

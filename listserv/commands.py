@@ -21,7 +21,8 @@ from email.message import Message
 from email.parser import BytesParser
 from html.parser import HTMLParser
 
-__all__ = ["Command", "ParsedCommands", "first_text", "normalize_word", "parse_commands", "parse_message"]
+__all__ = ["Command", "ParsedCommands", "first_text", "normalize_word", "parse_commands", "parse_message",
+           "parse_setting"]
 
 MAX_LINES = 10
 
@@ -75,14 +76,74 @@ def parse_line(line: str) -> Command | None:
         tokens = [a.strip(".,;:<>()") for a in args if _TOKEN.match(a.strip(".,;:<>()"))]
         return Command(name, tuple(tokens[:1]), line.strip()) if tokens else None
     if name == "set":
-        values = [normalize_word(a) for a in args[:1]]
-        return Command(name, tuple(values), line.strip()) if values else None
+        values = [normalize_word(a) for a in args]
+        return Command(name, tuple(values), line.strip()) if 1 <= len(values) <= 2 else None
     if name == "join":
         kept = tuple(a for a in args if a.lower().startswith("address="))
         return Command(name, kept, line.strip()) if len(kept) == len(args) or len(args) <= 2 else None
     # help, who, leave, end: a few extra words ("help please") are fine,
     # a sentence is not a command.
     return Command(name, (), line.strip()) if len(args) <= 2 else None
+
+
+# `set` / `ustaw`: the words (normalized: no case, no diacritics) for each
+# member option, and what they set.  Modes as Mailman, Sympa and LISTSERV
+# name them; Polish as a municipal officer would write them.
+_MODES = {
+    "each": "each", "pojedynczo": "each", "single": "each", "osobno": "each", "kazda": "each", "mail": "each",
+    "digest": "digest_mime", "skrot": "digest_mime", "przeglad": "digest_mime", "mime": "digest_mime",
+    "digestmime": "digest_mime", "digest_mime": "digest_mime",
+    "plain": "digest_plain", "digestplain": "digest_plain", "digest_plain": "digest_plain", "tekst": "digest_plain",
+    "index": "index", "indeks": "index", "summary": "index", "spis": "index",
+}
+_OPTIONS = {
+    "ack": ("ack", True), "potwierdzenia": ("ack", True), "potwierdzenie": ("ack", True),
+    "noack": ("ack", False), "bezpotwierdzen": ("ack", False),
+    "notme": ("not_me", True), "not_me": ("not_me", True), "nieja": ("not_me", True),
+    "bezmoich": ("not_me", True),
+    "metoo": ("not_me", False), "repro": ("not_me", False), "moje": ("not_me", False),
+    "nodupes": ("no_dupes", True), "no_dupes": ("no_dupes", True), "bezduplikatow": ("no_dupes", True),
+    "dupes": ("no_dupes", False), "duplikaty": ("no_dupes", False),
+}
+_ON = {"on", "yes", "tak", "wl", "wlacz", "1", "true"}
+_OFF = {"off", "no", "nie", "wyl", "wylacz", "0", "false"}
+
+
+def parse_setting(args: tuple[str, ...]) -> dict[str, object] | None:
+    """What ``set ARGS`` changes, as member columns (pure), or None when it is not understood.
+
+    ``set nomail`` / ``set mail`` change the delivery status; ``set digest``,
+    ``set digest plain``, ``set index``, ``set each`` the delivery mode;
+    ``set ack [on|off]``, ``set notme``, ``set nodupes`` the options;
+    ``set language pl|en`` the language of the mail listserv writes.
+    """
+    if not args:
+        return None
+    word, rest = args[0], args[1:]
+    if word in ("nomail", "nomai", "bezpoczty", "wstrzymaj"):
+        return {"delivery": "nomail"} if not rest else None
+    if word in ("mail", "poczta", "wznow"):
+        return {"delivery": "enabled"} if not rest else None
+    if word in ("nie", "no", "not") and rest and rest[0] in ("ja", "me"):
+        return {"not_me": True}  # "nie ja", "not me"
+    if word in ("language", "jezyk", "lang"):
+        return {"language": rest[0]} if len(rest) == 1 and rest[0] in ("pl", "en") else None
+    if word in ("digest", "skrot", "przeglad") and rest:
+        mode = {"plain": "digest_plain", "tekst": "digest_plain", "tekstowy": "digest_plain",
+                "mime": "digest_mime"}.get(rest[0])
+        return {"delivery_mode": mode} if mode else None
+    if word in _MODES:
+        return {"delivery_mode": _MODES[word]} if not rest else None
+    if word in _OPTIONS:
+        column, value = _OPTIONS[word]
+        if rest:
+            if rest[0] in _ON:
+                return {column: value}
+            if rest[0] in _OFF:
+                return {column: not value}
+            return None
+        return {column: value}
+    return None
 
 
 def strip_subject(subject: str) -> str:

@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import logging
 import random
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,7 +34,7 @@ from listserv.rewrite import header_values
 from listserv.store import DueDelivery, Outcome, Store
 from listserv.transport import Transport
 from listserv.types import Reply
-from listserv.unsubscribe import Tokens, unsubscribe_headers, unsubscribe_url
+from listserv.unsubscribe import Tokens, prefs_url, unsubscribe_headers, unsubscribe_url
 from listserv.wake import CHANNELS, Wakeup
 
 
@@ -57,6 +58,9 @@ class Batch:
 # copy itself (personalized) differs per recipient.
 PER_RECIPIENT_KINDS = frozenset({"post-verp", "post-personal"})
 PERSONAL_PLACEHOLDER = "@@LISTSERV_UNSUBSCRIBE_URL@@"
+# Where a member's own preferences page link goes (listserv.prefs).
+PREFS_PLACEHOLDER = "@@LISTSERV_PREFS_URL@@"
+_MARKERS = re.compile(rb"@@LISTSERV_(?:UNSUBSCRIBE|PREFS)_URL@@")
 
 
 def plan_batches(due: Sequence[DueDelivery], max_recipients: int) -> list[Batch]:
@@ -108,19 +112,21 @@ class OutboxMessage:
 class PersonalTemplate:
     """A rewritten post split where each member's copy differs, hashed once.
 
-    The body is hashed up to the unsubscribe link once per post; each copy
-    extends a copy of that hash state with its link and the rest (RFC 6376
+    The body is hashed up to the first member link once per post; each copy
+    extends a copy of that hash state with its links and the rest (RFC 6376
     simple body canonicalization is a plain byte stream, so this is exact).
+    A body carries at most one of each marker: the one-click unsubscribe link
+    (``PERSONAL_PLACEHOLDER``) and the preferences page (``PREFS_PLACEHOLDER``).
     """
 
     list_name: str
     head: bytes  # header block with the shared List-Unsubscribe line removed
     prefix: bytes
-    suffix: bytes  # b"" and no link in the body when the footer could not carry one
+    slots: tuple[str, ...]  # which link follows: "unsubscribe" | "prefs"
+    rest: tuple[bytes, ...]  # the bytes after each link
     prefix_hash: dkim.BodyHasher
-    has_link: bool
     # Filled by _stuffed() on first use: the dot-stuffed parts, made once per post.
-    stuffed_cache: dict[str, tuple[bytes, bytes, bytes, bytes]] = dataclasses.field(
+    stuffed_cache: dict[str, tuple[bytes, tuple[bytes, ...], bytes, bytes]] = dataclasses.field(
         default_factory=dict, compare=False, repr=False)
     # Filled by _signer() on first use: the shared headers parsed and
     # canonicalized once per post (and key), so each copy's signature only
@@ -128,37 +134,49 @@ class PersonalTemplate:
     signer_cache: list[dkim.HeaderTemplate] = dataclasses.field(
         default_factory=list, compare=False, repr=False)
 
+    @property
+    def has_link(self) -> bool:
+        return bool(self.slots)
+
     @classmethod
     def build(cls, list_name: str, data: bytes, shared_unsubscribe: bytes) -> PersonalTemplate:
         head, body = dkim.split_message(data)
         head = head.replace(shared_unsubscribe, b"", 1)
-        marker = PERSONAL_PLACEHOLDER.encode()
-        if body.count(marker) == 1:
-            prefix, suffix = body.split(marker)
-            return cls(list_name, head, prefix, suffix, dkim.BodyHasher(prefix), True)
-        return cls(list_name, head, body, b"", dkim.BodyHasher(body), False)
+        pieces = _MARKERS.split(body)
+        markers = _MARKERS.findall(body)
+        if not markers or len(set(markers)) != len(markers):
+            # No marker (the footer could not carry one), or a marker twice
+            # (the author's own text has one): the body goes out as it is.
+            return cls(list_name, head, body, (), (), dkim.BodyHasher(body))
+        slots = tuple("prefs" if m == PREFS_PLACEHOLDER.encode() else "unsubscribe" for m in markers)
+        return cls(list_name, head, pieces[0], slots, tuple(pieces[1:]), dkim.BodyHasher(pieces[0]))
 
-    def copy_for(self, headers: list[tuple[str, str]], link: str, key: dkim.Signer) -> bytes:
-        return self._copy(headers, link, key, wire=False)
+    def copy_for(self, headers: list[tuple[str, str]], link: str, key: dkim.Signer, prefs: str = "") -> bytes:
+        return self._copy(headers, link, prefs, key, wire=False)
 
-    def wire_copy_for(self, headers: list[tuple[str, str]], link: str, key: dkim.Signer) -> bytes:
+    def wire_copy_for(self, headers: list[tuple[str, str]], link: str, key: dkim.Signer, prefs: str = "") -> bytes:
         """The same copy as DATA sends it (dot-stuffed, ending CRLF.CRLF), from parts stuffed once."""
-        return self._copy(headers, link, key, wire=True)
+        return self._copy(headers, link, prefs, key, wire=True)
 
-    def _copy(self, headers: list[tuple[str, str]], link: str, key: dkim.Signer, *, wire: bool) -> bytes:
-        # The copy is head + its own header fields + CRLF + prefix + link + suffix;
-        # its signature is what dkim.sign() gives for those bytes (HeaderTemplate).
+    def _tail(self, link: str, prefs: str, rest: tuple[bytes, ...]) -> bytes:
+        links = {"unsubscribe": link.encode(), "prefs": (prefs or link).encode()}
+        return b"".join(links[slot] + part for slot, part in zip(self.slots, rest))
+
+    def _copy(self, headers: list[tuple[str, str]], link: str, prefs: str, key: dkim.Signer, *,
+              wire: bool) -> bytes:
+        # The copy is head + its own header fields + CRLF + prefix + links and
+        # the rest; its signature is what dkim.sign() gives for those bytes
+        # (HeaderTemplate).
         extra = dkim.HeaderTemplate.render(headers)
         hasher = self.prefix_hash.copy()
-        link_part = link.encode() if self.has_link else b""
-        if self.has_link:
-            hasher.update(link_part + self.suffix)
+        tail = self._tail(link, prefs, self.rest)
+        if tail:
+            hasher.update(tail)
         signature = self._signer(key).sign(headers, hasher.b64digest())
         if not wire:
-            return b"".join((signature, self.head, extra, b"\r\n", self.prefix, link_part,
-                             self.suffix if self.has_link else b""))
-        stuffed = self._stuffed()
-        return b"".join((signature, stuffed[0], extra, b"\r\n", stuffed[1], link_part, stuffed[2], stuffed[3]))
+            return b"".join((signature, self.head, extra, b"\r\n", self.prefix, tail))
+        head, prefix, rest, ending = self._stuffed()
+        return b"".join((signature, head, extra, b"\r\n", prefix, self._tail(link, prefs, rest), ending))
 
     def _signer(self, key: dkim.Signer) -> dkim.HeaderTemplate:
         cache = self.signer_cache
@@ -166,20 +184,21 @@ class PersonalTemplate:
             cache[:] = [dkim.HeaderTemplate(self.head, key)]
         return cache[0]
 
-    def _stuffed(self) -> tuple[bytes, bytes, bytes, bytes]:
-        # RFC 5321 §4.5.2 transparency, done once per post: every part starts
-        # at the beginning of a line except the suffix, which starts right
-        # after the link (a line the link begins and that never starts with ".").
+    def _stuffed(self) -> tuple[bytes, bytes, tuple[bytes, ...], bytes]:
+        # RFC 5321 §4.5.2 transparency, done once per post: the head and the
+        # prefix start at the beginning of a line; each part after a link
+        # starts right after it (inside a line the link begins, and a link
+        # never starts with ".").
         cached = self.stuffed_cache.get("parts")
         if cached is None:
             def stuff(part: bytes, at_line_start: bool) -> bytes:
                 out = part.replace(b"\r\n.", b"\r\n..")
                 return b"." + out if at_line_start and out.startswith(b".") else out
 
-            tail = self.suffix if self.has_link else b""
-            last = self.prefix + tail
+            last = self.prefix + b"".join(self.rest)
             ending = b".\r\n" if last.endswith(b"\r\n") or not last else b"\r\n.\r\n"
-            cached = (stuff(self.head, True), stuff(self.prefix, True), stuff(tail, False), ending)
+            cached = (stuff(self.head, True), stuff(self.prefix, True),
+                      tuple(stuff(part, False) for part in self.rest), ending)
             self.stuffed_cache["parts"] = cached
         return cached
 
@@ -449,13 +468,14 @@ class Fanout:
                 end = first.find(">")
                 link = (first[1:end] if first.startswith("<") and end > 0
                         else unsubscribe_url(self.config, self.tokens, list_name, rcpt))
+                prefs = prefs_url(self.config, self.tokens, rcpt) if "prefs" in template.slots else ""
                 send_wire = getattr(self.transport, "send_wire", None)
                 if send_wire is not None:
-                    wire = template.wire_copy_for(member_headers, link, self.keys)
+                    wire = template.wire_copy_for(member_headers, link, self.keys, prefs)
                     refused = await send_wire(envelope_from, recipients, wire)
                     await self._after_send(batch, kind, message, story, recipients, refused)
                     return
-                data = template.copy_for(member_headers, link, self.keys)
+                data = template.copy_for(member_headers, link, self.keys, prefs)
         refused = await self.transport.send(envelope_from, recipients, data)
         await self._after_send(batch, kind, message, story, recipients, refused)
 

@@ -28,6 +28,7 @@ Safety rules, all enforced here:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import re
 import secrets
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from listserv import dkim
-from listserv.commands import Command, first_text, parse_message
+from listserv.commands import Command, first_text, parse_message, parse_setting
 from listserv.config import Config
 from listserv.errors import StoreError
 from listserv.message import normalize_address, parse
@@ -88,6 +89,12 @@ class ListView:
     @property
     def list_id(self) -> str:
         return f"<{self.name}.{self.domain}>"
+
+    def in_language(self, language: str) -> ListView:
+        """The same list, writing in a member's own language (their ``language`` option)."""
+        if language not in ("pl", "en") or language == self.settings.language:
+            return self
+        return dataclasses.replace(self, settings=dataclasses.replace(self.settings, language=language))
 
     def context(self, **extra: Any) -> dict[str, Any]:
         base = {
@@ -204,6 +211,9 @@ class MembershipStage:
             return "ignored (no sender address)"
         from_addr, msgid, refs, subject = _message_info(record.data)
         reply = {"in_reply_to": msgid, "references": refs}
+        member = await self.store.member(view.id, requester)
+        if member is not None and member.language:
+            view = view.in_language(member.language)  # the member's `language` option
         if record.kind == "join":
             return "; ".join(await self._join(view, requester, requester, msgid, refs))
         if record.kind == "leave" and record.detail:
@@ -260,14 +270,21 @@ class MembershipStage:
             member = await self.store.member(view.id, requester)
             if member is None:
                 return [prefix, _t(view, f"  {requester} nie jest na liście.", f"  {requester} is not a member.")]
-            value = command.args[0] if command.args else ""
-            if value in ("nomail", "nomai", "bezpoczty"):
-                await self.store.set_delivery(view.id, requester, "nomail")
-                return [prefix, _t(view, "  Wstrzymano wysyłanie wiadomości.", "  Delivery paused (nomail).")]
-            if value in ("mail", "poczta"):
-                await self.store.set_delivery(view.id, requester, "enabled")
-                return [prefix, _t(view, "  Wznowiono wysyłanie wiadomości.", "  Delivery resumed.")]
-            return [prefix, _t(view, "  Użyj: set nomail albo set mail.", "  Use: set nomail or set mail.")]
+            changes = parse_setting(command.args)
+            if changes is None:
+                return [prefix, _t(view, "  Nie rozumiem tego ustawienia. Napisz „pomoc”, aby zobaczyć możliwe.",
+                                   '  Setting not understood. Send "help" for the settings there are.')]
+            if "delivery" in changes:
+                await self.store.set_delivery(view.id, requester, str(changes["delivery"]))
+            else:
+                await self.store.set_member_options(view.name, requester, changes, method="mail",
+                                                    detail=f"set {' '.join(command.args)}")
+            member = await self.store.member(view.id, requester)
+            assert member is not None
+            if "language" in changes:
+                view = view.in_language(member.language)
+            return [prefix, _t(view, "  Zmieniono. Twoje ustawienia:", "  Done. Your settings:"),
+                    *("    " + line for line in member_settings_lines(view, member))]
         return [prefix]
 
     def _help_lines(self, view: ListView) -> list[str]:
@@ -477,9 +494,14 @@ class MembershipStage:
             )
         else:
             log.warning("held list=%s id=%s: no owner or moderator to notify", view.name, record.id)
-        if view.settings.notify_held_sender and record.sender and \
+        author = await self.store.member(record.list_id, record.sender) if record.sender else None
+        # A member with the `ack` option is told either way: a receipt when
+        # the post went out (listserv.prepare), this notice when it did not.
+        if (view.settings.notify_held_sender or (author is not None and author.ack)) and record.sender and \
                 automatic_reason(record.mail_from, record.data) is None:
             _, msgid, refs, _ = _message_info(record.data)
+            if author is not None and author.language:
+                view = view.in_language(author.language)
             await self._send(view, record.sender, "held_sender",
                              {"subject": record.subject, "reason": record.reason}, kind="reply",
                              in_reply_to=msgid, references=refs)
@@ -624,6 +646,35 @@ def new_token() -> str:
     """130 random bits in lower-case base32: safe in an address local part, and
     unharmed by mail systems that fold the case of local parts."""
     return base64.b32encode(secrets.token_bytes(17)).decode().rstrip("=").lower()
+
+
+_MODE_TEXT = {
+    "each": ("każda wiadomość osobno", "each post as it comes"),
+    "digest_mime": ("przegląd (wiadomości jako załączniki MIME)", "digest (MIME, each post attached)"),
+    "digest_plain": ("przegląd tekstowy", "plain-text digest"),
+    "index": ("spis: tematy, autorzy i odnośniki do archiwum", "index: subjects, authors and archive links"),
+}
+
+
+def member_settings_lines(view: ListView, member: Any) -> list[str]:
+    """A member's settings as the command reply states them."""
+    def onoff(value: bool) -> str:
+        return _t(view, "wł." if value else "wył.", "on" if value else "off")
+
+    mode = _MODE_TEXT.get(member.delivery_mode, (member.delivery_mode, member.delivery_mode))
+    status = {"enabled": ("tak", "yes"), "nomail": ("wstrzymane (nomail)", "paused (nomail)"),
+              "disabled": ("wyłączone po zwrotach", "disabled after bounces")}.get(member.delivery, ("?", "?"))
+    return [
+        _t(view, f"wysyłanie: {status[0]}", f"delivery: {status[1]}"),
+        _t(view, f"tryb: {mode[0]}", f"mode: {mode[1]}"),
+        _t(view, f"moje własne wiadomości (notme): {onoff(not member.not_me)}",
+           f"copies of my own posts (notme): {onoff(not member.not_me)}"),
+        _t(view, f"potwierdzenia (ack): {onoff(member.ack)}", f"receipts (ack): {onoff(member.ack)}"),
+        _t(view, f"bez duplikatów (nodupes): {onoff(member.no_dupes)}",
+           f"no duplicates (nodupes): {onoff(member.no_dupes)}"),
+        _t(view, f"język: {member.language or view.settings.language}",
+           f"language: {member.language or view.settings.language}"),
+    ]
 
 
 def _t(view: ListView, pl: str, en: str) -> str:

@@ -28,15 +28,15 @@ from listserv.auth import arc_seal_message, our_auth_results
 from listserv.config import Config
 from listserv.dmarc import TxtResolver, is_strict
 from listserv.errors import ArchiveIdTaken
-from listserv.fanout import PERSONAL_PLACEHOLDER, bounces_address
-from listserv.message import archiving_refused
-from listserv.rewrite import ListContext, Rewritten, message_id_hash, rewrite
+from listserv.fanout import PERSONAL_PLACEHOLDER, PREFS_PLACEHOLDER, bounces_address
+from listserv.message import archiving_refused, normalize_address
+from listserv.rewrite import ListContext, Rewritten, decode_header_text, header_values, message_id_hash, rewrite
 from listserv.settings import ListSettings, effective_settings
-from listserv.store import ArchiveEntry, IncomingRecord, Store
+from listserv.store import ArchiveEntry, DigestEntry, IncomingRecord, Recipient, Store
 from listserv.unsubscribe import Tokens
 from listserv.wake import Wakeup
 
-__all__ = ["PROBE_EVERY", "Preparer", "generated_message_id"]
+__all__ = ["PROBE_EVERY", "Preparer", "copy_recipients", "generated_message_id", "named_recipients"]
 
 log = logging.getLogger("listserv.prepare")
 
@@ -50,6 +50,50 @@ def generated_message_id(record: IncomingRecord, domain: str) -> str:
     # crash) gets the same Message-ID and the same Archived-At.
     digest = hashlib.sha1(record.data).hexdigest()[:20]
     return f"listserv.{record.id}.{digest}@{domain}"
+
+
+def named_recipients(raw: bytes) -> frozenset[str]:
+    """The addresses in a post's To and Cc (for no_dupes), lower-cased; never raises."""
+    from email.utils import getaddresses
+
+    headers = header_values(raw)
+    out = set()
+    for _, addr in getaddresses([*headers.get("to", []), *headers.get("cc", [])]):
+        try:
+            out.add(normalize_address(addr))
+        except Exception:  # noqa: BLE001 - AddressError: not an address we could send to anyway
+            continue
+    return frozenset(out)
+
+
+def copy_recipients(members: list[Recipient], sender: str, named: frozenset[str]) -> list[str]:
+    """Who gets a post as a single copy, by each member's options (pure).
+
+    Digest and index members get it in their digest instead; ``not_me``
+    skips the author's own post; ``no_dupes`` skips a member the author
+    wrote to directly in To or Cc (they have it already, as Mailman does).
+    """
+    out = []
+    for m in members:
+        if m.delivery_mode != "each":
+            continue
+        if m.not_me and m.address == sender:
+            continue
+        if m.no_dupes and m.address in named and m.address != sender:
+            continue
+        out.append(m.address)
+    return out
+
+
+def author_name(raw: bytes) -> str:
+    """The display name of the post's From (else its address), decoded: for a digest's contents."""
+    from email.utils import parseaddr
+
+    values = header_values(raw).get("from", [])
+    if not values:
+        return ""
+    name, addr = parseaddr(decode_header_text(values[0]))
+    return " ".join((name or addr).split())[:200]
 
 
 class _NoWakeup:
@@ -137,7 +181,8 @@ class Preparer:
             munge = await self._munge_from(settings, record.sender)
             personal = settings.personalize and self.tokens is not None
             if personal and settings.personal_footer:
-                ctx = dataclasses.replace(ctx, unsubscribe_placeholder=PERSONAL_PLACEHOLDER)
+                ctx = dataclasses.replace(ctx, unsubscribe_placeholder=PERSONAL_PLACEHOLDER,
+                                          prefs_placeholder=PREFS_PLACEHOLDER if self.config.web.base_url else "")
             build = functools.partial(self._build, record, ctx, message_id, munge, personal, settings)
             if len(record.data) >= self.config.server.offload_threshold:
                 # A big post's rewrite and signatures take seconds of CPU; on
@@ -145,10 +190,22 @@ class Preparer:
                 # and an open transaction holds SQLite's write lock, which the
                 # receiver needs before its next 250.  In a thread the loop
                 # keeps turning (the GIL is handed over every few ms).
-                rewritten, kind, data = await asyncio.to_thread(build)
+                rewritten, kind, data, unsigned = await asyncio.to_thread(build)
             else:
-                rewritten, kind, data = build()
-            recipients = await self.store.recipients(record.list_id)
+                rewritten, kind, data, unsigned = build()
+            members = await self.store.post_recipients(record.list_id)
+            recipients = copy_recipients(members, record.sender, named_recipients(record.data))
+            # Every post waits for the next digest too (whoever is on digests
+            # when it goes out): the copy an `each` member gets, minus the
+            # per-copy headers, and where a member's own link would stand,
+            # the list's leave address (a digest's parts are shared).
+            digest = DigestEntry(
+                message_id, record.subject, author_name(record.data) or record.sender, record.sender,
+                ctx.permalink(message_id),
+                unsigned.replace(PERSONAL_PLACEHOLDER.encode(), f"mailto:{ctx.leave_address}".encode())
+                .replace(PREFS_PLACEHOLDER.encode(), self._list_page(name).encode()),
+            )
+            acks = [m.address for m in members if m.ack and m.address == record.sender]
             archive = None
             if not archiving_refused(record.data):
                 # The archive keeps the post as its author wrote it (the
@@ -165,8 +222,10 @@ class Preparer:
         outbox_id = await self.store.enqueue(
             list_id=record.list_id, kind=kind, envelope_from=bounces_address(name, domain), data=data,
             recipients=recipients, incoming_id=record.id, incoming_status="queued", incoming_expect="accepted",
-            archive=archive,
+            archive=archive, digest=digest,
         )
+        if acks:
+            await self._acknowledge(record, name, settings, acks[0], len(recipients))
         # Recorded: the deliver stage and (for an archived post) the archive
         # stage find their work in the store; this only saves them a poll.
         self.wakeup.notify("deliver")
@@ -178,13 +237,18 @@ class Preparer:
                  len(recipients), kind)
 
     def _build(self, record: IncomingRecord, ctx: ListContext, message_id: str, munge: bool, personal: bool,
-               settings: ListSettings) -> tuple[Rewritten, str, bytes]:
-        """The CPU part of preparing: rewrite, ARC seal, sign (pure: no I/O, no store)."""
+               settings: ListSettings) -> tuple[Rewritten, str, bytes, bytes]:
+        """The CPU part of preparing: rewrite, ARC seal, sign (pure: no I/O, no store).
+
+        Returns the rewritten post, its outbox kind, what is queued, and
+        the same without a signature (for the digests).
+        """
         rewritten = rewrite(record.data, ctx, message_id=message_id, munge_from=munge, author=record.sender)
-        if personal and rewritten.data.count(PERSONAL_PLACEHOLDER.encode()) != 1:
-            # The footer went where the marker cannot be found (a base64
+        if personal and (rewritten.data.count(PERSONAL_PLACEHOLDER.encode()) != 1 or (
+                ctx.prefs_placeholder and rewritten.data.count(PREFS_PLACEHOLDER.encode()) != 1)):
+            # The footer went where the markers cannot be found (a base64
             # body): no per-member link in the body, only in the headers.
-            ctx = dataclasses.replace(ctx, unsubscribe_placeholder="")
+            ctx = dataclasses.replace(ctx, unsubscribe_placeholder="", prefs_placeholder="")
             rewritten = rewrite(record.data, ctx, message_id=message_id, munge_from=munge, author=record.sender)
         prepared = rewritten.data
         if PERSONAL_PLACEHOLDER.encode() not in prepared:
@@ -195,9 +259,37 @@ class Preparer:
             prepared = arc_seal_message(prepared, self.key, authserv_id=authserv_id,
                                         auth_results=our_auth_results(record.data, authserv_id) or "arc=none")
         if personal:
-            return rewritten, "post-personal", prepared  # signed per copy
+            return rewritten, "post-personal", prepared, prepared  # signed per copy
         verp = settings.verp == "always" or (settings.verp == "probe" and record.id % PROBE_EVERY == 0)
-        return rewritten, ("post-verp" if verp else "post"), self._sign(prepared)
+        return rewritten, ("post-verp" if verp else "post"), self._sign(prepared), prepared
+
+    def _list_page(self, name: str) -> str:
+        """The list's public page (join, and a link to one's settings), or ""."""
+        base = self.config.web.base_url
+        return f"{base}j/{name}" if base else ""
+
+    async def _acknowledge(self, record: IncomingRecord, name: str, settings: ListSettings, to: str,
+                           copies: int) -> None:
+        """The `ack` option: a short receipt to the author that the post went out (RFC 3834 auto-replied)."""
+        from listserv.texts import compose
+
+        domain = self.config.server.domain
+        member = await self.store.member(record.list_id, to)
+        language = (member.language if member is not None and member.language else settings.language)
+        title = settings.title or name
+        try:
+            data = compose(
+                "post_ack", language, {"title": title, "name": name, "subject": record.subject,
+                                       "post_address": f"{name}@{domain}", "copies": copies,
+                                       "request_address": f"{name}-request@{domain}"},
+                from_name=title, from_addr=f"{name}-request@{domain}", to=to, list_id=f"<{name}.{domain}>",
+                domain=domain, in_reply_to=record.message_id,
+            )
+            await self.store.enqueue(list_id=record.list_id, kind="notice",
+                                     envelope_from=bounces_address(name, domain), data=self._sign(data),
+                                     recipients=[to])
+        except Exception:  # noqa: BLE001 - the post went out; a receipt that cannot is only logged
+            log.exception("could not send the receipt for post %s to %s", record.id, to)
 
     async def forward_owner_mail(self, record: IncomingRecord) -> None:
         domain = self.config.server.domain

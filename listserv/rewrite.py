@@ -74,6 +74,8 @@ class ListContext:
     # Personalized copies: the footer's unsubscribe line carries this marker,
     # which the fan-out replaces with each member's own link.
     unsubscribe_placeholder: str = ""
+    # ... and this one each member's own preferences page (listserv.prefs).
+    prefs_placeholder: str = ""
 
     @property
     def post_address(self) -> str:
@@ -174,6 +176,10 @@ _BUILTIN_FOOTER = {
 _PERSONAL_UNSUBSCRIBE_LINE = {
     "pl": ("Wypisanie: napisz na {leave_address}\n", "Wypisanie jednym kliknięciem:\n{unsubscribe_url}\n"),
     "en": ("Unsubscribe: write to {leave_address}\n", "Unsubscribe with one click:\n{unsubscribe_url}\n"),
+}
+_PERSONAL_PREFS_LINE = {
+    "pl": "Twoje ustawienia (przegląd zamiast pojedynczych wiadomości, wypisanie):\n{prefs_url}\n",
+    "en": "Your settings (a digest instead of single posts, leaving):\n{prefs_url}\n",
 }
 _BUILTIN_ARCHIVE_LINE = {"pl": "Archiwum: {archive_url}\n", "en": "Archive: {archive_url}\n"}
 
@@ -288,6 +294,8 @@ def render_footer(ctx: ListContext) -> str:
             # On a line of its own, so the link never makes a quoted-printable
             # line longer than RFC 2045 §6.7 allows.
             template = template.replace(*_PERSONAL_UNSUBSCRIBE_LINE[language])
+        if ctx.prefs_placeholder:
+            template += _PERSONAL_PREFS_LINE[language]
         if ctx.archive_url:
             template += _BUILTIN_ARCHIVE_LINE[language]
     values = {
@@ -302,6 +310,7 @@ def render_footer(ctx: ListContext) -> str:
         "owner_address": ctx.owner_address,
         "archive_url": ctx.archive_url,
         "unsubscribe_url": ctx.unsubscribe_placeholder or f"mailto:{ctx.leave_address}",
+        "prefs_url": ctx.prefs_placeholder,
     }
     # Not str.format: a stray brace or unknown name in an admin's text must not
     # crash delivery.

@@ -102,6 +102,9 @@ class ListSettings:
     bounce_warning_interval: int = 7 * 86400
     archive_policy: str = "public"
     timezone: str = "Europe/Warsaw"
+    digest_period: str = "daily"
+    digest_time: int = 7  # local hour, in the list's time zone
+    digest_size_threshold: int = 30 * 1024  # bytes, as Mailman's 30 KB
 
     def to_display(self) -> dict[str, str]:
         """Every setting rendered as the string ``list set`` accepts."""
@@ -155,6 +158,33 @@ def _parse_score(value: Any) -> float:
     if not 0 < number <= 1000:
         raise ValueError(f"expected a number above 0, got {value!r}")
     return number
+
+
+def _parse_hour(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected an hour 0-23, got a boolean")
+    try:
+        hour = int(str(value).strip().split(":")[0])
+    except ValueError:
+        raise ValueError(f"expected an hour 0-23 like 7 or 07:00, got {value!r}") from None
+    if not 0 <= hour <= 23:
+        raise ValueError(f"expected an hour 0-23, got {value!r}")
+    return hour
+
+
+def _parse_size(value: Any) -> int:
+    """A size in bytes: 30000, "30KB", "30k", "1MB"."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like 30KB, got a boolean")
+    text = str(value).strip().lower().replace(" ", "")
+    units = {"kb": 1024, "k": 1024, "mb": 1024 * 1024, "m": 1024 * 1024, "b": 1, "": 1}
+    for unit in ("kb", "mb", "k", "m", "b", ""):
+        if text.endswith(unit) and text[: len(text) - len(unit)].isdigit():
+            size = int(text[: len(text) - len(unit)]) * units[unit]
+            if size < 1:
+                break
+            return size
+    raise ValueError(f"expected a size like 30KB or 100000, got {value!r}")
 
 
 def _choice(*choices: str) -> Callable[[Any], str]:
@@ -295,7 +325,10 @@ SETTINGS: Mapping[str, Setting] = {
         Setting("bounce_warnings", _parse_count, "Reminders a paused member gets before removal"),
         Setting("bounce_warning_interval", parse_duration, "Time between those reminders, e.g. 7d"),
         Setting("archive_policy", _choice("public", "private", "none"), "Web archive: public, private (a separate folder served behind a login), none"),
-        Setting("timezone", _parse_timezone, "Time zone of the archive's dates and month pages (IANA name, e.g. Europe/Warsaw, UTC)"),
+        Setting("timezone", _parse_timezone, "Time zone of the archive's dates and month pages, and of digest_time (IANA name, e.g. Europe/Warsaw, UTC)"),
+        Setting("digest_period", _choice("daily", "weekly", "off"), "How often digest and index members get their digest: daily, weekly (Mondays), off (only when the size threshold is passed or `listserv digest send`)"),
+        Setting("digest_time", _parse_hour, "Local hour (in the list's time zone) the periodic digest goes out, 0-23"),
+        Setting("digest_size_threshold", _parse_size, "Send the digest early once its waiting posts pass this size, e.g. 30KB"),
     )
 }
 

@@ -98,6 +98,16 @@ class Tokens:
     def valid(self, list_name: str, address: str, token: str) -> bool:
         return hmac.compare_digest(self.token(list_name, address), token.lower())
 
+    def prefs_token(self, address: str) -> str:
+        """The token of a member's preferences page (every list of the address):
+        the same HMAC as one-click unsubscribe, under its own label, so neither
+        token opens the other."""
+        digest = hmac.new(self.secret, f"prefs\0{address.lower()}".encode(), hashlib.sha256).digest()
+        return base64.b32encode(digest[:17]).decode().rstrip("=").lower()
+
+    def prefs_valid(self, address: str, token: str) -> bool:
+        return hmac.compare_digest(self.prefs_token(address), token.lower())
+
 
 def unsubscribe_headers(config: Config, tokens: Tokens, list_name: str, address: str) -> list[tuple[str, str]]:
     """The RFC 2369 / RFC 8058 headers of one member's copy."""
@@ -115,6 +125,13 @@ def unsubscribe_url(config: Config, tokens: Tokens, list_name: str, address: str
     if config.web.base_url:
         return f"{config.web.base_url}u/{list_name}/{token}"
     return f"mailto:{list_name}-leave+{token}@{config.server.domain}"
+
+
+def prefs_url(config: Config, tokens: Tokens, address: str) -> str:
+    """A member's own preferences page, or "" without a web listener."""
+    if not config.web.base_url:
+        return ""
+    return f"{config.web.base_url}p/{tokens.prefs_token(address)}"
 
 
 async def member_for_token(store: Store, tokens: Tokens, list_name: str, token: str) -> str | None:

@@ -5,7 +5,7 @@ One module per concern, each a part of ``Store`` with the SQL of that concern:
 mail, held posts), ``queue`` (outbox and deliveries), ``people`` (bounces,
 tokens, consent, reply limits, GDPR), ``archive`` (the archive index),
 ``status`` (the operator's view, backup), ``work`` (stage leases, the
-archive's queue).  ``base`` holds the connections and
+archive's queue), ``digests`` (posts waiting for a digest, digests queued).  ``base`` holds the connections and
 migrations, ``schema`` the versioned schema, ``records`` the frozen records.
 
 SQLite in WAL mode through aiosqlite.  The schema is versioned with ``PRAGMA
@@ -27,11 +27,16 @@ rejected, queued) -> ``outbox`` (one rewritten, signed message) ->
 from __future__ import annotations
 
 from listserv.store.archive import ArchivePart
+from listserv.store.digests import DigestCopy, DigestEntry, DigestsPart, DigestState
 from listserv.store.people import PeoplePart
 from listserv.store.queue import QueuePart
 from listserv.store.records import (
+    DELIVERY_MODES,
     DELIVERY_STATES,
+    DIGEST_MODES,
     ROLES,
+    DigestPost,
+    Recipient,
     ArchiveEntry,
     BounceState,
     ConsentEvent,
@@ -49,11 +54,12 @@ from listserv.store.status import StatusPart
 from listserv.store.work import WorkPart
 
 __all__ = [
-    "DELIVERY_STATES", "MIGRATIONS", "ROLES", "ArchiveEntry", "BounceState", "ConsentEvent", "DueDelivery",
+    "DELIVERY_MODES", "DELIVERY_STATES", "DIGEST_MODES", "DigestCopy", "DigestEntry", "DigestPost", "DigestState",
+    "MIGRATIONS", "Recipient", "ROLES", "ArchiveEntry", "BounceState", "ConsentEvent", "DueDelivery",
     "IncomingRecord", "IncomingRow", "ListRecord", "MemberRecord", "Outcome", "PolicySnapshot", "Store",
     "TokenRecord",
 ]
 
 
-class Store(QueuePart, PeoplePart, ArchivePart, StatusPart, WorkPart):
+class Store(QueuePart, PeoplePart, DigestsPart, ArchivePart, StatusPart, WorkPart):
     """The state database: every part over one pair of connections.  Open with ``await Store.open(path)``."""

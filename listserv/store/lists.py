@@ -12,11 +12,27 @@ from listserv.errors import DuplicateError, StoreError, UnknownList
 from listserv.store.base import StoreBase
 from listserv.store.records import (
     ROLES,
+    DELIVERY_MODES,
+    MEMBER_COLS,
+    MEMBER_LANGUAGES,
     ListRecord,
     MemberRecord,
+    Recipient,
     _consent,
+    _member,
     _now,
 )
+
+
+# The member columns `members set` and the preferences page may change.
+MEMBER_OPTIONS = ("role", "moderated", "delivery", "display_name", "organisation", "delivery_mode", "not_me",
+                  "ack", "no_dupes", "language")
+
+
+def _option_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
 
 class ListsPart(StoreBase):
@@ -172,32 +188,70 @@ class ListsPart(StoreBase):
     async def members(self, list_name: str) -> list[MemberRecord]:
         lst = await self.get_list(list_name)
         rows = await self._fetchall(
-            "SELECT address, display_name, organisation, role, moderated, delivery, created_at"
-            " FROM members WHERE list_id = ? ORDER BY address",
-            (lst.id,),
+            f"SELECT {MEMBER_COLS} FROM members WHERE list_id = ? ORDER BY address", (lst.id,),
         )
-        return [MemberRecord(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6]) for r in rows]
+        return [_member(r) for r in rows]
 
-    async def set_member(self, list_name: str, address: str, key: str, value: Any) -> None:
-        columns = {"role": "role", "moderated": "moderated", "delivery": "delivery",
-                   "display_name": "display_name", "organisation": "organisation"}
-        if key not in columns:
-            raise StoreError(f"unknown member setting {key!r}; known: {', '.join(columns)}")
+    async def set_member(self, list_name: str, address: str, key: str, value: Any, *,
+                         method: str = "", detail: str = "") -> None:
+        """Change one member's column; with a method, the change goes into the consent record too."""
+        await self.set_member_options(list_name, address, {key: value}, method=method, detail=detail)
+
+    async def set_member_options(self, list_name: str, address: str, changes: dict[str, Any], *,
+                                 method: str = "", detail: str = "") -> None:
+        """Change several of a member's columns at once (all or none)."""
+        unknown = [k for k in changes if k not in MEMBER_OPTIONS]
+        if unknown:
+            raise StoreError(f"unknown member setting {unknown[0]!r}; known: {', '.join(MEMBER_OPTIONS)}")
+        if "delivery_mode" in changes and changes["delivery_mode"] not in DELIVERY_MODES:
+            raise StoreError(f"delivery_mode must be one of {', '.join(DELIVERY_MODES)}")
+        if "language" in changes and changes["language"] not in MEMBER_LANGUAGES:
+            raise StoreError("language must be pl, en, or empty for the list's")
+        if not changes:
+            return
         lst = await self.get_list(list_name)
+        sets = ", ".join(f"{k} = ?" for k in changes)
         async with self.transaction() as db:
             cur = await db.execute(
-                f"UPDATE members SET {columns[key]} = ? WHERE list_id = ? AND address = ?",
-                (value, lst.id, address),
+                f"UPDATE members SET {sets} WHERE list_id = ? AND address = ?",
+                (*changes.values(), lst.id, address),
             )
             if cur.rowcount == 0:
                 raise StoreError(f"{address} is not a member of {list_name}")
+            if method:
+                text = ", ".join(f"{k}={_option_text(v)}" for k, v in changes.items())
+                await _consent(db, list_name, address, "changed", method, f"{text}; {detail}" if detail else text)
+
+    async def member_lists(self, address: str) -> list[tuple[ListRecord, MemberRecord]]:
+        """Every list this address is on, with its membership (the preferences page)."""
+        rows = await self._fetchall(
+            "SELECT l.id, l.name, l.settings, l.created_at, "
+            + ", ".join(f"m.{c.strip()}" for c in MEMBER_COLS.split(","))
+            + " FROM members m JOIN lists l ON l.id = m.list_id WHERE m.address = ? ORDER BY l.name",
+            (address,),
+        )
+        return [(ListRecord(r[0], r[1], r[2], r[3]), _member(r[4:])) for r in rows]
+
+    async def member_addresses(self) -> list[str]:
+        """Every address on any list, once (the preferences page finds a token's owner among them)."""
+        return [r[0] for r in await self._fetchall("SELECT DISTINCT address FROM members")]
 
     async def recipients(self, list_id: int) -> list[str]:
+        """Every member with delivery enabled, whatever their mode."""
         rows = await self._fetchall(
             "SELECT address FROM members WHERE list_id = ? AND delivery = 'enabled' ORDER BY address",
             (list_id,),
         )
         return [r[0] for r in rows]
+
+    async def post_recipients(self, list_id: int) -> list[Recipient]:
+        """Members with delivery enabled, with the options that decide what each of them gets."""
+        rows = await self._fetchall(
+            "SELECT address, delivery_mode, not_me, no_dupes, ack FROM members"
+            " WHERE list_id = ? AND delivery = 'enabled' ORDER BY address",
+            (list_id,),
+        )
+        return [Recipient(r[0], r[1], bool(r[2]), bool(r[3]), bool(r[4])) for r in rows]
 
     async def staff(self, list_id: int) -> list[str]:
         """Owners and moderators: who is told about held posts."""

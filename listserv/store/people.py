@@ -11,12 +11,14 @@ from listserv.errors import DuplicateError, StoreError, UnknownList
 from listserv.store.lists import ListsPart
 from listserv.store.records import (
     _TOKEN_COLS,
+    MEMBER_COLS,
     BounceState,
     ConsentEvent,
     MemberRecord,
     TokenRecord,
     _consent,
     _now,
+    _member,
     _token,
 )
 
@@ -125,11 +127,9 @@ class PeoplePart(ListsPart):
 
     async def member(self, list_id: int, address: str) -> MemberRecord | None:
         row = await self._fetchone(
-            "SELECT address, display_name, organisation, role, moderated, delivery, created_at"
-            " FROM members WHERE list_id = ? AND address = ?",
-            (list_id, address),
+            f"SELECT {MEMBER_COLS} FROM members WHERE list_id = ? AND address = ?", (list_id, address),
         )
-        return MemberRecord(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6]) if row else None
+        return _member(row) if row else None
 
     async def create_token(
         self, token: str, list_id: int, address: str, action: str, payload: dict[str, Any], expires_at: float

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from listserv.errors import ArchiveIdTaken, StoreError
+from listserv.store.digests import DigestEntry, add_digest_post
 from listserv.store.incoming import IncomingPart
 from listserv.store.records import (
     ArchiveEntry,
@@ -31,6 +32,7 @@ class QueuePart(IncomingPart):
         incoming_expect: str | None = None,
         mark_notified: bool = False,
         archive: ArchiveEntry | None = None,
+        digest: DigestEntry | None = None,
     ) -> int:
         """Queue one message for its recipients, and move its source along, atomically.
 
@@ -51,6 +53,8 @@ class QueuePart(IncomingPart):
                 "INSERT INTO deliveries (outbox_id, recipient, next_attempt_at, updated_at) VALUES (?, ?, ?, ?)",
                 [(outbox_id, rcpt, now, now) for rcpt in dict.fromkeys(recipients)],
             )
+            if digest is not None and incoming_id is not None:
+                await add_digest_post(db, list_id, incoming_id, digest, now)
             if incoming_id is not None and (incoming_status is not None or mark_notified):
                 row = await (await db.execute("SELECT status FROM incoming WHERE id = ?", (incoming_id,))).fetchone()
                 if row is None:

@@ -11,6 +11,10 @@ import aiosqlite
 
 ROLES = ("member", "moderator", "owner")
 DELIVERY_STATES = ("enabled", "disabled", "nomail")
+# How a member receives the list (apart from whether: DELIVERY_STATES).
+DELIVERY_MODES = ("each", "digest_mime", "digest_plain", "index")
+DIGEST_MODES = DELIVERY_MODES[1:]
+MEMBER_LANGUAGES = ("", "pl", "en")  # "": the list's language
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +34,48 @@ class MemberRecord:
     moderated: bool
     delivery: str
     created_at: float
+    delivery_mode: str = "each"
+    not_me: bool = False  # no copy of my own posts
+    ack: bool = False  # a receipt when my post went out
+    no_dupes: bool = True  # no list copy when I am in the post's To or Cc
+    language: str = ""  # "": the list's
+
+
+MEMBER_COLS = ("address, display_name, organisation, role, moderated, delivery, created_at,"
+               " delivery_mode, not_me, ack, no_dupes, language")
+
+
+def _member(r: Any) -> MemberRecord:
+    return MemberRecord(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6], r[7], bool(r[8]), bool(r[9]),
+                        bool(r[10]), r[11])
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    """A member who gets the list's mail, with what decides which mail (listserv.prepare)."""
+
+    address: str
+    delivery_mode: str
+    not_me: bool
+    no_dupes: bool
+    ack: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DigestPost:
+    """A post waiting for (or taken by) a digest: what the table of contents and the parts need."""
+
+    id: int
+    incoming_id: int
+    message_id: str
+    subject: str
+    author: str
+    sender: str
+    archived_at: str
+    size: int
+    added_at: float
+    data: bytes
+    organisation: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -254,4 +254,46 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at     REAL
     );
     """,
+    # 8 -> 9: how each member receives the list (issue 11).  delivery_mode
+    # is kept apart from delivery (enabled | disabled | nomail), as Mailman
+    # keeps delivery mode and delivery status apart.  language '' = the list's.
+    # digest_posts: every post as an `each` member gets it (minus the
+    # per-copy headers), waiting for its list's next digest; digests: one row
+    # per digest sent (volume, issue), made in the transaction that queues
+    # its copies, so a digest goes out once whatever crashes.
+    """
+    ALTER TABLE members ADD COLUMN delivery_mode TEXT NOT NULL DEFAULT 'each';
+    ALTER TABLE members ADD COLUMN not_me INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE members ADD COLUMN ack INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE members ADD COLUMN no_dupes INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE members ADD COLUMN language TEXT NOT NULL DEFAULT '';
+    CREATE TABLE digests (
+        id          INTEGER PRIMARY KEY,
+        list_id     INTEGER NOT NULL,
+        volume      INTEGER NOT NULL,
+        issue       INTEGER NOT NULL,
+        created_at  REAL NOT NULL,
+        posts       INTEGER NOT NULL,
+        reason      TEXT NOT NULL DEFAULT '',   -- period | size | manual
+        UNIQUE (list_id, volume, issue)
+    );
+    CREATE TABLE digest_posts (
+        id           INTEGER PRIMARY KEY,
+        list_id      INTEGER NOT NULL,
+        incoming_id  INTEGER NOT NULL,
+        message_id   TEXT NOT NULL,
+        subject      TEXT NOT NULL,
+        author       TEXT NOT NULL,      -- display name, else address
+        sender       TEXT NOT NULL,      -- the author's address
+        archived_at  TEXT NOT NULL DEFAULT '',
+        size         INTEGER NOT NULL,
+        added_at     REAL NOT NULL,
+        digest_id    INTEGER,            -- NULL: waiting for the next digest
+        data         BLOB NOT NULL,
+        UNIQUE (list_id, incoming_id)
+    );
+    CREATE INDEX digest_posts_waiting ON digest_posts(list_id, id) WHERE digest_id IS NULL;
+    CREATE INDEX digest_posts_by_digest ON digest_posts(digest_id);
+    ALTER TABLE outbox ADD COLUMN digest_id INTEGER;
+    """,
 )

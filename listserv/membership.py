@@ -440,6 +440,36 @@ class MembershipStage:
         detail = "confirmed with the link in the confirmation mail"
         return True, await self._apply(view, tok, "web", detail)
 
+    async def request_by_web(self, list_name: str, address: str) -> tuple[ListView, str]:
+        """The public list page's form: mail the address what it needs, and say the same to anyone.
+
+        A newcomer gets the join confirmation (the same double opt-in, limits
+        and expiry as ``LIST-join``; nothing is subscribed until that mailbox
+        answers); a member gets the link to their preferences page.  The page
+        never tells a visitor whether an address is on the list: the answer
+        is one text for both.  Raises UnknownList.
+        """
+        lst = await self.store.get_list(list_name)
+        view = await self._view(lst.id)
+        neutral = _t(view, f"Jeśli adres {address} może zapisać się na listę lub już na niej jest, wysłaliśmy na "
+                           "niego wiadomość: zapis trzeba potwierdzić z tej skrzynki, a uczestnik dostaje link "
+                           "do swoich ustawień.",
+                     f"If {address} can join the list or is on it already, we have sent it a message: a join "
+                     "must be confirmed from that mailbox, and a member gets the link to their settings.")
+        member = await self.store.member(view.id, address)
+        if member is not None:
+            if self.tokens is not None and self.config.web.base_url:
+                link = f"{self.config.web.base_url}p/{self.tokens.prefs_token(address)}"
+                await self._send(view.in_language(member.language), address, "prefs_link",
+                                 {"link": link, "address": address}, kind="confirm")
+            return view, neutral
+        if view.settings.subscription_policy == "closed":
+            return view, _t(view, "Na tę listę zapisują tylko jej właściciele.",
+                            "Only the owners add members to this list.")
+        await self._confirmation(view, address, "join", address, "", "")
+        log.info("join requested on the web list=%s address=%s", view.name, address)
+        return view, neutral
+
     async def _answer_mismatch(self, view: ListView, record: IncomingRecord, mismatch: Mismatch,
                                reply: dict[str, str]) -> str:
         """Tell the sender why, once per code and sending address, within the reply limits.

@@ -38,6 +38,7 @@ from listserv.smtp_in import ListHandler, server_factory
 from listserv.seeding import seed_lists
 from listserv.store import Store
 from listserv.transport import Transport, make_transport
+from listserv.digest import DigestStage
 from listserv.unsubscribe import Tokens, UnsubscribeListener, load_secret
 from listserv.wake import LocalWakeup, wake_dir
 from listserv.worker import Worker, connections_for
@@ -118,6 +119,11 @@ class App:
     def membership(self) -> MembershipStage:
         assert self.worker is not None, "no worker in this process"
         return self.worker.membership
+
+    @property
+    def digests(self) -> DigestStage:
+        assert self.worker is not None, "no worker in this process"
+        return self.worker.digests
 
     @property
     def bounce_stage(self) -> BounceStage:

@@ -820,6 +820,35 @@ def _parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Label
     )
 
 
+def plain_text(raw: bytes, limit: int = MAX_TEXT) -> tuple[str, tuple[tuple[str, str, int], ...]]:
+    """A message's readable text and its attachments as (name, type, size), for a plain digest.
+
+    As ``parse_mail`` reads it (charsets guessed, HTML-only mail turned into
+    text), but addresses are not hidden: it goes to the list's members, who
+    had the post itself.  Never raises.
+    """
+    try:
+        msg = _quick_message(raw) or BytesParser(policy=policy.compat32).parsebytes(raw, headersonly=True)
+        if msg.get_content_maintype() in ("multipart", "message") and not msg.is_multipart():
+            msg = BytesParser(policy=policy.compat32).parsebytes(raw)
+        texts: list[str] = []
+        files: list[tuple[str, str, int]] = []
+        for kind, part in _iter_parts(msg):
+            if kind == "message":
+                inner = _raw_headers(part)
+                texts.append(f"--- {_clean(inner.get('subject', ''))} ({_author(inner)}) ---")
+            elif kind == "attachment":
+                ctype = part.get_content_type()
+                files.append((safe_filename(_filename(part), len(files) + 1, ctype), ctype, len(_payload(part))))
+            else:
+                text = _clean(_decode_text(_payload(part), _charset(part))).replace("\r\n", "\n").replace("\r", "\n")
+                texts.append(html_to_text(text) if kind == "html" else text)
+        full = "\n\n".join(t.strip("\n") for t in texts if t.strip())
+        return full[:limit], tuple(files)
+    except Exception:  # noqa: BLE001 - show the bytes as text rather than fail the digest
+        return _clean(raw[:limit].decode("utf-8", "replace")), ()
+
+
 def fallback_message_id(raw: bytes) -> str:
     """An id for a message that has none: stable for the same bytes."""
     import hashlib

@@ -28,7 +28,7 @@ from listserv import __version__, config as config_mod
 from listserv.errors import AddressError, ListservError, StoreError
 from listserv.message import normalize_address
 from listserv.settings import SETTINGS, effective_settings, parse_setting, storable
-from listserv.store import DELIVERY_STATES, ROLES, Store
+from listserv.store import DELIVERY_MODES, DELIVERY_STATES, ROLES, Store
 
 T = TypeVar("T")
 
@@ -252,13 +252,15 @@ def members_group() -> None:
 @click.argument("name")
 @with_store
 async def members_list(cfg: config_mod.Config, store: Store, name: str) -> None:
-    """One member per line: address, role, moderation flag, delivery status (then name, organisation)."""
+    """One member per line: address, role, moderation flag, delivery status, delivery mode
+    (then name, organisation)."""
     for m in await store.members(name):
         extra = "".join(f"\t{v}" for v in (m.display_name, m.organisation) if v) if (
             m.display_name or m.organisation) else ""
         if m.organisation and not m.display_name:
             extra = f"\t\t{m.organisation}"
-        click.echo(f"{m.address}\t{m.role}\t{'moderated' if m.moderated else 'unmoderated'}\t{m.delivery}{extra}")
+        click.echo(f"{m.address}\t{m.role}\t{'moderated' if m.moderated else 'unmoderated'}\t{m.delivery}"
+                   f"\t{m.delivery_mode}{extra}")
 
 
 _CP1250_ONLY = re.compile(rb"[\x8c\x8f\x9c\x9f\xa5\xb9]")  # Ś Ź ś ź Ą ą in windows-1250
@@ -388,17 +390,23 @@ async def members_remove(cfg: config_mod.Config, store: Store, name: str, emails
     click.echo(f"removed {len(addresses)} from {name}")
 
 
+_MEMBER_KEYS = ["moderated", "role", "delivery", "display_name", "organisation", "delivery_mode", "not_me", "ack",
+                "no_dupes", "language"]
+
+
 @members_group.command("set")
 @click.argument("name")
 @click.argument("email")
-@click.argument("key", type=click.Choice(["moderated", "role", "delivery", "display_name", "organisation"]))
+@click.argument("key", type=click.Choice(_MEMBER_KEYS))
 @click.argument("value")
 @with_store
 async def members_set(cfg: config_mod.Config, store: Store, name: str, email: str, key: str, value: str) -> None:
-    """Change one member: moderated true|false, role, delivery enabled|disabled|nomail, ..."""
+    """Change one member: moderated true|false, role, delivery enabled|disabled|nomail,
+    delivery_mode each|digest_mime|digest_plain|index, not_me|ack|no_dupes true|false,
+    language pl|en|list (the list's), display_name, organisation."""
     address = _addresses([email])[0]
     parsed: Any = value
-    if key == "moderated":
+    if key in ("moderated", "not_me", "ack", "no_dupes"):
         try:
             parsed = int(SETTINGS["emergency_moderation"].parse(value))
         except ValueError as exc:
@@ -407,7 +415,14 @@ async def members_set(cfg: config_mod.Config, store: Store, name: str, email: st
         raise click.BadParameter(f"role must be one of {', '.join(ROLES)}")
     elif key == "delivery" and value not in DELIVERY_STATES:
         raise click.BadParameter(f"delivery must be one of {', '.join(DELIVERY_STATES)}")
-    await store.set_member(name, address, key, parsed)
+    elif key == "delivery_mode" and value not in DELIVERY_MODES:
+        raise click.BadParameter(f"delivery_mode must be one of {', '.join(DELIVERY_MODES)}")
+    elif key == "language":
+        if value not in ("pl", "en", "list"):
+            raise click.BadParameter("language must be pl, en, or list (the list's own)")
+        parsed = "" if value == "list" else value
+    method = "admin" if key in ("delivery_mode", "not_me", "ack", "no_dupes", "language") else ""
+    await store.set_member(name, address, key, parsed, method=method, detail=f"by {admin_name()}" if method else "")
     click.echo(f"{name}: {address} {key} = {value}")
 
 
@@ -844,6 +859,55 @@ def _ago(seconds: float) -> str:
     return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
 
 
+@main.group("digest")
+def digest_group() -> None:
+    """The digests of a list: what the next one holds, and sending it now."""
+
+
+def _digest_stage(cfg: config_mod.Config, store: Store) -> Any:
+    from listserv import dkim
+    from listserv.digest import DigestStage
+    from listserv.unsubscribe import Tokens, load_secret
+
+    key = dkim.load_keys(cfg.dkim, cfg.server.domain)
+    return DigestStage(cfg, store, key, tokens=Tokens(load_secret(cfg.server.state_dir)))
+
+
+@digest_group.command("show")
+@click.argument("name")
+@with_store
+async def digest_show(cfg: config_mod.Config, store: Store, name: str) -> None:
+    """What the list's next digest would hold, who gets it, and when it goes out."""
+    preview = await _digest_stage(cfg, store).preview(name)
+    members = ", ".join(f"{n} {mode}" for mode, n in sorted(preview.members.items())) or "nobody"
+    click.echo(f"{name}: next digest volume {preview.volume}, issue {preview.issue}")
+    click.echo(f"  members on digests: {members}")
+    click.echo(f"  waiting: {len(preview.posts)} posts, {preview.waiting_bytes} bytes"
+               f" (sent early at {preview.threshold} bytes)")
+    if preview.posts:
+        when = _when(preview.next_at) if preview.next_at else "at the size threshold or by `listserv digest send`"
+        click.echo(f"  goes out: {when}")
+    for n, post in enumerate(preview.posts, 1):
+        who = ", ".join(x for x in (post.author, post.organisation) if x)
+        click.echo(f"  {n:3}. {_when(post.added_at)}  {post.subject or '(no subject)'}  ({who})")
+
+
+@digest_group.command("send")
+@click.argument("name")
+@with_store
+async def digest_send(cfg: config_mod.Config, store: Store, name: str) -> None:
+    """Queue the list's pending digest now (the server delivers it)."""
+    stage = _digest_stage(cfg, store)
+    preview = await stage.preview(name)
+    digest_id = await stage.send_now(name)
+    if digest_id is None:
+        what = "no posts are waiting" if not preview.posts else "nobody on the list takes digests"
+        click.echo(f"{name}: no digest sent: {what}")
+        return
+    click.echo(f"{name}: digest volume {preview.volume}, issue {preview.issue} queued"
+               f" ({len(preview.posts)} posts, {sum(preview.members.values())} members)")
+
+
 @main.command("status")
 @with_store
 async def status_cmd(cfg: config_mod.Config, store: Store) -> None:
@@ -885,6 +949,22 @@ async def status_cmd(cfg: config_mod.Config, store: Store) -> None:
         ("bounces", s["bounced_hour"], s["bounced_day"]),
     ):
         click.echo(f"  {label:<16}{hour:>12}{day:>11}")
+    digests = [d for d in await store.digest_states() if d.members]
+    if digests:
+        from listserv.digest import next_send_at
+
+        click.echo("digests:")
+        for d in digests:
+            lst = await store.get_list_by_id(d.list_id)
+            settings = effective_settings(cfg.list_defaults, lst.settings_json)
+            last = f"last vol {d.last_volume} no {d.last_issue} {_when(d.last_at)}" if d.last_at else "none sent yet"
+            if not d.waiting:
+                when = "nothing waiting"
+            else:
+                at = next_send_at(settings, d.oldest_at)
+                when = (f"goes out {_when(at)}" if at else "goes out at the size threshold or by hand")
+            click.echo(f"  {d.list_name:<20}{d.waiting:>5} posts {d.waiting_bytes:>9} bytes, {d.members} members;"
+                       f" {when}; {last}")
     if not any(errors.values()):
         click.echo("last errors: none")
     else:

@@ -126,7 +126,7 @@ class PersonalTemplate:
     rest: tuple[bytes, ...]  # the bytes after each link
     prefix_hash: dkim.BodyHasher
     # Filled by _stuffed() on first use: the dot-stuffed parts, made once per post.
-    stuffed_cache: dict[str, tuple[bytes, tuple[bytes, ...], bytes, bytes]] = dataclasses.field(
+    stuffed_cache: dict[str, tuple[bytes, bytes, tuple[bytes, ...], bytes]] = dataclasses.field(
         default_factory=dict, compare=False, repr=False)
     # Filled by _signer() on first use: the shared headers parsed and
     # canonicalized once per post (and key), so each copy's signature only

@@ -6,8 +6,9 @@ next due time.  Nothing passes between the stages but rows and wake-ups:
 
 - prepare (``listserv.prepare``): accepted posts and owner mail -> the outbox;
 - deliver (``listserv.fanout``): due copies -> the relay;
-- requests (``listserv.membership``, ``listserv.bounce_scores``): e-mail
-  commands, bounces, held-post notices, and their housekeeping;
+- requests (``listserv.membership``, ``listserv.digest``,
+  ``listserv.bounce_scores``): e-mail commands, digests that are due,
+  bounces, held-post notices, and their housekeeping;
 - archive (``listserv.archive``): archive rows not yet rendered -> pages.
 
 Prepare and deliver run in every worker, each claiming rows of its own.  The
@@ -43,6 +44,7 @@ from listserv import dkim
 from listserv.archive import Archiver
 from listserv.bounce_scores import BounceStage
 from listserv.config import Config
+from listserv.digest import DigestStage
 from listserv.dmarc import TxtResolver
 from listserv.fanout import POLL, Fanout
 from listserv.membership import MembershipStage
@@ -85,6 +87,7 @@ class Worker:
         self.clock: Callable[[], float] = time.time
         self.preparer = Preparer(config, store, key, resolve_txt=resolve_txt, tokens=tokens, wakeup=wakeup)
         self.membership = MembershipStage(config, store, key, tokens=tokens)
+        self.digests = DigestStage(config, store, key, tokens=tokens, wakeup=wakeup)
         self.bounce_stage = BounceStage(config, store, key)
         self.postmaster = PostmasterStage(config, store, key)
         self.archiver = Archiver(config, store)
@@ -129,6 +132,7 @@ class Worker:
         if not await self.store.claim_stage("requests", self.owner, now, now + self.lease):
             return False  # another worker runs it
         await self.membership.process()
+        await self.digests.process()
         await self.bounce_stage.process()
         await self.postmaster.process()
         return False

@@ -248,7 +248,7 @@ def test_seed_lists_show_before_the_first_serve(tmp_path: Path, monkeypatch: pyt
         f"energy-management@{DOMAIN}\t1 member\tZarządzanie energią",
         f"seap-planning@{DOMAIN}\t1 member\tPlanowanie SEAP",
     ]
-    assert cli.members("seap-planning") == [f"{OWNER}\towner\tunmoderated\tenabled"]
+    assert cli.members("seap-planning") == [f"{OWNER}\towner\tunmoderated\tenabled\teach"]
     # A seeded list the administrator removes stays removed.
     cli.ok("list", "remove", "energy-management", "--yes")
     assert [line.split("\t")[0] for line in cli.ok("lists").splitlines()] == [f"seap-planning@{DOMAIN}"]
@@ -261,8 +261,8 @@ def test_list_create_show_and_lists(cli: Cli) -> None:
     assert out == f"created energy-management@{DOMAIN}\n"
     assert cli.ok("lists") == f"energy-management@{DOMAIN}\t2 members\tZarządzanie energią\n"
     assert cli.members("energy-management") == [
-        f"{OWNER}\towner\tunmoderated\tenabled",
-        "zastepca@pnec.org.pl\towner\tunmoderated\tenabled",
+        f"{OWNER}\towner\tunmoderated\tenabled\teach",
+        "zastepca@pnec.org.pl\towner\tunmoderated\tenabled\teach",
     ]
 
     lines = cli.ok("list", "show", "energy-management").splitlines()
@@ -390,10 +390,10 @@ def test_members_add_addresses_and_list_format(with_list: Cli) -> None:
     out = with_list.ok("members", "add", LIST, "moderator@pnec.org.pl", "--role", "moderator")
     assert out.startswith(f"added 1 moderator to {LIST}")
     assert with_list.members() == [
-        "anna.kowalska@gmina-wieliczka.pl\tmember\tunmoderated\tenabled",
-        f"{OWNER}\towner\tunmoderated\tenabled",
-        "lukasz@um.krakow.pl\tmember\tunmoderated\tenabled",
-        "moderator@pnec.org.pl\tmoderator\tunmoderated\tenabled",
+        "anna.kowalska@gmina-wieliczka.pl\tmember\tunmoderated\tenabled\teach",
+        f"{OWNER}\towner\tunmoderated\tenabled\teach",
+        "lukasz@um.krakow.pl\tmember\tunmoderated\tenabled\teach",
+        "moderator@pnec.org.pl\tmoderator\tunmoderated\tenabled\teach",
     ]
     assert with_list.ok("lists") == f"{LIST}@{DOMAIN}\t4 members\tPlanowanie SEAP\n"
 
@@ -605,13 +605,13 @@ def test_members_set(with_list: Cli) -> None:
     with_list.ok("members", "set", LIST, "beata@gmina.example.pl", "role", "moderator")
     with_list.ok("members", "set", LIST, "beata@gmina.example.pl", "display_name", "Beata Żak")
     assert with_list.members() == [
-        "anna@gmina.example.pl\tmember\tmoderated\tenabled",
-        "beata@gmina.example.pl\tmoderator\tunmoderated\tnomail\tBeata Żak",
-        f"{OWNER}\towner\tunmoderated\tenabled",
+        "anna@gmina.example.pl\tmember\tmoderated\tenabled\teach",
+        "beata@gmina.example.pl\tmoderator\tunmoderated\tnomail\teach\tBeata Żak",
+        f"{OWNER}\towner\tunmoderated\tenabled\teach",
     ]
     assert with_list.sql("SELECT display_name FROM members WHERE address = 'beata@gmina.example.pl'") == [("Beata Żak",)]
     with_list.ok("members", "set", LIST, "anna@gmina.example.pl", "moderated", "nie")
-    assert with_list.members()[0] == "anna@gmina.example.pl\tmember\tunmoderated\tenabled"
+    assert with_list.members()[0] == "anna@gmina.example.pl\tmember\tunmoderated\tenabled\teach"
 
 
 @pytest.mark.parametrize(("args", "fragment"), [

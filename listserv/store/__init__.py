@@ -27,7 +27,7 @@ rejected, queued) -> ``outbox`` (one rewritten, signed message) ->
 from __future__ import annotations
 
 from listserv.store.archive import ArchivePart
-from listserv.store.digests import DigestCopy, DigestEntry, DigestsPart, DigestState
+from listserv.store.digests import DigestCopy, DigestEntry, DigestsPart, DigestState, next_number
 from listserv.store.people import PeoplePart
 from listserv.store.queue import QueuePart
 from listserv.store.records import (
@@ -54,7 +54,7 @@ from listserv.store.status import StatusPart
 from listserv.store.work import WorkPart
 
 __all__ = [
-    "DELIVERY_MODES", "DELIVERY_STATES", "DIGEST_MODES", "DigestCopy", "DigestEntry", "DigestPost", "DigestState",
+    "DELIVERY_MODES", "DELIVERY_STATES", "DIGEST_MODES", "DigestCopy", "DigestEntry", "DigestPost", "DigestState", "next_number",
     "MIGRATIONS", "Recipient", "ROLES", "ArchiveEntry", "BounceState", "ConsentEvent", "DueDelivery",
     "IncomingRecord", "IncomingRow", "ListRecord", "MemberRecord", "Outcome", "PolicySnapshot", "Store",
     "TokenRecord",

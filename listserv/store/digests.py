@@ -180,6 +180,11 @@ class DigestsPart(StoreBase):
                 )
                 if cur.rowcount != len(post_ids):
                     raise StoreError("the digest's posts were taken by another digest meanwhile")
+                # Their bytes are in the digest's outbox rows now (and the
+                # post itself in the archive): the waiting copy can go.
+                await db.execute(
+                    f"UPDATE digest_posts SET data = x'' WHERE id IN ({', '.join('?' * len(post_ids))})",
+                    tuple(post_ids))
             for copy in copies:
                 if not copy.recipients:
                     continue
@@ -194,6 +199,16 @@ class DigestsPart(StoreBase):
                     [(outbox_id, rcpt, now, now) for rcpt in dict.fromkeys(copy.recipients)],
                 )
             return int(digest_id)
+
+    async def drop_digest_posts(self, list_id: int, post_ids: Sequence[int]) -> int:
+        """Nobody takes digests on this list: the waiting posts are let go (they went out singly)."""
+        if not post_ids:
+            return 0
+        async with self.transaction() as db:
+            cur = await db.execute(
+                f"DELETE FROM digest_posts WHERE list_id = ? AND digest_id IS NULL AND id IN"
+                f" ({', '.join('?' * len(post_ids))})", (list_id, *post_ids))
+            return int(cur.rowcount or 0)
 
     async def digest_history(self, list_id: int, limit: int = 10) -> list[tuple[int, int, int, float, int, str]]:
         """The last digests: (id, volume, issue, created_at, posts, reason), newest first."""

@@ -365,3 +365,54 @@ def test_schedule_daily_weekly_and_across_dst() -> None:
     assert dt.datetime.fromtimestamp(at, WARSAW) == dt.datetime(2026, 12, 7, 9, 0, tzinfo=WARSAW)  # Monday
     assert scheduled_before(ListSettings(digest_period="off"), thursday) is None
     assert next_send_at(ListSettings(digest_period="off"), thursday) is None
+
+
+def test_cli_members_set_digest_show_send_and_status(tmp_path: Path, sink: tuple[SinkHandler, int],  # type: ignore[no-untyped-def]
+                                                     start_server) -> None:
+    from conftest import free_port
+    from listserv import config as config_mod
+    from test_status import ANNA, EWA, JAN, eml, make_list, ok, run, write_config
+    from test_status import LIST as SLIST
+
+    handler, sink_port = sink
+    port = free_port()
+    cfg = write_config(tmp_path, port, sink_port)
+    make_list(cfg)
+    # Bad input: a clear error, nothing changed.
+    bad = run(cfg, "members", "set", SLIST, EWA, "delivery_mode", "weekly")
+    assert bad.exit_code != 0 and "delivery_mode must be one of each, digest_mime, digest_plain, index" in bad.output
+    assert "ustaw" not in bad.output
+    ok(cfg, "members", "set", SLIST, EWA, "delivery_mode", "digest_plain")
+    ok(cfg, "members", "set", SLIST, JAN, "delivery_mode", "index")
+    ok(cfg, "members", "set", SLIST, JAN, "language", "en")
+    lines = ok(cfg, "members", "list", SLIST).splitlines()
+    assert f"{EWA}\tmember\tunmoderated\tenabled\tdigest_plain" in lines
+    assert f"{ANNA}\tmember\tunmoderated\tenabled\teach" in lines
+    history = ok(cfg, "members", "history", SLIST, EWA)
+    assert "delivery_mode=digest_plain" in history
+
+    server = start_server(config_mod.load(cfg))
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        for n in range(2):
+            client.sendmail(ANNA, [f"{SLIST}@{DOMAIN}"],
+                            eml(tmp_path, f"Anna Kowalska <{ANNA}>", f"cli{n}@gmina-wolow.example.pl",
+                                subject=f"Źródła finansowania {n}").read_bytes())
+    server.drain()
+    assert handler.copies_for(EWA) == []
+    shown = ok(cfg, "digest", "show", SLIST)
+    assert f"{SLIST}: next digest volume 1, issue 1" in shown
+    assert "members on digests: 1 digest_plain, 1 index" in shown
+    assert "waiting: 2 posts" in shown and "Źródła finansowania 1  (Anna Kowalska)" in shown
+    assert "goes out: " in shown
+    status = ok(cfg, "status")
+    assert f"  {SLIST:<20}    2 posts" in status and "2 members; goes out " in status
+    sent = ok(cfg, "digest", "send", SLIST)
+    assert sent.strip() == f"{SLIST}: digest volume 1, issue 1 queued (2 posts, 2 members)"
+    server.drain()
+    (plain,) = handler.copies_for(EWA)
+    assert parse(plain.data)["Subject"] == "Planowanie SEAP: przegląd, tom 1, nr 1"
+    (index,) = handler.copies_for(JAN)
+    assert parse(index.data)["Subject"] == "Planowanie SEAP Index, Vol 1, Issue 1"
+    assert "nothing waiting" in ok(cfg, "status")
+    assert ok(cfg, "digest", "send", SLIST).strip() == f"{SLIST}: no digest sent: no posts are waiting"
+    assert run(cfg, "digest", "show", "no-such-list").exit_code != 0

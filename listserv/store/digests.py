@@ -146,11 +146,17 @@ class DigestsPart(StoreBase):
         """(recipient, post) pairs already queued as a single copy: a digest does not repeat them."""
         if not incoming_ids:
             return set()
+        # Only the copies to members now on digests come back (usually none),
+        # not the hundreds of thousands to the `each` members; CROSS JOIN
+        # keeps SQLite's order: the posts' outbox rows, their deliveries (by
+        # outbox_id, indexed), then the member (by list and address).
+        marks = ", ".join("?" * len(DIGEST_MODES))
         rows = await self._fetchall(
-            "SELECT d.recipient, o.incoming_id FROM outbox o JOIN deliveries d ON d.outbox_id = o.id"
+            "SELECT d.recipient, o.incoming_id FROM outbox o CROSS JOIN deliveries d ON d.outbox_id = o.id"
+            " CROSS JOIN members m ON m.list_id = o.list_id AND m.address = d.recipient"
             f" WHERE o.list_id = ? AND o.digest_id IS NULL AND o.incoming_id IN ({', '.join('?' * len(incoming_ids))})"
-            " AND o.kind LIKE 'post%'",
-            (list_id, *incoming_ids),
+            f" AND o.kind LIKE 'post%' AND m.delivery_mode IN ({marks})",
+            (list_id, *incoming_ids, *DIGEST_MODES),
         )
         return {(r[0], int(r[1])) for r in rows}
 

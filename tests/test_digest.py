@@ -416,3 +416,84 @@ def test_cli_members_set_digest_show_send_and_status(tmp_path: Path, sink: tuple
     assert "nothing waiting" in ok(cfg, "status")
     assert ok(cfg, "digest", "send", SLIST).strip() == f"{SLIST}: no digest sent: no posts are waiting"
     assert run(cfg, "digest", "show", "no-such-list").exit_code != 0
+
+
+def test_personal_footer_links_each_members_own_preferences_page(digest_list, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server, sink, clock = digest_list
+    server.call(server.store.set_list_setting(LIST, "personal_footer", True))
+    send(server.port, AUTHOR, post(AUTHOR, "Stopka z linkiem", "Treść.\n", 50))
+    server.drain()
+    (copy,) = sink.copies_for(EACH)
+    text = parse(copy.data).get_body(("plain",)).get_content()
+    assert f"https://listy.example.org/p/{server.app.tokens.prefs_token(EACH)}" in text
+    assert "Twoje ustawienia (przegląd zamiast pojedynczych wiadomości, wypisanie):" in text
+    assert server.app.tokens.prefs_token(AUTHOR) not in text
+    assert dkimpy.verify(copy.data, dnsfunc=dkim_dnsfunc(server.key))
+    # The digest part of the same post carries the list's page instead of anyone's own link.
+    clock.now = next_morning(time.time())
+    server.call(server.app.digests.process())
+    server.drain()
+    (mime,) = sink.copies_for(MIME)
+    (part,) = _raw_digest_parts(mime.data)
+    assert b"https://listy.example.org/j/" + LIST.encode() in part
+    assert b"@@LISTSERV_" not in mime.data
+
+
+# -- the builders, for any post (hypothesis) -------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st  # noqa: E402
+
+from listserv.digest import DigestIssue, build_digest  # noqa: E402
+from listserv.rewrite import ListContext  # noqa: E402
+from listserv.store import DigestPost  # noqa: E402
+
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\x00"), max_size=300)
+_LINES = st.lists(st.one_of(_TEXT, st.sampled_from([MESSAGE_SEPARATOR, PREAMBLE_SEPARATOR, "-- ", ".", "--"])),
+                  max_size=12)
+
+
+def _raw_post(n: int, subject: str, lines: list[str]) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "Zażółć Gęślą <autor@gmina.example.pl>"
+    msg["Subject"] = subject.replace("\n", " ")
+    msg["Message-ID"] = f"<prop-{n}@gmina.example.pl>"
+    msg.set_content("\n".join(lines) + "\n", charset="utf-8")
+    return msg.as_bytes(policy=email.policy.SMTP)
+
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(_TEXT, _LINES), min_size=1, max_size=4), st.sampled_from(["pl", "en"]),
+       st.sampled_from(["digest_mime", "digest_plain", "index"]))
+def test_any_posts_make_a_digest_that_parses_back(posts: list[tuple[str, list[str]]], language: str,
+                                                  mode: str) -> None:
+    records = []
+    for n, (subject, lines) in enumerate(posts):
+        raw = _raw_post(n, subject, lines)
+        records.append(DigestPost(n, n, f"prop-{n}@gmina.example.pl", " ".join(subject.split()), "Zażółć Gęślą",
+                                  "autor@gmina.example.pl", f"https://archiwum.example.org/l/m/{n}/", len(raw),
+                                  1_700_000_000.0 + n, raw, "Gmina Łódź"))
+    ctx = ListContext("lista", DOMAIN, ListSettings(title="Łódzka lista"), "https://archiwum.example.org/")
+    data = build_digest(DigestIssue(ctx, 2, 17, mode, language, tuple(records), "<d@x>", 1_700_000_000.0,
+                                    False, False))
+    assert all(len(line) <= 998 for line in data.split(b"\r\n"))
+    assert b"\n" not in data.replace(b"\r\n", b"")  # CRLF only
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert not msg.defects
+    if mode == "digest_mime":
+        toc, digest, footer = msg.iter_parts()
+        raw_parts = _raw_digest_parts(data)
+        assert raw_parts == [r.data for r in records]  # each post byte for byte, in order
+        assert [p.get_content()["Message-ID"] for p in digest.iter_parts()] == \
+            [f"<prop-{n}@gmina.example.pl>" for n in range(len(records))]
+        return
+    text = msg.get_content().replace("\r\n", "\n")
+    assert (str(msg["Subject"]).endswith("tom 2, nr 17") if language == "pl"
+            else str(msg["Subject"]).endswith("Vol 2, Issue 17"))
+    if mode == "digest_plain":
+        lines = text.split("\n")
+        # The separators are ours alone: the authors' own lines that look like them were escaped.
+        assert lines.count(PREAMBLE_SEPARATOR) == 1
+        assert lines.count(MESSAGE_SEPARATOR) == len(records) + 1
+        assert lines[-2] == "*" * len(lines[-3])
+    else:
+        assert text.count("https://archiwum.example.org/l/m/") == len(records)

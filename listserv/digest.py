@@ -141,8 +141,8 @@ def due_reason(settings: ListSettings, state: DigestState, now: float) -> str | 
 def _header(name: str, value: str) -> bytes:
     # RFC 5322 §2.2.3 folding and RFC 2047 words where the value is not ASCII.
     if value.isascii():
-        return SMTP.fold(name, value).encode("ascii")
-    encoded = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
+        return str(SMTP.fold(name, value)).encode("ascii")
+    encoded = str(Header(value, "utf-8", header_name=name).encode(linesep="\r\n"))
     return f"{name}: {encoded}\r\n".encode("ascii")
 
 

@@ -440,17 +440,18 @@ class MembershipStage:
         detail = "confirmed with the link in the confirmation mail"
         return True, await self._apply(view, tok, "web", detail)
 
-    async def request_by_web(self, list_name: str, address: str) -> tuple[ListView, str]:
+    async def request_by_web(self, list_name: str, address: str, *, language: str = "") -> tuple[ListView, str]:
         """The public list page's form: mail the address what it needs, and say the same to anyone.
 
         A newcomer gets the join confirmation (the same double opt-in, limits
         and expiry as ``LIST-join``; nothing is subscribed until that mailbox
         answers); a member gets the link to their preferences page.  The page
         never tells a visitor whether an address is on the list: the answer
-        is one text for both.  Raises UnknownList.
+        is one text for both.  ``language`` is the page's, when the visitor
+        chose one: the answer and the mail are in it.  Raises UnknownList.
         """
         lst = await self.store.get_list(list_name)
-        view = await self._view(lst.id)
+        view = (await self._view(lst.id)).in_language(language)
         neutral = _t(view, f"Jeśli adres {address} może zapisać się na listę lub już na niej jest, wysłaliśmy na "
                            "niego wiadomość: zapis trzeba potwierdzić z tej skrzynki, a uczestnik dostaje link "
                            "do swoich ustawień.",

@@ -21,7 +21,9 @@ fetch every URL unsubscribe nobody.
 The same listener serves the confirmation link of a join or leave
 (``/c/TOKEN``, in the confirmation mail when ``[web] base_url`` is set): the
 other way to confirm besides a reply from the address concerned. GET shows a
-button; only its POST confirms (``MembershipStage.confirm_by_link``).
+button; only its POST confirms (``MembershipStage.confirm_by_link``).  It
+also serves a member's preferences page (``/p/TOKEN``) and each list's join
+page (``/j/LIST``): listserv.prefs.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from aiohttp import web
 from listserv import files
 from listserv.config import Config
 from listserv.errors import ConfigError
+from listserv.prefs import PrefsPages
 from listserv.settings import effective_settings
 from listserv.store import Store
 
@@ -91,7 +94,7 @@ class Tokens:
     secret: bytes
 
     def token(self, list_name: str, address: str) -> str:
-        """26 characters of lower-case base32 (130 bits): fits an address local part."""
+        """28 characters of lower-case base32 (136 bits): fits an address local part."""
         digest = hmac.new(self.secret, f"{list_name}\0{address.lower()}".encode(), hashlib.sha256).digest()
         return base64.b32encode(digest[:17]).decode().rstrip("=").lower()
 
@@ -201,7 +204,7 @@ _TEXTS = {
 
 
 class UnsubscribeListener:
-    """The aiohttp application for ``/u/LIST/TOKEN``."""
+    """The aiohttp application of the ``[web]`` listener: ``/u/LIST/TOKEN``, ``/c/TOKEN``, ``/p/TOKEN``, ``/j/LIST``."""
 
     def __init__(self, config: Config, store: Store, tokens: Tokens,
                  membership: MembershipStage | None = None) -> None:
@@ -215,6 +218,9 @@ class UnsubscribeListener:
         if membership is not None:
             self.app.router.add_get("/c/{token}", self.show_confirmation)
             self.app.router.add_post("/c/{token}", self.confirm)
+            # A member's preferences page and each list's join page (listserv.prefs).
+            self.prefs = PrefsPages(config, store, tokens, membership)
+            self.prefs.add_routes(self.app)
         self._runner: web.AppRunner | None = None
         self.port = 0
 

@@ -31,6 +31,7 @@ whether an address is on the list.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -58,6 +59,7 @@ __all__ = ["PrefsPages"]
 log = logging.getLogger("listserv.prefs")
 
 TOKEN_LENGTH = 28  # Tokens.prefs_token: 17 bytes of HMAC in base32
+REFRESH_INTERVAL = 1.0  # seconds between two reads of every member address (see _address_for)
 FORM_TTL = 2 * 86400  # a page left open over a weekend still saves
 
 # The options a member sets on the page: (field, store column).  Checkboxes
@@ -203,6 +205,9 @@ class PrefsPages:
         # addresses that are new since the last look (see _address_for).
         self._owners: dict[str, str] = {}
         self._seen: set[str] = set()
+        self._refreshing = asyncio.Lock()
+        self.refresh_interval = REFRESH_INTERVAL
+        self._refreshed_at = -REFRESH_INTERVAL
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/p/{token}", self.show)
@@ -216,19 +221,30 @@ class PrefsPages:
         """The address whose preferences token this is, or None.
 
         A miss reads the member addresses (one query) and hashes only those
-        not seen before, so a forged token costs a query, not 50,000 HMACs.
+        not seen before, so a forged token costs a query, not 50,000 HMACs;
+        and that query runs at most once per ``refresh_interval``: misses in
+        between wait for the next one (a tarpit for guessing, never a wrong
+        404 for a member who joined a moment ago).
         """
         token = token.lower()
         if len(token) != TOKEN_LENGTH or not token.isalnum():
             return None
         found = self._owners.get(token)
-        if found is None:
+        if found is not None:
+            return found
+        async with self._refreshing:
+            found = self._owners.get(token)  # another request's refresh may have found it
+            if found is not None:
+                return found
+            wait = self._refreshed_at + self.refresh_interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
             for address in await self.store.member_addresses():
                 if address not in self._seen:
                     self._seen.add(address)
                     self._owners[self.tokens.prefs_token(address)] = address
-            found = self._owners.get(token)
-        return found
+            self._refreshed_at = time.monotonic()
+        return self._owners.get(token)
 
     async def _memberships(self, address: str) -> list[Membership]:
         out = []

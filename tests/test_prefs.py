@@ -116,6 +116,7 @@ def web(tmp_path: Path, sink: tuple[SinkHandler, int], start_server):  # type: i
     web_port = free_port()
     config = make_config(tmp_path, port, web={"listen": f"127.0.0.1:{web_port}", "base_url": BASE})
     server = start_server(config)
+    server.app.web.prefs.refresh_interval = 0.2  # the tarpit for guessed tokens, shorter for tests
     server.call(server.store.create_list(LIST, {"title": "Finansowanie inwestycji w gminach",
                                                 "description": "Źródła finansowania: ELENA, NFOŚiGW, "
                                                                "fundusze europejskie.",
@@ -269,6 +270,16 @@ def test_forged_and_other_members_tokens_are_refused(web) -> None:  # type: igno
         lst = server.call(server.store.get_list(name))
         server.call(server.store.leave(lst.id, ANNA, method="cli", detail="test"))
     assert get(url)[0] == 404
+
+
+def test_a_member_who_joined_a_moment_ago_is_found_at_once_after_a_miss(web) -> None:  # type: ignore[no-untyped-def]
+    server, _, local = web
+    prefs_page(server, local, ANNA)  # every address so far is known
+    assert get(f"{local}/p/{'b' * 28}")[0] == 404  # a guess: the addresses were read again just now
+    newcomer = "ewa.dabrowska@gmina-zabki.pl"
+    server.call(server.store.add_members(LIST, [(newcomer, "Ewa Dąbrowska", "")]))
+    status, body = get(f"{local}/p/{server.app.tokens.prefs_token(newcomer)}")  # waits out the interval
+    assert status == 200 and newcomer in body
 
 
 def test_a_post_from_another_site_or_without_the_pages_field_changes_nothing(web) -> None:  # type: ignore[no-untyped-def]

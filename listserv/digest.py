@@ -451,7 +451,8 @@ class DigestStage:
         volume, issue = await self._number(list_id, settings, now)
         copies = await self._copies(list_id, list_name, settings, volume, issue, posts, members, now)
         try:
-            digest_id = await self.store.queue_digest(list_id, volume, issue, [p.id for p in posts], reason, copies)
+            digest_id = await self.store.queue_digest(list_id, volume, issue, [p.id for p in posts], reason, copies,
+                                                      [address for address, _, _ in members])
         except StoreError as exc:
             # Another worker numbered or took them meanwhile: its digest stands.
             log.warning("digest of list %s not queued: %s", list_name, exc)

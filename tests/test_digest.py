@@ -266,6 +266,37 @@ def test_no_repeat_of_a_post_already_had_and_held_post_in_next_digest(digest_lis
     assert ids == [f"<digest-test-{n}@gmina-wieliczka.pl>" for n in (20, 21, 22)]
 
 
+
+def test_leaving_digests_mid_period_brings_one_last_digest(digest_list) -> None:  # type: ignore[no-untyped-def]
+    server, sink, clock = digest_list
+    # PLAIN had posts 30 and 31 waiting for his digest, then switched to single copies.
+    for n in (30, 31):
+        send(server.port, AUTHOR, post(AUTHOR, f"Przed zmianą {n}", "Treść.\n", n))
+    server.drain()
+    assert sink.copies_for(PLAIN) == []
+    server.call(server.store.set_member(LIST, PLAIN, "delivery_mode", "each"))
+    send(server.port, AUTHOR, post(AUTHOR, "Po zmianie na pojedyncze", "Treść.\n", 32))
+    server.drain()
+    (single,) = sink.copies_for(PLAIN)
+    assert parse(single.data)["Message-ID"] == "<digest-test-32@gmina-wieliczka.pl>"
+    clock.now = next_morning(time.time())
+    server.call(server.app.digests.process())
+    server.drain()
+    # One last digest, in the form he had (RFC 1153 plain), with the two posts he would
+    # otherwise never get, and not the one he had singly.
+    (last,) = sink.copies_for(PLAIN)[1:]
+    text = parse(last.data).get_content()
+    assert "Przed zmianą 30" in text and "Przed zmianą 31" in text and "Po zmianie na pojedyncze" not in text
+    # ... and only one: the next period brings him single copies and no digest.
+    send(server.port, AUTHOR, post(AUTHOR, "Następny dzień", "Treść.\n", 33))
+    server.drain()
+    clock.now = next_morning(clock.now)
+    server.call(server.app.digests.process())
+    server.drain()
+    assert [parse(c.data)["Message-ID"] for c in sink.copies_for(PLAIN)[2:]] == [
+        "<digest-test-33@gmina-wieliczka.pl>"]
+    assert len(sink.copies_for(MIME)) == 2  # the digest members got both days' digests
+
 def test_not_me_no_dupes_and_ack(digest_list) -> None:  # type: ignore[no-untyped-def]
     server, sink, clock = digest_list
     store = server.store

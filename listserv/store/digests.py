@@ -133,12 +133,20 @@ class DigestsPart(StoreBase):
         return (int(row[0]), int(row[1]), float(row[2])) if row else None
 
     async def digest_members(self, list_id: int) -> list[tuple[str, str, str]]:
-        """(address, delivery mode, language) of the members who get digests, by address."""
+        """(address, delivery mode, language) of the members who get digests, by address.
+
+        With them, the members owed one last digest (they left a digest mode
+        while posts waited), in the mode they left.
+        """
         marks = ", ".join("?" * len(DIGEST_MODES))
         rows = await self._fetchall(
             "SELECT address, delivery_mode, language FROM members WHERE list_id = ? AND delivery = 'enabled'"
-            f" AND delivery_mode IN ({marks}) ORDER BY address",
-            (list_id, *DIGEST_MODES),
+            f" AND delivery_mode IN ({marks})"
+            " UNION ALL SELECT l.address, l.delivery_mode, m.language FROM one_last_digest l"
+            " JOIN members m ON m.list_id = l.list_id AND m.address = l.address"
+            f" WHERE l.list_id = ? AND m.delivery = 'enabled' AND m.delivery_mode NOT IN ({marks})"
+            " ORDER BY 1",
+            (list_id, *DIGEST_MODES, list_id, *DIGEST_MODES),
         )
         return [(r[0], r[1], r[2]) for r in rows]
 
@@ -155,14 +163,18 @@ class DigestsPart(StoreBase):
             "SELECT d.recipient, o.incoming_id FROM outbox o CROSS JOIN deliveries d ON d.outbox_id = o.id"
             " CROSS JOIN members m ON m.list_id = o.list_id AND m.address = d.recipient"
             f" WHERE o.list_id = ? AND o.digest_id IS NULL AND o.incoming_id IN ({', '.join('?' * len(incoming_ids))})"
-            f" AND o.kind LIKE 'post%' AND m.delivery_mode IN ({marks})",
+            f" AND o.kind LIKE 'post%' AND (m.delivery_mode IN ({marks}) OR EXISTS (SELECT 1 FROM one_last_digest l"
+            " WHERE l.list_id = m.list_id AND l.address = m.address))",
             (list_id, *incoming_ids, *DIGEST_MODES),
         )
         return {(r[0], int(r[1])) for r in rows}
 
     async def queue_digest(self, list_id: int, volume: int, issue: int, post_ids: Sequence[int], reason: str,
-                           copies: Sequence[DigestCopy]) -> int:
+                           copies: Sequence[DigestCopy], members: Sequence[str] = ()) -> int:
         """Number the digest, take its posts and queue its copies, in one transaction.
+
+        ``members`` are the addresses it was built for: a last digest owed
+        to any of them (``one_last_digest``) is settled by this one.
 
         Raises StoreError when another worker took one of the posts or the
         number meanwhile: then nothing is queued and the caller builds again.
@@ -191,6 +203,9 @@ class DigestsPart(StoreBase):
                 await db.execute(
                     f"UPDATE digest_posts SET data = x'' WHERE id IN ({', '.join('?' * len(post_ids))})",
                     tuple(post_ids))
+            if members:
+                await db.executemany("DELETE FROM one_last_digest WHERE list_id = ? AND address = ?",
+                                     [(list_id, address) for address in members])
             for copy in copies:
                 if not copy.recipients:
                     continue

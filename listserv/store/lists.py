@@ -13,6 +13,7 @@ from listserv.store.base import StoreBase
 from listserv.store.records import (
     ROLES,
     DELIVERY_MODES,
+    DIGEST_MODES,
     MEMBER_COLS,
     MEMBER_LANGUAGES,
     ListRecord,
@@ -104,6 +105,7 @@ class ListsPart(StoreBase):
                 (name, _now(), list_id),
             )
             await db.execute("DELETE FROM members WHERE list_id = ?", (list_id,))
+            await db.execute("DELETE FROM one_last_digest WHERE list_id = ?", (list_id,))
             await db.execute("DELETE FROM accepted_senders WHERE list_id = ?", (list_id,))
             # Its held posts can no longer be decided on: they are discarded,
             # with the reason recorded, rather than left to a list that is gone.
@@ -183,6 +185,7 @@ class ListsPart(StoreBase):
                 )
                 if cur.rowcount == 0:
                     raise StoreError(f"{address} is not a member of {list_name}")
+                await db.execute("DELETE FROM one_last_digest WHERE list_id = ? AND address = ?", (lst.id, address))
                 await _consent(db, list_name, address, "left", method, detail)
 
     async def members(self, list_name: str) -> list[MemberRecord]:
@@ -212,12 +215,24 @@ class ListsPart(StoreBase):
         lst = await self.get_list(list_name)
         sets = ", ".join(f"{k} = ?" for k in changes)
         async with self.transaction() as db:
+            before = None
+            if "delivery_mode" in changes:
+                row = await (await db.execute("SELECT delivery_mode FROM members WHERE list_id = ? AND address = ?",
+                                              (lst.id, address))).fetchone()
+                before = row[0] if row else None
             cur = await db.execute(
                 f"UPDATE members SET {sets} WHERE list_id = ? AND address = ?",
                 (*changes.values(), lst.id, address),
             )
             if cur.rowcount == 0:
                 raise StoreError(f"{address} is not a member of {list_name}")
+            if before in DIGEST_MODES and changes["delivery_mode"] not in DIGEST_MODES:
+                # The posts that waited for their digest are not sent to them
+                # singly: they get them in one last digest (Mailman 3 does the same).
+                await db.execute("INSERT OR REPLACE INTO one_last_digest (list_id, address, delivery_mode)"
+                                 " VALUES (?, ?, ?)", (lst.id, address, before))
+            elif changes.get("delivery_mode") in DIGEST_MODES:
+                await db.execute("DELETE FROM one_last_digest WHERE list_id = ? AND address = ?", (lst.id, address))
             if method:
                 text = ", ".join(f"{k}={_option_text(v)}" for k, v in changes.items())
                 await _consent(db, list_name, address, "changed", method, f"{text}; {detail}" if detail else text)

@@ -216,6 +216,7 @@ class PeoplePart(ListsPart):
             cur = await db.execute("DELETE FROM members WHERE list_id = ? AND address = ?", (list_id, address))
             if cur.rowcount == 0:
                 return False
+            await db.execute("DELETE FROM one_last_digest WHERE list_id = ? AND address = ?", (list_id, address))
             await _consent(db, row[0], address, "left", method, detail)
             return True
 
@@ -327,6 +328,7 @@ class PeoplePart(ListsPart):
             for (list_name,) in lists:
                 await _consent(db, list_name, address, "left", "cli", f"erased on request (forget) by {by}")
             counts["memberships"] = (await db.execute("DELETE FROM members WHERE address = ?", (address,))).rowcount
+            await db.execute("DELETE FROM one_last_digest WHERE address = ?", (address,))
             counts["messages"] = (await db.execute(
                 "DELETE FROM incoming WHERE sender = ? OR mail_from = ?", (address, address))).rowcount
             counts["pending_copies"] = (await db.execute(

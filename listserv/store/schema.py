@@ -296,4 +296,15 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX digest_posts_by_digest ON digest_posts(digest_id);
     ALTER TABLE outbox ADD COLUMN digest_id INTEGER;
     """,
+    # one_last_digest: a member who left a digest mode for `each` gets the
+    # posts that waited for their digest in one last digest (as Mailman 3's
+    # OneLastDigest), not silently nothing; the row goes with that digest.
+    """
+    CREATE TABLE one_last_digest (
+        list_id        INTEGER NOT NULL,
+        address        TEXT NOT NULL,
+        delivery_mode  TEXT NOT NULL,      -- the digest mode they left
+        PRIMARY KEY (list_id, address)
+    );
+    """,
 )

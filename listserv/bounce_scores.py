@@ -118,6 +118,9 @@ class BounceStage:
         token = new_token()
         expires = self.clock() + view.settings.bounce_warning_interval * (remaining + 1) + 86400
         await self.store.create_token(token, view.id, address, "reenable", {}, expires)
+        member = await self.store.member(view.id, address)
+        if member is not None and member.language:
+            view = view.in_language(member.language)  # the member's `language` option: the notice is theirs
         data = compose(
             "bounce_disabled", view.settings.language,
             view.context(address=address, reason=reason or "-", remaining=remaining),

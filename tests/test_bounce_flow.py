@@ -396,6 +396,25 @@ def test_verp_dsn_counts_for_its_member_auto_reply_does_not_and_reply_resumes(
     assert [e.event for e in server.call(server.store.consent_history(LIST, KASIA))] == ["joined"]
 
 
+def test_the_pause_notice_is_in_the_members_own_language(
+        tmp_path: Path, sink: tuple[SinkHandler, int], start_server) -> None:  # type: ignore[no-untyped-def]
+    handler, port = sink
+    server = start_list(start_server, tmp_path, port, [KASIA, *FINE], {"bounce_score_threshold": 1.3})
+    server.call(server.store.set_member(LIST, KASIA, "language", "en"))
+    clock = FakeClock()
+    server.app.bounce_stage.clock = clock
+    post(server, 1)
+    server.drain()
+    for n in (1, 2):  # one bounce a day counts
+        clock.advance(DAY)
+        status, _ = mail_bounce(server, dsn(KASIA, "5.1.1", "550 5.1.1 User unknown", n), verp(KASIA))
+        assert status == "done"
+    assert score_of(server, KASIA)[1] == "disabled"
+    server.drain()
+    (notice,) = [parsed(m.data) for m in handler.copies_for(KASIA)[1:]]
+    assert str(notice["Subject"]).strip().startswith("Delivery of ") and "is paused" in str(notice["Subject"])
+
+
 def test_paused_member_is_removed_after_the_reminders_and_the_owners_told(
         tmp_path: Path, sink: tuple[SinkHandler, int], start_server) -> None:  # type: ignore[no-untyped-def]
     handler, port = sink

@@ -36,7 +36,7 @@ from listserv.fanout import Fanout
 from listserv.membership import MembershipStage
 from listserv.smtp_in import ListHandler, server_factory
 from listserv.seeding import seed_lists
-from listserv.store import Store
+from listserv.store import Store, open_store
 from listserv.transport import Transport, make_transport
 from listserv.digest import DigestStage
 from listserv.unsubscribe import Tokens, UnsubscribeListener, load_secret
@@ -139,7 +139,7 @@ class App:
         config = self.config
         files.private_dir(config.server.state_dir)  # 0700; a ConfigError naming [server] state_dir
         key = load_or_create_key(config)
-        self.store = store = await Store.open(config.db_path)
+        self.store = store = await open_store(config.store_target)
         for problem in files.tighten(config):  # 0700/0600 whatever an older start or the umask left
             log.warning("file mode: %s (see `listserv doctor`)", problem)
         await seed_lists(store, config)

@@ -28,7 +28,7 @@ from listserv import __version__, config as config_mod
 from listserv.errors import AddressError, ListservError, StoreError
 from listserv.message import normalize_address
 from listserv.settings import SETTINGS, effective_settings, parse_setting, storable
-from listserv.store import DELIVERY_MODES, DELIVERY_STATES, ROLES, Store
+from listserv.store import DELIVERY_MODES, DELIVERY_STATES, ROLES, Store, open_store
 
 T = TypeVar("T")
 
@@ -67,7 +67,7 @@ def with_store(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T | N
         async def main() -> T:
             from listserv.seeding import seed_lists
 
-            store = await Store.open(cfg.db_path)
+            store = await open_store(cfg.store_target)
             try:
                 # The config's [[lists]] exist for the CLI too, even before the first `serve`.
                 await seed_lists(store, cfg)

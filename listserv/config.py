@@ -124,6 +124,14 @@ class WebConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """Where the state is: "" (SQLite in the state dir, the embedded default), a
+    ``sqlite:///PATH`` file, or a ``postgresql://`` server shared by several nodes."""
+
+    url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class LimitsConfig:
     """Abuse resistance for the mail listserv sends in answer to mail (RFC 3834 §2)."""
 
@@ -156,10 +164,23 @@ class Config:
     web: WebConfig = field(default_factory=lambda: WebConfig(None, ""))
     dns: DnsConfig = field(default_factory=lambda: DnsConfig((), 5.0))
     source: Path | None = None
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     @property
     def db_path(self) -> Path:
+        """The SQLite file (also where a PostgreSQL node keeps nothing: see ``store_target``)."""
+        if self.store.url.startswith("sqlite:///"):
+            return sqlite_path(self.store.url)
         return self.server.state_dir / "listserv.sqlite3"
+
+    @property
+    def uses_postgresql(self) -> bool:
+        return self.store.url.startswith(("postgresql://", "postgres://"))
+
+    @property
+    def store_target(self) -> Path | str:
+        """What ``listserv.store.open_store`` opens: the SQLite file, or the PostgreSQL URL."""
+        return self.store.url if self.uses_postgresql else self.db_path
 
     @property
     def maildir_root(self) -> Path:
@@ -359,7 +380,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
 
 def from_mapping(data: Mapping[str, Any], *, base: Path, source: Path | None = None) -> Config:
     """Validate an already-parsed TOML document (tests build configs this way)."""
-    known = {"server", "delivery", "dkim", "archive", "list_defaults", "lists", "limits", "web", "dns"}
+    known = {"server", "delivery", "dkim", "archive", "list_defaults", "lists", "limits", "web", "dns", "store"}
     for key in data:
         if key not in known:
             raise ConfigError(f"unknown section [{key}]; known sections: {', '.join(sorted(known))}")
@@ -479,6 +500,10 @@ def from_mapping(data: Mapping[str, Any], *, base: Path, source: Path | None = N
         # RFC 8058 §3.1: the one-click URI must be HTTPS.
         raise ConfigError("[web] base_url: must be an https:// URL (RFC 8058 one-click needs HTTPS)")
 
+    st = _Section("store", data.get("store", {}))
+    store = StoreConfig(url=st.get("url", _store_url(server.state_dir), ""))
+    st.finish()
+
     raw_defaults = data.get("list_defaults", {})
     if not isinstance(raw_defaults, dict):
         raise ConfigError("[list_defaults] must be a table")
@@ -507,7 +532,26 @@ def from_mapping(data: Mapping[str, Any], *, base: Path, source: Path | None = N
             )
         )
         t.finish()
-    return Config(server, delivery, dkim, archive, list_defaults, lists=tuple(seeds), limits=limits, web=web, dns=dns, source=source)
+    return Config(server, delivery, dkim, archive, list_defaults, lists=tuple(seeds), limits=limits, web=web, dns=dns, source=source,
+                  store=store)
+
+
+def sqlite_path(url: str) -> Path:
+    """``sqlite:///var/lib/x.db`` (and ``sqlite:////var/...``) -> /var/lib/x.db: always absolute."""
+    return Path("/" + url.removeprefix("sqlite:///").lstrip("/"))
+
+
+def _store_url(state_dir: Path) -> Callable[[Any], str]:
+    """``[store] url``: "" or sqlite:///PATH ({state_dir} allowed) or postgresql://..."""
+    def parse(value: Any) -> str:
+        url = _str(value).replace("{state_dir}", str(state_dir))
+        if url == "" or url.startswith(("postgresql://", "postgres://")):
+            return url
+        if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+            return url
+        raise ValueError(f"{value!r} is not a store URL; use sqlite:///{{state_dir}}/listserv.sqlite3 (the default)"
+                         " or postgresql://USER@HOST/DATABASE")
+    return parse
 
 
 def _networks(value: Any) -> list[str]:

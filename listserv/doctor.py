@@ -42,7 +42,7 @@ from listserv.config import Config
 from listserv import dmarc
 from listserv.dns import DnspythonResolver, DnsTemporaryError, Resolver
 from listserv.errors import ListservError
-from listserv.store import Store
+from listserv.store import Store, open_store
 
 __all__ = ["Check", "Status", "make_resolver", "run_checks"]
 
@@ -193,7 +193,7 @@ async def _stage_errors(config: Config) -> Check:
     if not config.db_path.exists():
         return Check("OK", name, f"no state database yet ({config.db_path})")
     try:
-        store = await Store.open(config.db_path)
+        store = await open_store(config.store_target)
     except ListservError as exc:
         return Check("FAIL", name, f"cannot read the state database: {exc}")
     try:

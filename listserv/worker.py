@@ -50,7 +50,7 @@ from listserv.fanout import POLL, Fanout
 from listserv.membership import MembershipStage
 from listserv.postmaster import PostmasterStage
 from listserv.prepare import CLAIM, Preparer
-from listserv.store import Store
+from listserv.store import Store, open_store
 from listserv.transport import Transport
 from listserv.unsubscribe import Tokens
 from listserv.wake import Wakeup
@@ -189,7 +189,7 @@ async def _serve(config: Config, slot: int, connections: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     key = dkim.load_keys(config.dkim, config.server.domain)
-    store = await Store.open(config.db_path)
+    store = await open_store(config.store_target)
     wakeup = LocalWakeup(wake_dir(config.server.state_dir))
     await wakeup.start()
     resolver = DnspythonResolver(config.dns.nameservers, timeout=config.dns.timeout)

@@ -1,4 +1,9 @@
-"""Shared fixtures: a real listserv on 127.0.0.1:0, an aiosmtpd sink as the relay, real SQLite files."""
+"""Shared fixtures: a real listserv on 127.0.0.1:0, an aiosmtpd sink as the relay, real SQLite files.
+
+With ``LISTSERV_TEST_STORE=postgresql`` every config made here (and the store
+fixtures) use a fresh database on a throwaway PostgreSQL server instead
+(tests/pgserver.py): the same tests, the other backend.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from listserv import dkim
 from listserv.app import App
 from listserv.dns import DictResolver
 
+import pgserver
+
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 DOMAIN = "lists.example.org"
@@ -43,6 +50,41 @@ def require(condition: bool, reason: str) -> None:
     if os.environ.get("LISTSERV_STRICT_SKIPS") == "1":
         pytest.fail(f"required in CI: {reason}")
     pytest.skip(reason)
+
+
+def store_target(tmp_path: Path, name: str = "x.sqlite3") -> Path | str:
+    """Where a test's store lives: a SQLite file in tmp_path, or a fresh PostgreSQL database."""
+    if pgserver.BACKEND != "postgresql":
+        return tmp_path / name
+    return postgres_url()
+
+
+def postgres_url() -> str:
+    """A fresh database on the throwaway server; skips (fails in CI) where there is none."""
+    try:
+        return pgserver.fresh_url()
+    except RuntimeError as exc:
+        require(False, str(exc))
+        raise
+
+
+def committed(target: Path | str, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows read through a fresh connection (only committed data is visible), on either backend."""
+    if isinstance(target, str):
+        import psycopg
+
+        from listserv.store.pg import translate
+
+        with psycopg.connect(target, autocommit=True) as conn:
+            cur = conn.execute(translate(query).removesuffix(" RETURNING id"), params)
+            return [tuple(r) for r in cur.fetchall()] if cur.description else []
+    import sqlite3
+
+    conn = sqlite3.connect(target)
+    try:
+        return [tuple(r) for r in conn.execute(query, params).fetchall()]
+    finally:
+        conn.close()
 
 
 def perl_verifier() -> Path:
@@ -148,6 +190,8 @@ def make_config(tmp_path: Path, relay_port: int | None = None, **sections: dict[
         "dkim": {"selector": SELECTOR, "private_key": str(tmp_path / "dkim.key")},
         "archive": {"dir": str(tmp_path / "archive"), "base_url": "https://archiwum.example.org/"},
     }
+    if pgserver.BACKEND == "postgresql" and "store" not in sections:
+        data["store"] = {"url": postgres_url()}
     for name, values in sections.items():
         data.setdefault(name, {}).update(values) if isinstance(values, dict) else data.__setitem__(name, values)
     return config_mod.from_mapping(data, base=tmp_path)

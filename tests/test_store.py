@@ -19,7 +19,8 @@ import pytest
 
 from listserv.store import schema as store_mod
 from listserv.errors import DuplicateError, StoreError, UnknownList
-from listserv.store import IncomingRow, Outcome, Store
+from conftest import committed, store_target
+from listserv.store import IncomingRow, Outcome, Store, open_store
 
 LIST = "seap-planning"
 OTHER = "energy-management"
@@ -28,13 +29,20 @@ FAR_FUTURE = 1e12  # a timestamp later than any row's
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
+def db_path(tmp_path: Path) -> Path | str:
+    """The store's SQLite file, or with LISTSERV_TEST_STORE=postgresql its database's URL."""
+    return store_target(tmp_path)
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> Path:
+    """A SQLite file, whatever LISTSERV_TEST_STORE says: the tests of SQLite's own behaviour."""
     return tmp_path / "x.sqlite3"
 
 
 @pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    s = await Store.open(db_path)
+async def store(db_path: Path | str) -> AsyncIterator[Store]:
+    s = await open_store(db_path)
     try:
         yield s
     finally:
@@ -43,14 +51,10 @@ async def store(db_path: Path) -> AsyncIterator[Store]:
 
 def sql(path: Path, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     """Read through a fresh connection: only committed data is visible."""
-    conn = sqlite3.connect(path)
-    try:
-        return list(conn.execute(query, params).fetchall())
-    finally:
-        conn.close()
+    return committed(path, query, params)
 
 
-def count(path: Path, table: str, where: str = "1", params: tuple[Any, ...] = ()) -> int:
+def count(path: Path | str, table: str, where: str = "1 = 1", params: tuple[Any, ...] = ()) -> int:
     return int(sql(path, f"SELECT count(*) FROM {table} WHERE {where}", params)[0][0])
 
 
@@ -106,11 +110,12 @@ async def open_expecting_error(path: Path) -> tuple[StoreError, list[threading.T
 # -- schema -----------------------------------------------------------------------------------------------
 
 
-async def test_new_database_gets_the_current_schema_version(store: Store, db_path: Path) -> None:
+async def test_new_database_gets_the_current_schema_version(sqlite_db: Path) -> None:
+    await (await Store.open(sqlite_db)).close()
     assert len(store_mod.MIGRATIONS) >= 1
-    assert sql(db_path, "PRAGMA user_version") == [(len(store_mod.MIGRATIONS),)]
-    assert sql(db_path, "PRAGMA journal_mode") == [("wal",)]
-    tables = {r[0] for r in sql(db_path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert sql(sqlite_db, "PRAGMA user_version") == [(len(store_mod.MIGRATIONS),)]
+    assert sql(sqlite_db, "PRAGMA journal_mode") == [("wal",)]
+    tables = {r[0] for r in sql(sqlite_db, "SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"lists", "members", "bans", "incoming", "outbox", "deliveries"} <= tables
 
 
@@ -120,8 +125,8 @@ async def test_parent_directories_are_created(tmp_path: Path) -> None:
     assert (tmp_path / "nowy" / "stan" / "listserv.sqlite3").is_file()
 
 
-async def test_reopening_keeps_data_and_does_not_migrate_again(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    s = await Store.open(db_path)
+async def test_reopening_keeps_data_and_does_not_migrate_again(sqlite_db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = await Store.open(sqlite_db)
     await s.create_list(LIST, {"title": "Planowanie SEAP"}, [])
     await s.add_members(LIST, POLISH_MEMBERS)
     await s.close()
@@ -131,44 +136,44 @@ async def test_reopening_keeps_data_and_does_not_migrate_again(db_path: Path, mo
     # fail if it ran; one new migration is added.  Only the new one may run.
     poisoned = tuple("THIS IS NOT SQL" for _ in store_mod.MIGRATIONS)
     monkeypatch.setattr(store_mod, "MIGRATIONS", (*poisoned, "CREATE TABLE nowa_tabela (x INTEGER)"))
-    s = await Store.open(db_path)
+    s = await Store.open(sqlite_db)
     try:
         assert [m.display_name for m in await s.members(LIST)] == [
             "Anna Kowalska", "Łukasz Świątek", "Zofia Żółkiewska"]
         assert (await s.get_list(LIST)).settings_json == '{"title": "Planowanie SEAP"}'
     finally:
         await s.close()
-    assert sql(db_path, "PRAGMA user_version") == [(version + 1,)]
-    assert sql(db_path, "SELECT name FROM sqlite_master WHERE name = 'nowa_tabela'") == [("nowa_tabela",)]
+    assert sql(sqlite_db, "PRAGMA user_version") == [(version + 1,)]
+    assert sql(sqlite_db, "SELECT name FROM sqlite_master WHERE name = 'nowa_tabela'") == [("nowa_tabela",)]
 
     # And opening once more runs nothing at all.
     monkeypatch.setattr(store_mod, "MIGRATIONS", (*poisoned, "THIS IS NOT SQL EITHER"))
-    s = await Store.open(db_path)
+    s = await Store.open(sqlite_db)
     await s.close()
-    assert sql(db_path, "PRAGMA user_version") == [(version + 1,)]
+    assert sql(sqlite_db, "PRAGMA user_version") == [(version + 1,)]
 
 
-async def test_newer_schema_is_refused_with_a_clear_error(db_path: Path) -> None:
+async def test_newer_schema_is_refused_with_a_clear_error(sqlite_db: Path) -> None:
     newer = len(store_mod.MIGRATIONS) + 5
-    conn = sqlite3.connect(db_path)
+    conn = sqlite3.connect(sqlite_db)
     conn.execute("CREATE TABLE z_przyszlosci (x)")
     conn.execute(f"PRAGMA user_version = {newer}")
     conn.commit()
     conn.close()
-    exc, _ = await open_expecting_error(db_path)
+    exc, _ = await open_expecting_error(sqlite_db)
     message = str(exc)
-    assert str(db_path) in message
+    assert str(sqlite_db) in message
     assert f"schema version {newer}" in message
     assert "upgrade listserv" in message
-    assert sql(db_path, "PRAGMA user_version") == [(newer,)]  # untouched
-    assert sql(db_path, "SELECT name FROM sqlite_master WHERE name = 'lists'") == []
+    assert sql(sqlite_db, "PRAGMA user_version") == [(newer,)]  # untouched
+    assert sql(sqlite_db, "SELECT name FROM sqlite_master WHERE name = 'lists'") == []
 
 
-async def test_a_file_that_is_not_a_database_is_a_store_error(db_path: Path) -> None:
-    db_path.write_bytes(b"To nie jest baza danych. " * 200)
-    exc, _ = await open_expecting_error(db_path)
+async def test_a_file_that_is_not_a_database_is_a_store_error(sqlite_db: Path) -> None:
+    sqlite_db.write_bytes(b"To nie jest baza danych. " * 200)
+    exc, _ = await open_expecting_error(sqlite_db)
     assert "cannot open the state database" in str(exc)
-    assert str(db_path) in str(exc)
+    assert str(sqlite_db) in str(exc)
 
 
 def _newer_schema(path: Path) -> None:
@@ -183,9 +188,9 @@ def _not_a_database(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", [_newer_schema, _not_a_database], ids=["newer-schema", "not-a-database"])
-async def test_failed_open_leaves_no_connection_threads(db_path: Path, damage: Any) -> None:
-    damage(db_path)
-    _, leaked = await open_expecting_error(db_path)
+async def test_failed_open_leaves_no_connection_threads(sqlite_db: Path, damage: Any) -> None:
+    damage(sqlite_db)
+    _, leaked = await open_expecting_error(sqlite_db)
     assert leaked == []
 
 
@@ -460,16 +465,16 @@ async def test_submit_incoming_failure_reaches_every_waiting_session(store: Stor
     assert count(db_path, "incoming") == 1
 
 
-async def test_submit_after_close_is_refused(db_path: Path) -> None:
-    s = await Store.open(db_path)
+async def test_submit_after_close_is_refused(db_path: Path | str) -> None:
+    s = await open_store(db_path)
     await s.close()
     with pytest.raises(StoreError, match="store closed"):
         await s.submit_incoming([incoming(1)])
     await s.close()  # closing twice is harmless
 
 
-async def test_close_answers_a_session_whose_commit_is_in_flight(db_path: Path) -> None:
-    s = await Store.open(db_path)
+async def test_close_answers_a_session_whose_commit_is_in_flight(db_path: Path | str) -> None:
+    s = await open_store(db_path)
     list_id = await s.create_list(LIST, {}, [])
     task = asyncio.create_task(s.submit_incoming([incoming(list_id)]))
     await asyncio.sleep(0)  # the session queues its row and starts the committer

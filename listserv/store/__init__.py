@@ -26,9 +26,12 @@ rejected, queued) -> ``outbox`` (one rewritten, signed message) ->
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from listserv.store.archive import ArchivePart
 from listserv.store.digests import DigestCopy, DigestEntry, DigestsPart, DigestState, next_number
 from listserv.store.people import PeoplePart
+from listserv.store.pg import PgBase, is_url
 from listserv.store.queue import QueuePart
 from listserv.store.records import (
     DELIVERY_MODES,
@@ -56,10 +59,21 @@ from listserv.store.work import WorkPart
 __all__ = [
     "DELIVERY_MODES", "DELIVERY_STATES", "DIGEST_MODES", "DigestCopy", "DigestEntry", "DigestPost", "DigestState", "next_number",
     "MIGRATIONS", "Recipient", "ROLES", "ArchiveEntry", "BounceState", "ConsentEvent", "DueDelivery",
-    "IncomingRecord", "IncomingRow", "ListRecord", "MemberRecord", "Outcome", "PolicySnapshot", "Store",
-    "TokenRecord",
+    "IncomingRecord", "IncomingRow", "ListRecord", "MemberRecord", "Outcome", "PolicySnapshot", "PgStore", "Store",
+    "TokenRecord", "open_store",
 ]
 
 
 class Store(QueuePart, PeoplePart, DigestsPart, ArchivePart, StatusPart, WorkPart):
-    """The state database: every part over one pair of connections.  Open with ``await Store.open(path)``."""
+    """The state database: every part over one pair of connections.  Open with ``await open_store(target)``."""
+
+
+class PgStore(PgBase, Store):
+    """The same parts on PostgreSQL (listserv.store.pg): several nodes, one state."""
+
+
+async def open_store(target: Path | str) -> Store:
+    """The store at ``Config.store_target``: a SQLite file, or a ``postgresql://`` URL."""
+    if is_url(target):
+        return await PgStore.open_url(str(target))  # type: ignore[no-any-return]
+    return await Store.open(Path(target))

@@ -18,6 +18,19 @@ from listserv.store.records import (
 )
 
 
+def _integrity_errors() -> tuple[type[Exception], ...]:
+    try:
+        import psycopg
+    except ImportError:
+        return (aiosqlite.IntegrityError,)
+    return (aiosqlite.IntegrityError, psycopg.IntegrityError)
+
+
+# A unique or foreign-key violation, on either backend (the parts catch it in
+# the few places where it means "exists already").
+INTEGRITY_ERRORS = _integrity_errors()
+
+
 class StoreBase:
     """The connections every part uses.  Open a whole store with ``await Store.open(path)``."""
 

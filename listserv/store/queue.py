@@ -187,7 +187,7 @@ class QueuePart(IncomingPart):
             " min(CASE WHEN d.status = 'pending' THEN d.next_attempt_at END),"
             " max(CASE WHEN d.status = 'pending' AND d.attempts > 0 THEN d.last_reply END)"
             " FROM outbox o JOIN deliveries d ON d.outbox_id = o.id LEFT JOIN lists l ON l.id = o.list_id"
-            " GROUP BY o.id HAVING sum(d.status = 'pending') > 0 ORDER BY o.id"
+            " GROUP BY o.id, l.name HAVING sum(d.status = 'pending') > 0 ORDER BY o.id"
         )
         return [
             {

@@ -40,7 +40,7 @@ from listserv.store import Store, open_store
 from listserv.transport import Transport, make_transport
 from listserv.digest import DigestStage
 from listserv.unsubscribe import Tokens, UnsubscribeListener, load_secret
-from listserv.wake import LocalWakeup, wake_dir
+from listserv.wake import LocalWakeup, make_wakeup
 from listserv.worker import Worker, connections_for
 
 __all__ = ["App", "Supervisor", "run", "setup_logging", "load_or_create_key", "seed_lists"]
@@ -148,7 +148,7 @@ class App:
         resolver = self._resolver or DnspythonResolver(config.dns.nameservers, timeout=config.dns.timeout)
         self.tokens = Tokens(load_secret(config.server.state_dir))
         # A receiver alone only tells the workers; a process with a worker listens too.
-        self.wakeup = wakeup = LocalWakeup(wake_dir(config.server.state_dir), listen=self.work)
+        self.wakeup = wakeup = make_wakeup(config.server.state_dir, config.store.url, listen=self.work)
         await wakeup.start()
         self._started = True
         if self.work:

@@ -1065,6 +1065,41 @@ async def backup_cmd(cfg: config_mod.Config, store: Store, file: Path) -> None:
     click.echo(f"also copy: {cfg.dkim.private_key}, {cfg.source or 'the config'}, {cfg.archive.dir}")
 
 
+@main.group("store")
+def store_group() -> None:
+    """The state database: moving it to PostgreSQL."""
+
+
+@store_group.command("migrate")
+@click.option("--to", "url", required=True, help="postgresql://USER@HOST/DATABASE: an empty database.")
+@config_option
+def store_migrate(config_path: Path | None, url: str) -> None:
+    """Copy this node's SQLite state into PostgreSQL and check the counts.
+
+    Stop the server first.  Every table is copied with its ids (lists,
+    members, consent history, held posts, the queue, bounces, the archive
+    index); then set ``[store] url`` to the same URL and start the nodes.
+    """
+    from listserv.store.pg import copy_from_sqlite, is_url
+
+    cfg = _load(config_path)
+    if not is_url(url):
+        _fail(f"--to {url!r}: expected a postgresql:// URL")
+    if cfg.uses_postgresql:
+        _fail("[store] url is PostgreSQL already: there is no SQLite state to copy")
+    if not cfg.db_path.exists():
+        _fail(f"no SQLite state at {cfg.db_path}")
+    try:
+        counts = asyncio.run(copy_from_sqlite(cfg.db_path, url))
+    except ListservError as exc:
+        _fail(str(exc))
+    width = max(len(t) for t in counts)
+    for table, (source, copied) in sorted(counts.items()):
+        click.echo(f"{table:<{width}}  {source:>8}  ->  {copied:>8}")
+    click.echo(f"copied {sum(c for _, c in counts.values())} rows in {len(counts)} tables; the counts match.")
+    click.echo(f'now set [store] url = "{url}" in the config of every node')
+
+
 # -- bounces: reading saved bounce messages (issue 6) -----------------------------------
 
 

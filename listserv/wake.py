@@ -25,9 +25,9 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-__all__ = ["CHANNELS", "LocalWakeup", "Wakeup", "wake_dir"]
+__all__ = ["CHANNELS", "LocalWakeup", "PgWakeup", "Wakeup", "make_wakeup", "wake_dir"]
 
 log = logging.getLogger("listserv.wake")
 
@@ -154,3 +154,101 @@ class LocalWakeup:
         if self._sender is not None:
             self._sender.close()
             self._sender = None
+
+
+class PgWakeup(LocalWakeup):
+    """Several nodes on one PostgreSQL: the local sockets, and ``NOTIFY`` for the other nodes.
+
+    A notify is told to this node's processes at once (the sockets) and to
+    every other node through ``NOTIFY listserv_wake, 'CHANNEL'`` on a
+    connection of its own, sent by a task so ``notify`` still never blocks;
+    channels notified while one is being sent are sent together after it.
+    A listening process ``LISTEN``s on another connection.  A lost
+    connection only costs wake-ups (the workers poll): it is opened again.
+    """
+
+    PG_CHANNEL = "listserv_wake"
+
+    def __init__(self, directory: Path, url: str, *, listen: bool = True) -> None:
+        super().__init__(directory, listen=listen)
+        self.url = url
+        self._outgoing: set[str] = set()
+        self._send_wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await super().start()
+        self._tasks.append(asyncio.create_task(self._send_loop(), name="wake-notify"))
+        if self.listen:
+            self._tasks.append(asyncio.create_task(self._listen_loop(), name="wake-listen"))
+
+    def notify(self, channel: str) -> None:
+        super().notify(channel)
+        if channel in self._events:
+            self._outgoing.add(channel)
+            self._send_wakeup.set()
+
+    async def _connect(self) -> Any:
+        import psycopg
+
+        return await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+
+    async def _send_loop(self) -> None:
+        conn = None
+        try:
+            while True:
+                await self._send_wakeup.wait()
+                self._send_wakeup.clear()
+                channels, self._outgoing = self._outgoing, set()
+                try:
+                    if conn is None or conn.closed:
+                        conn = await self._connect()
+                    for channel in sorted(channels):
+                        await conn.execute("SELECT pg_notify(%s, %s)", (self.PG_CHANNEL, channel))
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - the poll delivers what the wake-up would have
+                    log.debug("NOTIFY not sent", exc_info=True)
+                    if conn is not None:
+                        with contextlib.suppress(Exception):
+                            await conn.close()
+                    conn = None
+                    await asyncio.sleep(1.0)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(BaseException):
+                    await conn.close()
+
+    async def _listen_loop(self) -> None:
+        while True:
+            try:
+                conn = await self._connect()
+                try:
+                    await conn.execute(f"LISTEN {self.PG_CHANNEL}")
+                    async for note in conn.notifies():
+                        event = self._events.get(note.payload)
+                        if event is not None:
+                            event.set()
+                finally:
+                    await conn.close()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                log.debug("LISTEN connection lost; again in a second", exc_info=True)
+                await asyncio.sleep(1.0)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self._tasks = []
+        await super().close()
+
+
+def make_wakeup(state_dir: Path, store_url: str = "", *, listen: bool = True) -> LocalWakeup:
+    """The wake-ups for this node: local sockets, and NOTIFY/LISTEN when the store is PostgreSQL."""
+    if store_url.startswith(("postgresql://", "postgres://")):
+        return PgWakeup(wake_dir(state_dir), store_url, listen=listen)
+    return LocalWakeup(wake_dir(state_dir), listen=listen)

@@ -182,7 +182,7 @@ async def _serve(config: Config, slot: int, connections: int) -> None:
     from listserv.dns import DnspythonResolver
     from listserv.transport import make_transport
     from listserv.unsubscribe import load_secret
-    from listserv.wake import LocalWakeup, wake_dir
+    from listserv.wake import make_wakeup
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -190,7 +190,7 @@ async def _serve(config: Config, slot: int, connections: int) -> None:
         loop.add_signal_handler(sig, stop.set)
     key = dkim.load_keys(config.dkim, config.server.domain)
     store = await open_store(config.store_target)
-    wakeup = LocalWakeup(wake_dir(config.server.state_dir))
+    wakeup = make_wakeup(config.server.state_dir, config.store.url)
     await wakeup.start()
     resolver = DnspythonResolver(config.dns.nameservers, timeout=config.dns.timeout)
     transport = make_transport(config.delivery, config.maildir_root, config.server.hostname)

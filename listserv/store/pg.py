@@ -51,7 +51,7 @@ try:  # the driver is an extra: the embedded default never needs it
 except ImportError:  # pragma: no cover - reported by open()
     psycopg = None  # type: ignore[assignment]
 
-__all__ = ["PgConnection", "is_url", "translate", "translate_schema"]
+__all__ = ["PgConnection", "copy_from_sqlite", "is_url", "translate", "translate_schema"]
 
 MIGRATION_LOCK = 0x6C697374  # "list": the advisory lock held while migrating
 
@@ -337,6 +337,9 @@ class PgBase:
                 raise
             await self._writer.commit()
 
+    async def backup(self, target: Any) -> None:
+        await _pg_dump(str(self.path), target)
+
     async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
         return cast(list[aiosqlite.Row], await self._reader.execute_fetchall(sql, params))
 
@@ -345,6 +348,111 @@ class PgBase:
         return rows[0] if rows else None
 
 
+def _parents_first(src: Any) -> list[str]:
+    """The SQLite state's tables, each after the tables its foreign keys point at."""
+    tables = [r[0] for r in src.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+    parents = {t: {r[2] for r in src.execute(f"PRAGMA foreign_key_list({t})")} - {t} for t in tables}
+    ordered: list[str] = []
+    while len(ordered) < len(tables):
+        ready = [t for t in tables if t not in ordered and parents[t] <= set(ordered)]
+        if not ready:  # a cycle: cannot happen with this schema, but never loop forever
+            ready = [t for t in tables if t not in ordered]
+        ordered.extend(ready)
+    return ordered
+
+
+async def _pg_dump(url: str, target: Any) -> None:
+    """``listserv backup`` on PostgreSQL: pg_dump's custom format (restore with pg_restore), 0600,
+    written beside the target and linked into place, so no half file and no overwrite."""
+    import os
+    import shutil
+
+    pg_dump = shutil.which("pg_dump")
+    if pg_dump is None:
+        raise StoreError("backup of a PostgreSQL store needs pg_dump (Debian package postgresql-client)")
+    target = target.absolute()
+    if target.exists():
+        raise StoreError(f"{target} exists; backups never overwrite, give a new file name")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            pg_dump, "--format=custom", "--no-owner", f"--file={tmp}", url,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise StoreError(f"pg_dump failed: {err.decode(errors='replace').strip()[:500]}")
+        os.chmod(tmp, 0o600)  # member addresses: personal data
+        os.link(tmp, target)
+    except FileExistsError:
+        raise StoreError(f"{target} exists; backups never overwrite, give a new file name") from None
+    except OSError as exc:
+        raise StoreError(f"cannot write the backup {target}: {exc}") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 def _safe_url(url: str) -> str:
     """The URL without its password, for messages."""
     return re.sub(r"://([^:@/]*):[^@/]*@", r"://\1:***@", url)
+
+
+# -- moving an existing SQLite state to PostgreSQL --------------------------------------
+
+async def copy_from_sqlite(sqlite_path: Any, url: str) -> dict[str, tuple[int, int]]:
+    """Copy every table of a SQLite state into an empty PostgreSQL database, then count both sides.
+
+    Both are first brought to the current schema (by opening them as stores),
+    so the tables and columns are the same.  The target must hold no lists
+    yet: the copy keeps every row's id (the queue's rows point at each other).
+    Returns {table: (rows in SQLite, rows in PostgreSQL)}; raises StoreError
+    when a count differs (then the target is left as it is, for inspection).
+    """
+    import sqlite3
+
+    from listserv.store import PgStore, Store
+
+    source_store = await Store.open(sqlite_path)  # migrate the source to the current schema
+    await source_store.close()
+    target = await PgStore.open_url(url)
+    await target.close()
+    src = sqlite3.connect(f"file:{sqlite_path}?mode=ro", uri=True)
+    counts: dict[str, tuple[int, int]] = {}
+    try:
+        tables = _parents_first(src)
+        conn = await psycopg.AsyncConnection.connect(url, autocommit=False)
+        try:
+            _adapt(conn)
+            cur = await conn.execute("SELECT count(*) FROM lists")
+            row = await cur.fetchone()
+            if row and row[0]:
+                raise StoreError(f"{_safe_url(url)} has lists already; copy only into a new, empty database")
+            try:
+                for table in tables:
+                    columns = [r[1] for r in src.execute(f"PRAGMA table_info({table})")]
+                    names = ", ".join(columns)
+                    async with conn.cursor() as pg_cur:
+                        async with pg_cur.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+                            for values in src.execute(f"SELECT {names} FROM {table}"):
+                                await copy.write_row(values)
+                    if "id" in columns:  # new rows continue after the copied ones
+                        await conn.execute(
+                            f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
+                            f" coalesce((SELECT max(id) FROM {table}), 0) + 1, false)")
+                await conn.commit()
+            except psycopg.Error as exc:
+                raise StoreError(f"the copy into {_safe_url(url)} failed, nothing was kept: {exc}") from None
+            for table in tables:
+                (n_src,) = src.execute(f"SELECT count(*) FROM {table}").fetchone()
+                cur = await conn.execute(f"SELECT count(*) FROM {table}")
+                row = await cur.fetchone()
+                counts[table] = (int(n_src), int(row[0]) if row else -1)
+        finally:
+            await conn.close()
+    finally:
+        src.close()
+    wrong = {t: c for t, c in counts.items() if c[0] != c[1]}
+    if wrong:
+        raise StoreError("the copy's counts differ: " + ", ".join(f"{t} {a} -> {b}" for t, (a, b) in wrong.items()))
+    return counts

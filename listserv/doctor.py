@@ -190,7 +190,7 @@ STAGE_ERRORS_HORIZON: Final = 86400  # the doctor warns about errors of the last
 async def _stage_errors(config: Config) -> Check:
     """Each stage's last errors (prepare, deliver, requests, bounces, archive), as `status` shows them."""
     name = "stage errors"
-    if not config.db_path.exists():
+    if not config.uses_postgresql and not config.db_path.exists():
         return Check("OK", name, f"no state database yet ({config.db_path})")
     try:
         store = await open_store(config.store_target)

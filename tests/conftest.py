@@ -87,6 +87,13 @@ def committed(target: Path | str, query: str, params: tuple[Any, ...] = ()) -> l
         conn.close()
 
 
+def store_toml(config: config_mod.Config | None) -> str:
+    """The ``[store]`` table of a config file written for the CLI beside ``config`` (the same database)."""
+    if config is None or not config.store.url:
+        return ""
+    return f'[store]\nurl = "{config.store.url}"\n'
+
+
 def perl_verifier() -> Path:
     script = shared_dir() / "tools" / "verify_dkim.pl"
     require(script.exists(), f"{script} not found (set LISTSERV_SHARED)")

@@ -27,8 +27,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import DOMAIN, corpora_dir, make_config, require
+from conftest import DOMAIN, committed, corpora_dir, make_config, require, store_toml
 from listserv import archive
+from listserv import store as store_mod
 from listserv.archive_render import hide_addresses, parse_mail, safe_filename, text_to_html
 from listserv.archive_thread import Node, normalize_subject, thread_messages, tree_order
 from listserv.cli import main as cli_main
@@ -195,7 +196,7 @@ def cfg(tmp_path: Path) -> Config:
 
 
 async def open_store(cfg: Config, policy: str = "public", language: str = "pl") -> Store:
-    store = await Store.open(cfg.db_path)
+    store = await store_mod.open_store(cfg.store_target)
     if LIST not in await store.list_names():
         await store.create_list(LIST, {"title": "Planowanie SEAP", "description": "Dyskusja o SEAP w gminach.",
                                        "language": language, "archive_policy": policy}, [f"owner@{DOMAIN}"])
@@ -473,12 +474,14 @@ def test_english_interface(cfg: Config) -> None:
 # -- the CLI ---------------------------------------------------------------------------------------------------
 
 
-def write_config(tmp_path: Path) -> Path:
+def write_config(tmp_path: Path, beside: Config | None = None) -> Path:
+    """A config file for the CLI; ``beside``: on the same store as that config (either backend)."""
     path = tmp_path / "listserv.toml"
     path.write_text(
         f'[server]\ndomain = "{DOMAIN}"\nstate_dir = "state"\n[dkim]\nprivate_key = "state/dkim.key"\n'
         '[archive]\ndir = "www"\nbase_url = "https://archiwum.example.org/"\n'
-        f'[[lists]]\nname = "{LIST}"\ntitle = "Planowanie SEAP"\nowners = ["owner@{DOMAIN}"]\n'
+        + store_toml(beside)
+        + f'[[lists]]\nname = "{LIST}"\ntitle = "Planowanie SEAP"\nowners = ["owner@{DOMAIN}"]\n'
     )
     return path
 
@@ -532,11 +535,8 @@ def test_post_through_the_server_lands_in_the_archive(tmp_path: Path, start_serv
     while not page.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     if not page.exists():  # say why, for a failure seen once in a full CI run
-        import sqlite3
-
-        db = sqlite3.connect(config.db_path)
-        incoming = db.execute("SELECT id, kind, status, reason FROM incoming").fetchall()
-        archived = db.execute("SELECT id, msgid_hash FROM archive").fetchall()
+        incoming = committed(config.store_target, "SELECT id, kind, status, reason FROM incoming")
+        archived = committed(config.store_target, "SELECT id, msgid_hash FROM archive")
         files = sorted(str(p.relative_to(config.archive.dir)) for p in config.archive.dir.rglob("*"))[:40]
         raise AssertionError(f"no page; incoming={incoming} archive={archived} files={files}")
     text = page.read_text()

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from conftest import DOMAIN, make_config
+from conftest import DOMAIN, make_config, store_toml
 from listserv import archive
 from listserv.archive_render import decode_text, parse_mail, valid_text
 from listserv.cli import main as cli_main
@@ -242,8 +242,8 @@ def plain(mid: str, subject: str, body: str = "Treść wiadomości: zażółć g
 
 
 def test_a_message_that_cannot_be_rendered_is_recorded_and_the_rest_go_on(tmp_path: Path) -> None:
-    config = write_config(tmp_path)
     cfg = make_config(tmp_path, archive={"dir": str(tmp_path / "www")})
+    config = write_config(tmp_path, cfg)
     runner = CliRunner()
     mbox = tmp_path / "two.mbox"
     mbox.write_bytes(b"".join(b"From x Tue May 14 10:15:00 2024\n" + plain(f"ok.{i}@example.pl", f"Temat {i}")
@@ -358,7 +358,8 @@ def test_utf7_post_is_archived_live_and_builds_stay_green(tmp_path: Path, start_
     server.stop()
     cfg_file = tmp_path / "listserv.toml"
     cfg_file.write_text(f'[server]\ndomain = "{DOMAIN}"\nstate_dir = "{tmp_path / "state"}"\n'
-                        f'[dkim]\nprivate_key = "{tmp_path / "dkim.key"}"\n[archive]\ndir = "{config.archive.dir}"\n')
+                        f'[dkim]\nprivate_key = "{tmp_path / "dkim.key"}"\n[archive]\ndir = "{config.archive.dir}"\n'
+                        + store_toml(config))
     for args in (["archive", "build"], ["archive", "build", "--full"]):
         result = CliRunner().invoke(cli_main, ["--config", str(cfg_file), *args])
         assert result.exit_code == 0, result.output
@@ -445,7 +446,8 @@ def write_config_for(tmp_path: Path, config: Config) -> Path:
     path = tmp_path / "listserv.toml"
     path.write_text(f'[server]\ndomain = "{DOMAIN}"\nstate_dir = "{tmp_path / "state"}"\n'
                     f'[dkim]\nprivate_key = "{tmp_path / "dkim.key"}"\n'
-                    f'[archive]\ndir = "{config.archive.dir}"\nbase_url = "https://archiwum.example.org/"\n')
+                    f'[archive]\ndir = "{config.archive.dir}"\nbase_url = "https://archiwum.example.org/"\n'
+                    + store_toml(config))
     return path
 
 

@@ -34,6 +34,8 @@ from listserv.dkim import DkimKey, dns_txt_value, sign_message
 from listserv.dns import DictResolver, DnsTemporaryError, parse_nameserver, reverse_name
 from tests.conftest import corpora_dir, perl_verifier, require
 
+pytestmark = pytest.mark.one_backend  # runs once: see pyproject's markers
+
 LIST_DOMAIN = "lists.example.org"
 AUTHSERV = LIST_DOMAIN
 MEMBER_DOMAIN = "gmina.example.pl"

@@ -27,11 +27,9 @@ import email.policy
 import json
 import re
 import smtplib
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from click.testing import CliRunner
 
-from conftest import DOMAIN, SELECTOR, RunningServer, SinkHandler, free_port, make_config
+from conftest import DOMAIN, SELECTOR, RunningServer, SinkHandler, committed, free_port, make_config, store_toml
 from listserv.cli import main
 
 LIST = "energia-gmin"
@@ -166,8 +164,7 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) ->
 
 
 def sql(server: RunningServer, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    with closing(sqlite3.connect(f"file:{server.config.db_path}?mode=ro", uri=True, timeout=10)) as db:
-        return db.execute(query, params).fetchall()
+    return committed(server.config.store_target, query, params)
 
 
 def score_of(server: RunningServer, address: str) -> tuple[float, str]:
@@ -197,15 +194,16 @@ def events(server: RunningServer, address: str) -> list[tuple[str, str, str, int
         server, "SELECT source, cause, status, counted FROM bounce_events WHERE address = ? ORDER BY id", (address,))]
 
 
-def write_cli_config(tmp_path: Path) -> Path:
-    """A config file for `listserv` commands pointing at the running server's state."""
+def write_cli_config(tmp_path: Path, server: RunningServer | None = None) -> Path:
+    """A config file for `listserv` commands pointing at the running server's state (and store)."""
     q = json.dumps
     cfg = tmp_path / "listserv.toml"
     cfg.write_text(
         f"[server]\ndomain = {q(DOMAIN)}\nstate_dir = {q(str(tmp_path / 'state'))}\n"
         f"\n[dkim]\nselector = {q(SELECTOR)}\nprivate_key = {q(str(tmp_path / 'dkim.key'))}\n"
         f"\n[archive]\ndir = {q(str(tmp_path / 'archive'))}\n"
-        '\n[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = 0.5\n',
+        '\n[dns]\nnameservers = ["127.0.0.1:9"]\ntimeout = 0.5\n'
+        + store_toml(server.config if server is not None else None),
         encoding="utf-8",
     )
     return cfg
@@ -303,7 +301,7 @@ def test_only_user_unknown_counts_and_pauses_dmarc_refusals_go_to_the_owners(
     assert all(OWNER in m.rcpt_tos and len(m.rcpt_tos) == 1 for m in handler.copies_for(OWNER))
 
     # What an administrator sees.
-    cfg = write_cli_config(tmp_path)
+    cfg = write_cli_config(tmp_path, server)
     shown = listserv(cfg, "bounces").splitlines()
     assert listserv(cfg, "bounces", "show", LIST).splitlines() == shown
     assert [line.split("\t")[1] for line in shown] == sorted(GONE)  # DMARC-refused members: not listed
@@ -460,7 +458,7 @@ def test_paused_member_is_removed_after_the_reminders_and_the_owners_told(
     assert str(told[0]["Subject"]).startswith(f"[{LIST}] Wypisano")
     assert f"listserv members add {LIST} {KASIA}" in told[0].get_content()
     assert paused_notices() == 2  # no third notice
-    cfg = write_cli_config(tmp_path)
+    cfg = write_cli_config(tmp_path, server)
     assert KASIA not in listserv(cfg, "bounces")
 
 
@@ -486,7 +484,7 @@ def test_posts_accepted_during_an_outage_all_go_out_oldest_first(
     wait_for(lambda: all(r["last_reply"] for r in server.call(server.store.queue_summary())),
              "every post tried at least once")
 
-    cfg = write_cli_config(tmp_path)
+    cfg = write_cli_config(tmp_path, server)
     shown = listserv(cfg, "queue", "show").splitlines()
     assert len(shown) == len(posts)
     for line in shown:
@@ -595,7 +593,7 @@ def test_relay_answering_421_is_retried_with_growing_gaps_and_queue_retry_forces
     due = server.call(server.store.next_attempt_at())
     assert due is not None and due - time.time() > 2.0  # the sixth attempt is seconds away
     tried = len(relay.times())
-    assert listserv(write_cli_config(tmp_path), "queue", "retry") == "1 pending copies will be tried at once\n"
+    assert listserv(write_cli_config(tmp_path, server), "queue", "retry") == "1 pending copies will be tried at once\n"
     wait_for(lambda: len(relay.times()) > tried, "an attempt after `queue retry`")
     assert time.time() < due, "the attempt came only when the back-off was over anyway"
     assert server.call(server.store.delivery_counts()) == {"pending": 1}

@@ -22,6 +22,8 @@ from conftest import corpora_dir, require
 from listserv.bounces import CAUSES, KINDS, BounceReport, read_bounce
 from listserv.cli import main
 
+pytestmark = pytest.mark.one_backend  # runs once: see pyproject's markers
+
 DATA = Path(__file__).resolve().parent / "data" / "bounces"
 ADDR = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
 

@@ -31,6 +31,8 @@ from listserv.cli import main
 from listserv.settings import SETTINGS
 from listserv.store import IncomingRow, Store
 
+pytestmark = pytest.mark.one_backend  # runs once: see pyproject's markers
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data" / "cli"
 DOMAIN = "lists.example.org"

@@ -10,6 +10,8 @@ import pytest
 from conftest import corpora_dir, require
 from listserv.commands import first_text, html_to_text, normalize_word, parse_commands, parse_message
 
+pytestmark = pytest.mark.one_backend  # runs once: see pyproject's markers
+
 
 def names(subject: str, body: str) -> list[tuple[str, tuple[str, ...]]]:
     return [(c.name, c.args) for c in parse_commands(subject, body).commands]

@@ -19,6 +19,8 @@ from listserv import config as config_mod
 from listserv.config import Config, ConfigError, HostPort
 from listserv.settings import SETTINGS, AttachmentPolicy, ListSettings
 
+pytestmark = pytest.mark.one_backend  # runs once: see pyproject's markers
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.toml"
 CONFIG_PY = ROOT / "listserv" / "config.py"

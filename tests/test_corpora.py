@@ -25,10 +25,8 @@ Run with ``-s`` for the summary (outcome counts and the reasons).
 
 from __future__ import annotations
 
-import contextlib
 import re
 import smtplib
-import sqlite3
 from collections import Counter
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
@@ -38,7 +36,8 @@ from pathlib import Path
 import dkim as dkimpy
 import pytest
 
-from conftest import DOMAIN, SinkHandler, corpora_dir, dkim_dnsfunc, make_config, require, verify_with_perl
+from conftest import (DOMAIN, SinkHandler, committed, corpora_dir, dkim_dnsfunc, make_config, require,
+                      verify_with_perl)
 from listserv import message as msgmod
 
 
@@ -100,10 +99,9 @@ def top_header(data: bytes, name: str) -> str:
 PREPARE_FAILED = "could not be prepared"
 
 
-def stored_posts(db_path: Path) -> dict[int, list[tuple[int, str, str]]]:
+def stored_posts(target: Path | str) -> dict[int, list[tuple[int, str, str]]]:
     """incoming rows of posts by X-Corpus-Id: (row id, status, reason); read-only."""
-    with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
-        rows = db.execute("SELECT id, status, reason, data FROM incoming WHERE kind = 'post' ORDER BY id").fetchall()
+    rows = committed(target, "SELECT id, status, reason, data FROM incoming WHERE kind = 'post' ORDER BY id")
     out: dict[int, list[tuple[int, str, str]]] = {}
     for row_id, status, reason, data in rows:
         ident = top_header(bytes(data), "X-Corpus-Id")
@@ -195,7 +193,7 @@ def test_messy_corpora_through_the_real_server(tmp_path: Path, sink: tuple[SinkH
     server.drain(timeout=120)
 
     # The store's view after the first pass: each post found by its X-Corpus-Id.
-    first = stored_posts(server.config.db_path)
+    first = stored_posts(server.config.store_target)
     # A moderator then approves every post held by a posting rule (mostly "no subject"),
     # so that those messages go through the rewrite and the signing too.
     approved: dict[int, str] = {}
@@ -206,7 +204,7 @@ def test_messy_corpora_through_the_real_server(tmp_path: Path, sink: tuple[SinkH
                                                          reason="approved by a moderator"))
             approved[ident] = reason
     server.drain(timeout=120)
-    stored = stored_posts(server.config.db_path)
+    stored = stored_posts(server.config.store_target)
 
     # What reached the relay: copies (with X-Corpus-Id on top) and held notices (without).
     copies: dict[int, list[tuple[list[str], bytes]]] = {}
@@ -329,8 +327,7 @@ def test_member_post_without_from_header_is_delivered_or_refused(
         client.rcpt(POST_ADDR)
         code, text = client.data(post)
     server.drain()
-    with contextlib.closing(sqlite3.connect(f"file:{server.config.db_path}?mode=ro", uri=True)) as db:
-        rows = db.execute("SELECT status, reason FROM incoming WHERE kind = 'post'").fetchall()
+    rows = committed(server.config.store_target, "SELECT status, reason FROM incoming WHERE kind = 'post'")
     if 500 <= code < 600:  # refused clearly at SMTP: fine, as long as nothing was kept
         assert rows == []
         return

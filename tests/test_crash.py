@@ -45,7 +45,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from conftest import DOMAIN, ROOT, SELECTOR, dkim_dnsfunc, free_port
 from listserv import dkim
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.one_backend]
 
 LIST = "energia-gmin"
 POST_ADDR = f"{LIST}@{DOMAIN}"

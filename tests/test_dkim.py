@@ -41,6 +41,8 @@ from listserv.dkim import (
     split_message,
 )
 
+pytestmark = pytest.mark.one_backend  # runs once: see pyproject's markers
+
 DOMAIN = "lists.example.org"
 SELECTOR = "listserv"
 DNS_NAME = f"{SELECTOR}._domainkey.{DOMAIN}"

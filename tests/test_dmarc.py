@@ -10,6 +10,8 @@ from listserv.auth import verify_inbound
 from listserv.dmarc import discover, is_strict, organizational_domain
 from listserv.dns import DictResolver
 
+pytestmark = pytest.mark.one_backend  # runs once: see pyproject's markers
+
 POST = (
     "From: Łukasz Żółć <lukasz@um.krakow.pl>\r\n"
     "To: seap-planning@lists.example.org\r\n"

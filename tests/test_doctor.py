@@ -24,6 +24,8 @@ from listserv import dkim, doctor
 from listserv.cli import main
 from listserv.dns import DictResolver
 
+pytestmark = pytest.mark.one_backend  # runs once: see pyproject's markers
+
 DOMAIN = "lists.example.org"
 SELECTOR = "test"
 ED_SELECTOR = "ed"

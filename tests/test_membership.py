@@ -6,7 +6,6 @@ import email
 import email.policy
 import re
 import smtplib
-import sqlite3
 import time
 from email.message import EmailMessage
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import dkim as dkimpy
 import pytest
 
-from conftest import DOMAIN, SinkHandler, dkim_dnsfunc, make_config
+from conftest import DOMAIN, SinkHandler, committed, dkim_dnsfunc, make_config
 
 LIST = "energy-management"
 OWNER = "wlasciciel@kape.gov.pl"
@@ -196,8 +195,7 @@ def test_flooding_join_requests_sends_at_most_one_confirmation(running) -> None:
              mail(attacker, f"{LIST}-request@{DOMAIN}", "join", f"join address={victim}"))
     server.drain()
     assert len(sink.copies_for(victim)) == 1  # one pending confirmation, no resend within the hour
-    tokens = sqlite3.connect(server.config.db_path).execute(
-        "SELECT count(*) FROM tokens WHERE address = ?", (victim,)).fetchone()[0]
+    [(tokens,)] = committed(server.config.store_target, "SELECT count(*) FROM tokens WHERE address = ?", (victim,))
     assert tokens == 1
 
 
@@ -223,7 +221,7 @@ def test_automatic_mail_is_never_answered(running, headers, mail_from) -> None: 
                                                                  **headers))
     server.drain()
     assert sink.messages == []
-    reasons = [r[0] for r in sqlite3.connect(server.config.db_path).execute("SELECT reason FROM incoming")]
+    reasons = [r[0] for r in committed(server.config.store_target, "SELECT reason FROM incoming")]
     assert all(r.startswith("ignored") for r in reasons) and len(reasons) == 2
 
 
@@ -280,8 +278,7 @@ def test_moderation_by_reply_first_moderator_wins(running) -> None:  # type: ign
     approve = actions["approve"]
     send(server.port, OWNER, approve, mail(OWNER, approve, "Re: Do moderacji", ""))
     server.drain()
-    held = sqlite3.connect(server.config.db_path).execute(
-        "SELECT status, reason FROM incoming WHERE kind = 'post'").fetchone()
+    held = committed(server.config.store_target, "SELECT status, reason FROM incoming WHERE kind = 'post'")[0]
     assert held[0] == "rejected" and MODERATOR in held[1]
     rejection = [parsed(c.data) for c in sink.copies_for(STRANGER)][-1]
     assert "Proszę najpierw dołączyć do listy." in rejection.get_content()
@@ -382,8 +379,7 @@ def test_daily_reminder_and_expiry_of_held_posts(running) -> None:  # type: igno
     stage.clock = lambda: later
     server.call(stage._expire_and_remind(later))
     server.drain()
-    status = sqlite3.connect(server.config.db_path).execute(
-        "SELECT status FROM incoming WHERE kind = 'post'").fetchone()[0]
+    status = committed(server.config.store_target, "SELECT status FROM incoming WHERE kind = 'post'")[0][0]
     assert status == "expired"
     told = parsed(sink.copies_for(STRANGER)[-1].data)
     assert told["Subject"].startswith("Wiadomość wygasła bez decyzji")

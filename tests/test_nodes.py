@@ -39,7 +39,7 @@ from test_crash import (
     write_config,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.one_backend]
 
 LEASE = 4  # seconds: how long a dead node's claims stand before the other node takes them
 

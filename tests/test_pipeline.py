@@ -20,6 +20,8 @@ from listserv.pipeline import RULES, decide, explain
 from listserv.settings import AttachmentPolicy, ListSettings
 from listserv.types import Accept, Discard, Hold, Reject, Reply
 
+pytestmark = pytest.mark.one_backend  # runs once: see pyproject's markers
+
 LIST = "seap-planning"
 DOMAIN = "lists.example.org"
 LABEL = f"{LIST}.{DOMAIN}"

@@ -41,7 +41,7 @@ import pytest
 from conftest import DOMAIN, ROOT, SELECTOR, SinkHandler, dkim_dnsfunc, free_port, require, verify_with_perl
 from listserv import dkim
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.one_backend]
 
 LIST = "seap-planning"
 POST_ADDR = f"{LIST}@{DOMAIN}"

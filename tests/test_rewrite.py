@@ -27,6 +27,8 @@ from listserv.rewrite import (
 )
 from listserv.settings import AttachmentPolicy, ListSettings
 
+pytestmark = pytest.mark.one_backend  # runs once: see pyproject's markers
+
 DATA = Path(__file__).parent / "data" / "rewrite"
 SUBJ = "Zażółć gęślą jaźń — harmonogram SEAP"
 SUBJ_NO_DASH = SUBJ.replace("—", "-")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import email
 import email.policy
 import smtplib
-import sqlite3
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import dkim as dkimpy
 import pytest
 
 from listserv.fanout import bounces_address
-from conftest import DOMAIN, SinkHandler, dkim_dnsfunc, make_config, verify_with_perl
+from conftest import DOMAIN, SinkHandler, committed, dkim_dnsfunc, make_config, verify_with_perl, store_toml
 
 LIST = "seap-planning"
 POST_ADDR = f"{LIST}@{DOMAIN}"
@@ -253,8 +252,7 @@ def test_loops_and_automatic_mail_are_not_distributed(running) -> None:  # type:
     send(server.port, "", [POST_ADDR], POLISH_POST)
     server.drain()
     assert sink.messages == []
-    rows = sqlite3.connect(server.config.db_path).execute(
-        "SELECT status, reason FROM incoming ORDER BY id").fetchall()
+    rows = committed(server.config.store_target, "SELECT status, reason FROM incoming ORDER BY id")
     assert [r[0] for r in rows] == ["discarded"] * 3
     assert "loop" in rows[0][1] and "Auto-Submitted" in rows[1][1] and "envelope" in rows[2][1]
 
@@ -282,14 +280,13 @@ def test_lmtp_replies_per_recipient(tmp_path: Path, sink, start_server) -> None:
 
 def test_internal_error_is_451_and_server_keeps_serving(running) -> None:  # type: ignore[no-untyped-def]
     server, sink = running
-    db = sqlite3.connect(server.config.db_path, isolation_level=None)
-    db.execute("ALTER TABLE incoming RENAME TO incoming_away")
+    committed(server.config.store_target, "ALTER TABLE incoming RENAME TO incoming_away")
     try:
         with pytest.raises(smtplib.SMTPDataError) as exc:
             send(server.port, MEMBERS[0], [POST_ADDR], POLISH_POST)
         assert exc.value.smtp_code == 451 and b"4.3.0" in exc.value.smtp_error
     finally:
-        db.execute("ALTER TABLE incoming_away RENAME TO incoming")
+        committed(server.config.store_target, "ALTER TABLE incoming_away RENAME TO incoming")
     assert send(server.port, MEMBERS[0], [POST_ADDR], POLISH_POST) == {}
     server.drain()
     assert len(sink.recipients()) == len(MEMBERS) + 1
@@ -437,6 +434,7 @@ def test_held_post_approved_then_delivered_and_rejected_one_told(running) -> Non
     tmp_cfg.write_text(
         f'[server]\ndomain = "{DOMAIN}"\nstate_dir = "{cfg.server.state_dir}"\n'
         f'[dkim]\nselector = "{cfg.dkim.selector}"\nprivate_key = "{cfg.dkim.private_key}"\n'
+        + store_toml(cfg)
     )
     result = CliRunner().invoke(main, ["held", "reject", str(second.id), "--reason", "Proszę o krótszy wpis",
                                        "--config", str(tmp_cfg)])
@@ -493,8 +491,8 @@ def test_owner_mail_that_cannot_be_forwarded_is_recorded_and_does_not_block_the_
     send(server.port, "ktos@example.com", [f"{LIST}-owner@{DOMAIN}"],
          b"From: ktos@example.com\r\nSubject: pytanie\r\n\r\nCzy mog\xc4\x99 do\xc5\x82\xc4\x85czy\xc4\x87?\r\n")
     server.drain()
-    rows = sqlite3.connect(server.config.db_path).execute(
-        "SELECT subject, status, reason FROM incoming WHERE kind = 'owner' ORDER BY id").fetchall()
+    rows = committed(server.config.store_target,
+                     "SELECT subject, status, reason FROM incoming WHERE kind = 'owner' ORDER BY id")
     assert rows[0][1] == "failed" and "no owner" in rows[0][2]
     assert rows[1][1] == "failed" and "cannot be forwarded" in rows[1][2]
     assert rows[2][1] == "done"

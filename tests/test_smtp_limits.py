@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import smtplib
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from conftest import DOMAIN, RunningServer, SinkHandler, free_port, make_config
+from conftest import DOMAIN, RunningServer, SinkHandler, committed, free_port, make_config
 from listserv import config as config_mod
 from listserv.errors import ConfigError
 
@@ -45,14 +44,12 @@ def start(start_server: Any, tmp_path: Path, relay_port: int | None = None, **se
     return srv
 
 
-def stored(srv: RunningServer, kind: str = "post") -> list[Any]:
-    """Every incoming row of ``kind``, whatever stage it reached, read from the SQLite file."""
-    db = sqlite3.connect(srv.config.db_path)
-    db.row_factory = sqlite3.Row
-    try:
-        return list(db.execute("SELECT * FROM incoming WHERE kind = ? ORDER BY id", (kind,)))
-    finally:
-        db.close()
+def stored(srv: RunningServer, kind: str = "post") -> list[dict[str, Any]]:
+    """Every incoming row of ``kind``, whatever stage it reached, read from the store."""
+    columns = ("list_id", "status", "data")
+    rows = committed(srv.config.store_target,
+                     f"SELECT {', '.join(columns)} FROM incoming WHERE kind = ? ORDER BY id", (kind,))
+    return [dict(zip(columns, row)) for row in rows]
 
 
 class Raw:

@@ -27,6 +27,8 @@ from conftest import corpora_dir, require
 from listserv.auth import evaluate_spf
 from listserv.dns import DictResolver
 
+pytestmark = pytest.mark.one_backend  # runs once: see pyproject's markers
+
 SUITE = corpora_dir() / "spf_rfc7208" / "rfc7208-tests.yml"
 TYPES = ("TXT", "A", "AAAA", "MX", "PTR")
 

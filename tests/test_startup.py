@@ -129,7 +129,7 @@ def test_state_dir_that_cannot_be_made_exits_naming_the_setting(tmp_path: Path, 
 
 
 def test_state_files_are_private_under_umask_022(tmp_path: Path, umask_022: None, start_server) -> None:  # type: ignore[no-untyped-def]
-    config = make_config(tmp_path)
+    config = make_config(tmp_path, store={"url": ""})  # the SQLite file's own modes: SQLite on either run
     server = start_server(config)
     server.call(server.store.create_list(LIST, {}, [f"owner@{DOMAIN}"]))
     server.call(server.store.add_members(LIST, [(ANNA, "Anna Kowalska", "Urząd Gminy Wieliczka")]))
@@ -148,7 +148,7 @@ def test_state_files_are_private_under_umask_022(tmp_path: Path, umask_022: None
 
 
 def test_start_tightens_what_an_older_version_left_open(tmp_path: Path, umask_022: None, start_server) -> None:  # type: ignore[no-untyped-def]
-    config = make_config(tmp_path)
+    config = make_config(tmp_path, store={"url": ""})  # the SQLite file's own modes
     state = config.server.state_dir
     state.mkdir(mode=0o755)
     os.chmod(state, 0o755)

@@ -9,6 +9,8 @@ PostgreSQL config goes on where the SQLite one stopped.
 
 from __future__ import annotations
 
+import pytest
+
 import email
 import email.policy
 import smtplib
@@ -19,6 +21,8 @@ from click.testing import CliRunner
 
 from conftest import DOMAIN, SELECTOR, SinkHandler, committed, make_config, postgres_url
 from listserv.cli import main
+
+pytestmark = pytest.mark.one_backend  # runs once: see pyproject's markers
 
 LIST = "finansowanie"
 POST = f"{LIST}@{DOMAIN}"

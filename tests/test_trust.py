@@ -15,7 +15,7 @@ from pathlib import Path
 import dkim as dkimpy
 import pytest
 
-from conftest import DOMAIN, SinkHandler, dkim_dnsfunc, free_port, make_config, verify_with_perl
+from conftest import DOMAIN, SinkHandler, committed, dkim_dnsfunc, free_port, make_config, verify_with_perl
 from listserv import dkim
 from listserv.dns import DictResolver
 
@@ -235,10 +235,8 @@ def _auth_server(tmp_path: Path, port: int, start_server, member_key, provider_k
 
 
 def _outcome(server, msgid: str) -> tuple[str, str]:  # type: ignore[no-untyped-def]
-    import sqlite3
-
-    row = sqlite3.connect(server.config.db_path).execute(
-        "SELECT status, reason FROM incoming WHERE message_id = ?", (msgid,)).fetchone()
+    [row] = committed(server.config.store_target, "SELECT status, reason FROM incoming WHERE message_id = ?",
+                      (msgid,))
     return row[0], row[1]
 
 

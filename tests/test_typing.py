@@ -11,6 +11,8 @@ import pytest
 
 from conftest import require
 
+pytestmark = pytest.mark.one_backend  # runs once: see pyproject's markers
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -20,7 +20,7 @@ from conftest import DOMAIN, SinkHandler, free_port, make_config
 from listserv import config as config_mod
 from listserv.errors import ConfigError
 from listserv.rewrite import message_id_hash
-from listserv.store import ArchiveEntry, Store
+from listserv.store import ArchiveEntry, open_store
 from listserv.wake import LocalWakeup, wake_dir
 from listserv.worker import connections_for
 from test_crash import child_env, cli, wait_until, write_config
@@ -104,7 +104,7 @@ def test_the_archive_catches_up_on_start_with_posts_stored_while_it_was_down(tmp
     async def stored_before_a_crash() -> None:
         # What a worker that died right after queueing a post left: the post queued, its
         # archive row stored, no page written.
-        store = await Store.open(cfg.db_path)
+        store = await open_store(cfg.store_target)
         try:
             list_id = await store.create_list(LIST, {"title": "Energia w gminach"}, [])
             await store.enqueue(list_id=list_id, kind="post", envelope_from=f"{LIST}-bounces@{DOMAIN}",

@@ -10,6 +10,33 @@ from listserv.errors import StoreError
 from listserv.store.base import StoreBase
 
 
+class _PgReadOnly:
+    """psycopg's connection, taking the parts' SQL as sqlite3's does (translated once)."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self.conn = psycopg.connect(url, autocommit=True)
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        from listserv.store.pg import translate
+
+        return self.conn.execute(translate(sql), tuple(params))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def read_only(target: Any) -> Any:
+    """A plain, synchronous read connection for the archive's build workers (other processes):
+    sqlite3 on the SQLite file, psycopg on a postgresql:// URL."""
+    if isinstance(target, str) and target.startswith(("postgresql://", "postgres://")):
+        return _PgReadOnly(target)
+    import sqlite3
+
+    return sqlite3.connect(f"file:{target}?mode=ro", uri=True)
+
+
 class ArchivePart(StoreBase):
     # -- archive ---------------------------------------------------------------
     # The archive stage's reads and writes.  ``archive`` rows are the source of
@@ -274,7 +301,7 @@ class ArchivePart(StoreBase):
             if count_months:
                 await db.executemany(
                     "INSERT INTO archive_months (list_id, month, count) VALUES (?, ?, 1)"
-                    " ON CONFLICT (list_id, month) DO UPDATE SET count = count + 1",
+                    " ON CONFLICT (list_id, month) DO UPDATE SET count = archive_months.count + 1",
                     [(m.list_id, m.month) for m in metas],
                 )
 
@@ -283,7 +310,7 @@ class ArchivePart(StoreBase):
             await db.execute("DELETE FROM archive_months WHERE list_id = ?", (list_id,))
             await db.execute(
                 "INSERT INTO archive_months (list_id, month, count)"
-                " SELECT list_id, month, count(*) FROM archive_meta WHERE list_id = ? GROUP BY month",
+                " SELECT list_id, month, count(*) FROM archive_meta WHERE list_id = ? GROUP BY list_id, month",
                 (list_id,),
             )
 
@@ -400,10 +427,8 @@ class ArchivePart(StoreBase):
     @staticmethod
     def read_archive_data(path: Path, ids: Sequence[int]) -> dict[int, tuple[str, float, bytes]]:
         """(Message-ID, received_at, data) by row id, read with plain sqlite3 (build workers)."""
-        import sqlite3
-
         out: dict[int, tuple[str, float, bytes]] = {}
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        conn = read_only(path)
         try:
             for start in range(0, len(ids), 500):
                 chunk = list(ids[start : start + 500])
@@ -420,10 +445,8 @@ class ArchivePart(StoreBase):
     def read_archive_data_by_hash(path: Path, list_id: int,
                                   hashes: Sequence[str]) -> dict[int, tuple[str, float, bytes]]:
         """Like ``read_archive_data``, by Message-ID-Hash (an import's batch, before it knows row ids)."""
-        import sqlite3
-
         out: dict[int, tuple[str, float, bytes]] = {}
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        conn = read_only(path)
         try:
             for start in range(0, len(hashes), 500):
                 chunk = list(hashes[start : start + 500])
@@ -440,9 +463,7 @@ class ArchivePart(StoreBase):
     @staticmethod
     def read_month_meta(path: Path, list_id: int, month: str) -> list[ArchiveMetaT]:
         """A month's derived rows with their mbox entries, with plain sqlite3 (build workers)."""
-        import sqlite3
-
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        conn = read_only(path)
         try:
             cur = conn.execute(
                 f"SELECT {ArchivePart._META_COLS}, mbox FROM archive_meta WHERE list_id = ? AND month = ?"

@@ -113,7 +113,7 @@ class StatusPart(StoreBase):
             async with self.transaction() as db:
                 async with db.execute(
                     "INSERT INTO stage_errors (stage, detail, first_at, last_at) VALUES (?, ?, ?, ?)"
-                    " ON CONFLICT (stage, detail) DO UPDATE SET last_at = excluded.last_at, count = count + 1"
+                    " ON CONFLICT (stage, detail) DO UPDATE SET last_at = excluded.last_at, count = stage_errors.count + 1"
                     " RETURNING id",
                     (stage, detail, now, now),
                 ) as cur:

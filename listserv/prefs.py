@@ -365,8 +365,11 @@ class PrefsPages:
             return self._render("leave.html", lang, address=address, membership=current,
                                 form=self.form_field(token), action=f"/p/{token}", back=f"/p/{token}")
         if action == "leave_confirmed":
-            lst = await self.store.get_list(list_name)
-            await self.store.leave(lst.id, address, method="web", detail="preferences page")
+            try:
+                lst = await self.store.get_list(list_name)
+                await self.store.leave(lst.id, address, method="web", detail="preferences page")
+            except StoreError:  # the list was removed meanwhile: nothing to leave
+                return self._message(lang, "bad_title", t["bad"], 404, back=f"/p/{token}")
             log.info("left on the preferences page list=%s address=%s", list_name, address)
             text = t["left"].format(address=address, title=current.title)
             return self._render("message.html", lang, title=t["left_title"], text=text,
@@ -399,14 +402,14 @@ class PrefsPages:
             wanted = "nomail" if form.get("nomail") is not None else "enabled"
             if wanted != member.delivery:
                 changes["delivery"] = wanted
-        lst = await self.store.get_list(current.name)
         try:
+            lst = await self.store.get_list(current.name)
             if changes:
                 await self.store.set_member_options(current.name, address, changes, method="web",
                                                     detail="preferences page")
             if member.delivery == "disabled" and form.get("reenable") is not None:
                 await self.store.reenable(lst.id, address)
-        except StoreError:  # left meanwhile (another tab, a mail command)
+        except StoreError:  # left meanwhile (another tab, a mail command), or the list was removed
             return self._message(lang, "bad_title", t["bad"], 404, back=f"/p/{token}")
         log.info("preferences saved list=%s address=%s changes=%s", current.name, address,
                  ",".join(sorted(changes)) or "-")

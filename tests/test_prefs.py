@@ -378,3 +378,14 @@ def test_a_closed_list_shows_no_form(web) -> None:  # type: ignore[no-untyped-de
     status, page = get(f"{local}/j/{OTHER}")
     assert status == 200 and "zapisują tylko jej właściciele" in page and f"{OTHER}-owner@{DOMAIN}" in page
     assert forms_of(page) == []
+
+
+def test_a_list_removed_while_the_page_was_open_is_a_clear_404(web) -> None:  # type: ignore[no-untyped-def]
+    server, _, local = web
+    url, body = prefs_page(server, local, ANNA)
+    form = list_form(body, OTHER)
+    server.call(server.store.remove_list(OTHER))
+    for action in ("save", "leave_confirmed"):
+        status, page, _ = post(url, dict(form["fields"], action=action))
+        assert status == 404 and "Nieważny link" in page, (action, status)
+    assert member(server, LIST, ANNA) is not None  # her other list is untouched

@@ -352,14 +352,14 @@ def _attachment_links(mail: Mail) -> list[dict[str, str]]:
 def write_message_dir(info: ListInfo, root: Path, meta: ArchiveMeta, mail: Mail, parent: ArchiveMeta | None,
                       replies: Sequence[ArchiveMeta], thread_count: int) -> None:
     r = renderer()
-    mdir = root / info.name / "m" / meta.msgid_hash
+    mdir = f"{root}/{info.name}/m/{meta.msgid_hash}"  # strings, not Paths: this runs once per message
     if getattr(_local, "direct", False):
         try:
             os.mkdir(mdir)  # a fresh tree: "m" exists, this folder (usually) not
         except FileExistsError:
             pass
     for a in mail.attachments:
-        write_atomic(mdir / str(a.index) / a.filename, a.data)
+        write_atomic(f"{mdir}/{a.index}/{a.filename}", a.data)
     t = STRINGS[info.lang]
     canonical = f"{info.list_url}m/{meta.msgid_hash}/" if info.list_url else ""
     header_id = mail.headers.message_id
@@ -370,7 +370,7 @@ def write_message_dir(info: ListInfo, root: Path, meta: ArchiveMeta, mail: Mail,
         parent=parent, replies=sorted(replies, key=lambda m: (m.date, m.archive_id)),
         original_id=mail.original_id if mail.original_id and mail.original_id != header_id else "",
     )
-    write_atomic(mdir / "index.html", page)
+    write_atomic(f"{mdir}/index.html", page)
 
 
 def render_thread(info: ListInfo, root: Path, thread: str, metas: Sequence[ArchiveMeta], mails: dict[int, Mail],

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import datetime
 import functools
+import math
+import time
 import zoneinfo
 from collections.abc import Sequence
 from typing import Any
@@ -43,28 +45,63 @@ def _local(ts: float, tz: str) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(0, zone(tz))
 
 
-def _offset(d: datetime.datetime) -> str:
-    off = d.strftime("%z")  # +0100
-    return f"{off[:3]}:{off[3:]}" if len(off) == 5 else "+00:00"
+@functools.lru_cache(maxsize=65536)
+def _hour_offset(hour: int, tz: str) -> int:
+    """The zone's UTC offset in seconds during the UTC hour ``hour`` (hours since the epoch).
+
+    Zone rules change offsets on whole hours, or quarter hours at worst,
+    never inside the first minute of an hour; an hour's offset is its
+    start's, and the hour that holds a change is read exactly (below).
+    """
+    start = _local(hour * 3600.0, tz).utcoffset()
+    end = _local(hour * 3600.0 + 3599.0, tz).utcoffset()
+    if start != end:
+        return -1  # a change inside this hour: each timestamp is converted on its own
+    return int(start.total_seconds()) if start is not None else 0
+
+
+def _fields(ts: float, tz: str) -> tuple[time.struct_time, int]:
+    """Local time fields and the UTC offset (seconds) of ``ts``: one C call, the offset cached per hour."""
+    try:
+        off = _hour_offset(int(ts // 3600), tz)
+        if off == -1:
+            delta = _local(ts, tz).utcoffset()
+            off = int(delta.total_seconds()) if delta is not None else 0
+        # Whole seconds as datetime counts them: the fraction rounded to microseconds first.
+        seconds = math.floor(ts)
+        if round((ts - seconds) * 1e6) >= 1_000_000:
+            seconds += 1
+        return time.gmtime(seconds + off), off
+    except (OverflowError, OSError, ValueError):
+        return time.gmtime(0), 0
+
+
+def _offset_text(off: int, seconds: bool = False) -> str:
+    sign = "-" if off < 0 else "+"
+    minutes, secs = divmod(abs(off), 60)
+    hours, minutes = divmod(minutes, 60)
+    # Offsets with seconds are the local mean times of before 1900; RFC 3339 has no seconds there.
+    return f"{sign}{hours:02d}:{minutes:02d}" + (f":{secs:02d}" if seconds and secs else "")
 
 
 @functools.lru_cache(maxsize=16384)  # each date is shown on several pages (message, thread, month twice, search)
 def fmt_date(ts: float, tz: str) -> str:
     """``2024-03-05 14:30 +01:00``: local time as readers see it, with the offset."""
-    d = _local(ts, tz)
-    return f"{d.year:04d}-{d.month:02d}-{d.day:02d} {d.hour:02d}:{d.minute:02d} {_offset(d)}"
+    d, off = _fields(ts, tz)
+    return f"{d.tm_year:04d}-{d.tm_mon:02d}-{d.tm_mday:02d} {d.tm_hour:02d}:{d.tm_min:02d} {_offset_text(off)}"
 
 
 @functools.lru_cache(maxsize=16384)
 def iso_date(ts: float, tz: str) -> str:
     """RFC 3339 §5.6 date-time with the local offset, e.g. ``2024-03-05T14:30:00+01:00``."""
-    d = _local(ts, tz).replace(microsecond=0)
-    return d.isoformat()
+    d, off = _fields(ts, tz)
+    return (f"{d.tm_year:04d}-{d.tm_mon:02d}-{d.tm_mday:02d}T{d.tm_hour:02d}:{d.tm_min:02d}:{d.tm_sec:02d}"
+            f"{_offset_text(off, seconds=True)}")
 
 
 def local_month(ts: float, tz: str) -> str:
-    d = _local(ts, tz)
-    return f"{d.year:04d}-{d.month:02d}"
+    d, _ = _fields(ts, tz)
+    return f"{d.tm_year:04d}-{d.tm_mon:02d}"
 
 
 def escape(value: Any) -> str:

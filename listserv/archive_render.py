@@ -30,6 +30,7 @@ from email.parser import BytesHeaderParser, BytesParser
 
 import nh3
 
+from listserv.archive_types import quick_pickle
 from listserv.rewrite import decode_header_text, message_id_hash
 
 __all__ = [
@@ -74,6 +75,7 @@ _HTML_TAGS = {
 _HTML_ATTRIBUTES = {"a": {"href", "title"}, "td": {"colspan", "rowspan"}, "th": {"colspan", "rowspan"}}
 
 
+@quick_pickle
 @dataclass(frozen=True, slots=True)
 class Attachment:
     index: int
@@ -82,6 +84,7 @@ class Attachment:
     data: bytes
 
 
+@quick_pickle
 @dataclass(frozen=True, slots=True)
 class Headers:
     """What threading and the index pages need; cheap to get."""
@@ -93,6 +96,7 @@ class Headers:
     date: float
 
 
+@quick_pickle
 @dataclass(frozen=True, slots=True)
 class Mail:
     headers: Headers
@@ -453,6 +457,7 @@ def _headers_of(msg: Message, message_id: str, fallback_date: float) -> tuple[He
     return headers, raw
 
 
+@quick_pickle
 @dataclass(frozen=True, slots=True)
 class HeaderScan:
     """What ``parse_mail`` takes from the headers; a full build reads it once (for threading) and passes it on."""

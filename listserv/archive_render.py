@@ -19,12 +19,16 @@ import codecs
 import email.header
 import email.utils
 import html
+import quopri
 import re
 import string
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 from email import policy
+from email import message as _email_message
+from email._encoded_words import decode_b as _decode_b  # type: ignore[import-not-found]  # what get_payload uses
 from email.message import Message
 from email.parser import BytesHeaderParser, BytesParser
 
@@ -185,7 +189,7 @@ def _clean(text: str) -> str:
 _WANTED = frozenset({"subject", "from", "sender", "date", "message-id", "references", "in-reply-to"})
 
 
-def _raw_headers(msg: Message) -> dict[str, str]:
+def _raw_headers(msg: Entity) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, value in msg.raw_items():
         key = name.lower()
@@ -209,7 +213,175 @@ _PLAIN_HEADERS = re.compile(r"(?:[\041-\071\073-\176]+:[^\n]*\n(?:[ \t][^\n]*\n)
 _HEADER_FIELD = re.compile(r"^([\041-\071\073-\176]+):[ \t]*([^\n]*\n(?:[ \t][^\n]*\n)*)", re.MULTILINE)
 
 
-def _quick_message(raw: bytes, with_body: bool = True) -> Message | None:
+# The headers whose values decide how a part is read (type, parameters, encoding).
+_STRUCTURAL = ("content-type", "content-disposition", "content-transfer-encoding")
+_UUENCODE = frozenset({"x-uuencode", "uuencode", "uue", "x-uue"})
+
+
+class _Part:
+    """One MIME entity as a compat32 ``Message`` reads it, without its bookkeeping.
+
+    ``Message.get`` scans every field and lower-cases each name on every
+    call, and a content type is asked for several times per part; parsing
+    was two fifths of a full build.  A ``_Part`` indexes its fields once and
+    answers the calls this module makes (``get``, ``raw_items``,
+    ``get_content_type``, ``get_param``, ``get_filename``, ``get_payload``
+    ...) with ``Message``'s own rules and helpers.  It is made only where
+    those rules are plain: the type, disposition and transfer-encoding
+    fields are ASCII (no ``Header`` objects) and the encoding is not
+    uuencode; anything else is a ``Message`` (tests compare the two).
+    """
+
+    __slots__ = ("fields", "index", "ctype", "payload", "preamble", "epilogue", "defects", "_params")
+
+    def __init__(self, fields: list[tuple[str, str]], index: dict[str, str], ctype: str) -> None:
+        self.fields = fields
+        self.index = index
+        self.ctype = ctype
+        self.payload: str | list[Any] | None = None
+        self.preamble: str | None = None
+        self.epilogue: str | None = None
+        self.defects: list[Any] = []
+        self._params: dict[str, list[tuple[str, Any]] | None] = {}
+
+    @staticmethod
+    def make(fields: list[tuple[str, str]]) -> _Part | None:
+        index: dict[str, str] = {}
+        for name, value in fields:
+            key = name.lower()
+            if key not in index:
+                index[key] = value
+        for key in _STRUCTURAL:
+            found = index.get(key)
+            if found is not None and not found.isascii():
+                return None
+        cte = index.get("content-transfer-encoding")
+        if cte is not None and cte.lower() in _UUENCODE:
+            return None
+        content_type = index.get("content-type")
+        if content_type is None:
+            ctype = "text/plain"
+        else:
+            # Message.get_content_type: the part before ";", one "/" or text/plain.
+            ctype = content_type.partition(";")[0].strip().lower()
+            if ctype.count("/") != 1:
+                ctype = "text/plain"
+        return _Part(fields, index, ctype)
+
+    # -- the Message calls this module makes
+    def raw_items(self) -> Iterator[tuple[str, str]]:
+        return iter(self.fields)
+
+    def get(self, name: str, failobj: Any = None) -> Any:
+        return self.index.get(name.lower(), failobj)
+
+    def __contains__(self, name: str) -> bool:
+        return name.lower() in self.index
+
+    def get_content_type(self) -> str:
+        return self.ctype
+
+    def get_content_maintype(self) -> str:
+        return self.ctype.split("/")[0]
+
+    def is_multipart(self) -> bool:
+        return isinstance(self.payload, list)
+
+    def _params_of(self, header: str) -> list[tuple[str, Any]] | None:
+        key = header.lower()
+        if key not in self._params:
+            value = self.index.get(key)
+            if value is None:
+                self._params[key] = None
+            else:
+                # Message._get_params_preserve, step for step.
+                params: list[tuple[str, Any]] = []
+                for p in _email_message._parseparam(value):  # type: ignore[attr-defined]
+                    try:
+                        name, val = p.split("=", 1)
+                        name = name.strip()
+                        val = val.strip()
+                    except ValueError:
+                        name = p.strip()
+                        val = ""
+                    params.append((name, val))
+                self._params[key] = email.utils.decode_params(params)
+        return self._params[key]
+
+    def get_param(self, param: str, failobj: Any = None, header: str = "content-type") -> Any:
+        params = self._params_of(header)
+        if params is None:
+            return failobj
+        wanted = param.lower()
+        for k, v in params:
+            if k.lower() == wanted:
+                return _email_message._unquotevalue(v)  # type: ignore[attr-defined]
+        return failobj
+
+    def get_boundary(self) -> str | None:
+        boundary = self.get_param("boundary", _MISSING)
+        if boundary is _MISSING:
+            return None
+        return email.utils.collapse_rfc2231_value(boundary).rstrip()
+
+    def get_filename(self) -> str | None:
+        filename = self.get_param("filename", _MISSING, "content-disposition")
+        if filename is _MISSING:
+            filename = self.get_param("name", _MISSING, "content-type")
+        if filename is _MISSING:
+            return None
+        return email.utils.collapse_rfc2231_value(filename).strip()
+
+    def get_content_charset(self) -> str | None:
+        charset = self.get_param("charset", _MISSING)
+        if charset is _MISSING:
+            return None
+        if isinstance(charset, tuple):
+            pcharset = charset[0] or "us-ascii"
+            try:
+                charset = str(charset[2].encode("raw-unicode-escape"), pcharset)
+            except (LookupError, UnicodeError):
+                charset = charset[2]
+        try:
+            charset.encode("us-ascii")
+        except UnicodeError:
+            return None
+        return str(charset).lower()
+
+    def get_payload(self, decode: bool = False) -> Any:
+        payload = self.payload
+        if isinstance(payload, list):
+            return None if decode else payload
+        if not decode or payload is None:
+            return payload
+        # Message.get_payload(decode=True) for a payload read from bytes as
+        # ASCII with surrogate escapes: back to those bytes, then the
+        # transfer encoding (the value as written, lower-cased, not stripped).
+        data = payload.encode("ascii", "surrogateescape")
+        cte = self.index.get("content-transfer-encoding", "").lower()
+        if cte == "quoted-printable":
+            return quopri.decodestring(data)
+        if cte == "base64":
+            value, defects = _decode_b(b"".join(data.splitlines()))
+            self.defects.extend(defects)
+            return value
+        return data
+
+    def set_payload(self, payload: str) -> None:
+        self.payload = payload
+
+    def attach(self, part: Any) -> None:
+        if not isinstance(self.payload, list):
+            self.payload = []
+        self.payload.append(part)
+
+
+_MISSING: Any = object()
+# What the parsing functions below take: a parsed Message, or the same entity as a _Part.
+Entity = Message | _Part
+
+
+def _quick_message(raw: bytes, with_body: bool = True) -> Entity | None:
     """The message as ``BytesParser(policy=compat32)`` reads it, quicker.
 
     The header lines are split here and set on the ``Message`` as the
@@ -231,10 +403,18 @@ def _quick_message(raw: bytes, with_body: bool = True) -> Message | None:
 
 
 _LONE_CR_TEXT = re.compile(r"\r(?!\n)")
-_EOL_END = re.compile(r"(\r\n|\n)\Z")
 
 
-def _quick_part(text: str, with_body: bool) -> Message | None:
+def _drop_last_eol(text: str) -> str:
+    """Without one final CRLF or LF: the feedparser's trailing-newline rule, without a regular expression scanning the text."""
+    if text.endswith("\r\n"):
+        return text[:-2]
+    if text.endswith("\n"):
+        return text[:-1]
+    return text
+
+
+def _quick_part(text: str, with_body: bool) -> Entity | None:
     """One entity (headers, then its body as the payload); no lone CRs in ``text``."""
     if text.startswith("\n"):
         head_len, body_at = 0, 1
@@ -251,9 +431,15 @@ def _quick_part(text: str, with_body: bool) -> Message | None:
     if head.endswith("\n") and _PLAIN_HEADERS.fullmatch(head):
         # The usual header block (every line a field or its continuation):
         # split by one expression, values as the feedparser stores them.
+        fields = [(name, value.rstrip("\r\n")) for name, value in _HEADER_FIELD.findall(head)]
+        part = _Part.make(fields)
+        if part is not None:
+            if with_body:
+                part.payload = text[body_at:]
+            return part
         msg = Message()
-        for name, value in _HEADER_FIELD.findall(head):
-            msg.set_raw(name, value.rstrip("\r\n"))
+        for name, value in fields:
+            msg.set_raw(name, value)
         if with_body:
             msg.set_payload(text[body_at:])
         return msg
@@ -327,10 +513,14 @@ def _boundary_lines(body: str, marker: str) -> list[tuple[int, int, bool]]:
         pos = end
 
 
-def _split_multipart(msg: Message, depth: int) -> bool:
+def _raw_payload(msg: Entity) -> Any:
+    return msg.payload if isinstance(msg, _Part) else getattr(msg, "_payload", None)
+
+
+def _split_multipart(msg: Entity, depth: int) -> bool:
     """Split a multipart payload into parts as the feedparser does; False when it needs the parser."""
     boundary = msg.get_boundary()
-    body = getattr(msg, "_payload", None)  # as parsed: get_payload() would decode 8-bit text
+    body = _raw_payload(msg)  # as parsed: get_payload() would decode 8-bit text
     if boundary is None or not isinstance(body, str) or depth > MAX_DEPTH:
         return False
     if msg.get_content_type() == "multipart/digest":
@@ -338,7 +528,7 @@ def _split_multipart(msg: Message, depth: int) -> bool:
     marks = _boundary_lines(body, "--" + boundary)
     if not marks or marks[0][2] or not any(close for _, _, close in marks):
         return False
-    parts: list[Message] = []
+    parts: list[Entity] = []
     for here, nxt in zip(marks, marks[1:]):
         if here[2]:
             break
@@ -358,20 +548,23 @@ def _split_multipart(msg: Message, depth: int) -> bool:
             if epilogue == "":
                 part.epilogue = None
             elif epilogue is not None:
-                part.epilogue = _EOL_END.sub("", epilogue, count=1)
+                part.epilogue = _drop_last_eol(epilogue)
         else:
-            payload = getattr(part, "_payload", None)
+            payload = _raw_payload(part)
             if isinstance(payload, str):
-                part.set_payload(_EOL_END.sub("", payload, count=1))
+                part.set_payload(_drop_last_eol(payload))
         parts.append(part)
     close = next(m for m in marks if m[2])
     preamble = body[: marks[0][0]]
-    msg.preamble = _EOL_END.sub("", preamble, count=1) if preamble else None
+    msg.preamble = _drop_last_eol(preamble) if preamble else None
     epilogue = body[close[1] :]
     msg.epilogue = epilogue
-    setattr(msg, "_payload", None)
+    if isinstance(msg, _Part):
+        msg.payload = None
+    else:
+        setattr(msg, "_payload", None)
     for part in parts:
-        msg.attach(part)
+        msg.attach(part)  # type: ignore[arg-type]  # a Message holds _Parts as it holds Messages
     return True
 
 
@@ -443,7 +636,7 @@ def _author(headers: dict[str, str]) -> str:
     return hide_addresses(_clean(value))[:200] or "?"
 
 
-def _headers_of(msg: Message, message_id: str, fallback_date: float) -> tuple[Headers, dict[str, str]]:
+def _headers_of(msg: Entity, message_id: str, fallback_date: float) -> tuple[Headers, dict[str, str]]:
     raw = _raw_headers(msg)
     mid = strip_angles(message_id) or strip_angles(raw.get("message-id", ""))
     subject = _clean(raw.get("subject", "")).strip()[:500]
@@ -561,7 +754,7 @@ _SIMPLE_CHARSET = re.compile(r'[ \t]*[\w.+-]+/[\w.+-]+[ \t]*;[ \t]*charset[ \t]*
                              re.IGNORECASE | re.ASCII)
 
 
-def _charset(part: Message) -> str | None:
+def _charset(part: Entity) -> str | None:
     """``part.get_content_charset()``, read directly from the usual "type/sub; charset=x"."""
     value = part.get("content-type")
     if isinstance(value, str):
@@ -571,7 +764,7 @@ def _charset(part: Message) -> str | None:
     return part.get_content_charset()
 
 
-def _payload(part: Message) -> bytes:
+def _payload(part: Entity) -> bytes:
     try:
         data = part.get_payload(decode=True)
     except Exception:  # noqa: BLE001
@@ -584,7 +777,7 @@ def _payload(part: Message) -> bytes:
     return b""
 
 
-def _filename(part: Message) -> str:
+def _filename(part: Entity) -> str:
     try:
         name = part.get_filename() or part.get_param("name") or ""
     except Exception:  # noqa: BLE001
@@ -621,6 +814,8 @@ def safe_filename(name: str, index: int, content_type: str) -> str:
 
 def _linkify(text: str) -> str:
     """Escape plain text for HTML, making http(s) URLs clickable."""
+    if "://" not in text:  # no URL can match: one escape
+        return html.escape(text)
     out: list[str] = []
     pos = 0
     for m in _URL.finditer(text):
@@ -642,6 +837,7 @@ def _linkify(text: str) -> str:
 
 
 _QUOTE = re.compile(r"^\s{0,3}>")
+_QUOTED_LINE = re.compile(r"^[^\S\n]{0,3}>.*$", re.MULTILINE)  # a whole line that _QUOTE matches
 _ANY_QUOTE = re.compile(r"^\s{0,3}>", re.MULTILINE)  # a match spanning lines implies a quoted line too
 
 
@@ -651,14 +847,15 @@ def text_to_html(text: str, quoted_label: str = "") -> str:
         body = text.rstrip("\n")
         return f'<pre class="text">{_linkify(body)}</pre>' if body.strip() else ""
     lines = text.split("\n")
+    quoted_at = [_QUOTE.match(line) is not None for line in lines]
     chunks: list[str] = []
     plain: list[str] = []
     i = 0
     n = len(lines)
     while i < n:
-        if _QUOTE.match(lines[i]):
+        if quoted_at[i]:
             j = i
-            while j < n and (_QUOTE.match(lines[j]) or (not lines[j].strip() and j + 1 < n and _QUOTE.match(lines[j + 1]))):
+            while j < n and (quoted_at[j] or (j + 1 < n and quoted_at[j + 1] and not lines[j].strip())):
                 j += 1
             if plain:
                 chunks.append(f'<pre class="text">{_linkify(chr(10).join(plain))}</pre>')
@@ -705,7 +902,7 @@ def html_to_text(source: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", re.sub(r"[ \t\r\f\v]+", " ", text)).strip()
 
 
-def _iter_parts(msg: Message, depth: int = 0) -> Iterator[tuple[str, Message]]:
+def _iter_parts(msg: Entity, depth: int = 0) -> Iterator[tuple[str, Entity]]:
     """("text"|"html"|"attachment"|"message", part) in display order."""
     if depth > MAX_DEPTH:
         return
@@ -713,12 +910,12 @@ def _iter_parts(msg: Message, depth: int = 0) -> Iterator[tuple[str, Message]]:
     disposition = (msg.get("Content-Disposition") or "").split(";")[0].strip().lower()
     if ctype == "message/rfc822" or ctype == "message/global":
         inner = msg.get_payload()
-        if isinstance(inner, list) and inner and isinstance(inner[0], Message):
+        if isinstance(inner, list) and inner and isinstance(inner[0], (Message, _Part)):
             yield "message", inner[0]
             yield from _iter_parts(inner[0], depth + 1)
         return
     if msg.is_multipart():
-        parts = [p for p in msg.get_payload() if isinstance(p, Message)]
+        parts = [p for p in msg.get_payload() if isinstance(p, (Message, _Part))]
         if ctype == "multipart/alternative" and parts:
             chosen = _choose_alternative(parts)
             yield from _iter_parts(chosen, depth + 1)
@@ -734,7 +931,7 @@ def _iter_parts(msg: Message, depth: int = 0) -> Iterator[tuple[str, Message]]:
         yield "attachment", msg
 
 
-def _choose_alternative(parts: list[Message]) -> Message:
+def _choose_alternative(parts: list[Entity]) -> Entity:
     for wanted in ("text/plain", "multipart/related", "multipart/mixed", "text/html"):
         for part in parts:
             if part.get_content_type() == wanted:
@@ -811,8 +1008,9 @@ def _parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Label
             blocks.append(f'<p class="note">{html.escape(labels.truncated)}</p>')
         texts.append(shown)
     full = "\n\n".join(t.strip("\n") for t in texts if t.strip())
-    own = "\n".join(line for line in full.split("\n") if not _QUOTE.match(line))
-    flat = " ".join(own.split())
+    # The author's own words for the snippet and search text: quoted lines
+    # emptied in one pass (as dropping each line that _QUOTE matches).
+    flat = " ".join(_QUOTED_LINE.sub("", full).split())
     return Mail(
         headers=headers,
         body_html="".join(blocks),

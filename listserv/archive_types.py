@@ -22,7 +22,7 @@ def quick_pickle(cls: type[_T]) -> type[_T]:
     def __reduce__(self: Any) -> tuple[type[_T], tuple[Any, ...]]:
         return cls, values(self)
 
-    cls.__reduce__ = __reduce__  # type: ignore[method-assign,assignment]
+    cls.__reduce__ = __reduce__  # type: ignore[method-assign]
     return cls
 
 

@@ -327,8 +327,8 @@ def decode_header_text(raw: bytes | str) -> str:
     Raw 8-bit bytes are read as UTF-8, else as windows-1250 when they use its
     C1 range, else as ISO-8859-2: the encodings Polish mail programs send.
     """
-    text = _bytes_to_text(raw) if isinstance(raw, bytes) else raw
-    return _decode_rfc2047(_unfold(text))
+    text = _unfold(_bytes_to_text(raw) if isinstance(raw, bytes) else raw)
+    return _decode_rfc2047(text) if "=?" in text else text  # most fields hold no encoded word
 
 
 def header_values(raw: bytes) -> dict[str, list[str]]:

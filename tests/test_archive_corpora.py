@@ -17,7 +17,7 @@ from conftest import corpora_dir, make_config, require
 from listserv import archive
 from listserv.store import Store
 from test_archive import LIST, open_store
-from test_archive_robust import check_tree
+from test_archive_robust import check_tree, parse_both_ways
 
 # Files in the corpora that are documentation, code or keys, not mail.
 NOT_MAIL = {".txt", ".json", ".md", ".py", ".rb", ".js", ".pl", ".c", ".h", ".pem", ".key", ".yml", ".yaml", ".html",
@@ -135,3 +135,17 @@ def test_live_updates_in_shuffled_order_build_the_same_threads_as_full(tmp_path:
     assert live == full  # same thread and same parent for every message
     full_pages = thread_pages(cfg.archive.dir / LIST)
     assert {k: live_pages.get(k) for k in full_pages} == full_pages  # same pages, messages in the same order
+
+
+@pytest.mark.corpus
+def test_quick_entities_read_every_corpus_message_as_message_does() -> None:
+    """The lean ``_Part`` reads each real message (every corpus folder) exactly as compat32's ``Message``."""
+    root = corpora_dir()
+    require(root.is_dir(), f"{root} not found (set LISTSERV_CORPORA)")
+    checked = 0
+    for path in mail_files(root):
+        for raw, _ in archive.read_messages(path):
+            fast, slow = parse_both_ways(raw)
+            assert fast == slow, path
+            checked += 1
+    assert checked > 1000

@@ -38,7 +38,7 @@ from test_archive import LIST, Tags, open_store, put, write_config
 CHARSETS = ["utf-8", "UTF-7", "unicode-1-1-utf-7", "iso-8859-2", "windows-1250", "us-ascii", "koi8-r", "utf-16",
             "x-unknown", "bogus-charset", "", "idna", "rot13", "base64", "unicode_escape", "punycode", "utf-32",
             "cp1252", "\"utf-8\"", "gb2312", "iso-2022-jp", "x-mac-ce"]
-ENCODINGS = ["7bit", "8bit", "base64", "quoted-printable", "binary", "x-uuencode", "bogus"]
+ENCODINGS = ["7bit", "8bit", "base64", "quoted-printable", "binary", "x-uuencode", "bogus", "base64 ", "Quoted-Printable"]
 POLISH = "Zażółć gęślą jaźń. Łódź, Kraków, Gdańsk".encode("utf-8")
 
 raw_bytes = st.binary(max_size=60)
@@ -138,6 +138,101 @@ def test_hostile_mail_parses_to_valid_text(raw: bytes) -> None:
                       h.subject, h.author, h.message_id, *h.references, *(a.filename for a in mail.attachments))
     assert "<script" not in mail.body_html.lower()
     assert not re.search(r"<[^>]*\son\w+\s*=", mail.body_html, re.IGNORECASE)
+
+
+def parse_both_ways(raw: bytes) -> tuple[object, object]:
+    """(``parse_mail``, ``scan_headers``) as the build reads ``raw``, and the same with every entity a ``Message``."""
+    from listserv import archive_render
+
+    fast = (archive_render.parse_mail(raw, "", 1715674500.0), archive_render.scan_headers(raw, "", 1715674500.0))
+    make = archive_render._Part.make
+    archive_render._Part.make = staticmethod(lambda fields: None)  # type: ignore[method-assign]
+    try:
+        slow = (archive_render.parse_mail(raw, "", 1715674500.0), archive_render.scan_headers(raw, "", 1715674500.0))
+    finally:
+        archive_render._Part.make = make  # type: ignore[method-assign]
+    return fast, slow
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(hostile_message())
+def test_quick_entities_read_mail_as_message_does(raw: bytes) -> None:
+    """The lean ``_Part`` answers as compat32's ``Message`` does: same Mail, same headers, for hostile MIME too."""
+    fast, slow = parse_both_ways(raw)
+    assert fast == slow
+
+
+def _old_text_to_html(text: str, quoted_label: str = "") -> str:
+    """text_to_html as it was before quoted lines were found once per line (the reference)."""
+    import html as html_mod
+
+    from listserv.archive_render import _ANY_QUOTE, _QUOTE, _URL, _TRAILING
+
+    def linkify(t: str) -> str:
+        out, pos = [], 0
+        for m in _URL.finditer(t):
+            url = m.group(0)
+            while url and url[-1] in _TRAILING:
+                if url[-1] == ")" and url.count("(") >= url.count(")"):
+                    break
+                url = url[:-1]
+            out.append(html_mod.escape(t[pos : m.start()]))
+            if "@" in url:
+                out.append(html_mod.escape(url))
+            else:
+                href = html_mod.escape(url, quote=True)
+                out.append(f'<a href="{href}" rel="nofollow noopener noreferrer">{href}</a>')
+            pos = m.start() + len(url)
+        out.append(html_mod.escape(t[pos:]))
+        return "".join(out)
+
+    if not _ANY_QUOTE.search(text):
+        body = text.rstrip("\n")
+        return f'<pre class="text">{linkify(body)}</pre>' if body.strip() else ""
+    lines = text.split("\n")
+    chunks: list[str] = []
+    plain: list[str] = []
+    i, n = 0, len(lines)
+    while i < n:
+        if _QUOTE.match(lines[i]):
+            j = i
+            while j < n and (_QUOTE.match(lines[j]) or (not lines[j].strip() and j + 1 < n and _QUOTE.match(lines[j + 1]))):
+                j += 1
+            if plain:
+                chunks.append(f'<pre class="text">{linkify(chr(10).join(plain))}</pre>')
+                plain = []
+            quoted = linkify("\n".join(lines[i:j]))
+            if j - i >= 4:
+                chunks.append(f'<details class="quote"><summary>{html_mod.escape(quoted_label.format(n=j - i))}</summary>'
+                              f'<pre class="text quoted">{quoted}</pre></details>')
+            else:
+                chunks.append(f'<pre class="text quoted">{quoted}</pre>')
+            i = j
+        else:
+            plain.append(lines[i])
+            i += 1
+    if plain:
+        body = "\n".join(plain).rstrip("\n")
+        if body.strip():
+            chunks.append(f'<pre class="text">{linkify(body)}</pre>')
+    return "".join(chunks)
+
+
+quoting_text = st.lists(st.one_of(
+    st.sampled_from(["> cytat", " >> głębiej", "   > trzy spacje", "    > cztery (nie cytat)", "", " ", "\u2003",
+                     "\u00a0> twarda spacja", "Zażółć gęślą jaźń", "http://example.org/a_(b)", "HTTPS://x.pl/?q=1&r=<2>.",
+                     "mail jan@example.org", "http://jan@example.org/", "\u2028> separator", "\t>tab"]),
+    st.text(max_size=30)), max_size=25).map("\n".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(quoting_text)
+def test_text_to_html_and_search_text_agree_with_their_reference(text: str) -> None:
+    from listserv.archive_render import _QUOTE, _QUOTED_LINE, text_to_html
+
+    assert text_to_html(text, "{n} quoted lines") == _old_text_to_html(text, "{n} quoted lines")
+    own = "\n".join(line for line in text.split("\n") if not _QUOTE.match(line))
+    assert " ".join(_QUOTED_LINE.sub("", text).split()) == " ".join(own.split())
 
 
 def check_tree(root: Path) -> int:

@@ -27,11 +27,11 @@ rejected, queued) -> ``outbox`` (one rewritten, signed message) ->
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from listserv.store.archive import ArchivePart
 from listserv.store.digests import DigestCopy, DigestEntry, DigestsPart, DigestState, next_number
 from listserv.store.people import PeoplePart
-from listserv.store.pg import PgBase, is_url
 from listserv.store.queue import QueuePart
 from listserv.store.records import (
     DELIVERY_MODES,
@@ -68,12 +68,34 @@ class Store(QueuePart, PeoplePart, DigestsPart, ArchivePart, StatusPart, WorkPar
     """The state database: every part over one pair of connections.  Open with ``await open_store(target)``."""
 
 
-class PgStore(PgBase, Store):
-    """The same parts on PostgreSQL (listserv.store.pg): several nodes, one state."""
+def is_url(target: object) -> bool:
+    """A ``postgresql://`` store address (anything else is a SQLite file)."""
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def pg_store_class() -> Any:
+    """``PgStore``, made on first use: importing psycopg for every CLI command cost 0.1 s."""
+    cls = globals().get("_PgStore")
+    if cls is None:
+        from listserv.store.pg import PgBase
+
+        class PgStore(PgBase, Store):
+            """The same parts on PostgreSQL (listserv.store.pg): several nodes, one state."""
+
+        PgStore.__qualname__ = "PgStore"
+        cls = globals()["_PgStore"] = PgStore
+    return cls
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PgStore":
+        return pg_store_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 async def open_store(target: Path | str) -> Store:
     """The store at ``Config.store_target``: a SQLite file, or a ``postgresql://`` URL."""
     if is_url(target):
-        return await PgStore.open_url(str(target))  # type: ignore[no-any-return]
+        store: Store = await pg_store_class().open_url(str(target))
+        return store
     return await Store.open(Path(target))

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+import sys
 from typing import Any, Self
 
 import aiosqlite
@@ -18,17 +19,17 @@ from listserv.store.records import (
 )
 
 
-def _integrity_errors() -> tuple[type[Exception], ...]:
-    try:
-        import psycopg
-    except ImportError:
+def integrity_errors() -> tuple[type[Exception], ...]:
+    """A unique or foreign-key violation, on either backend (the parts catch it
+    in the few places where it means "exists already").
+
+    psycopg is looked up, not imported: a PostgreSQL store has imported it
+    (store/pg.py), and importing it for every CLI command cost 0.15 s.
+    """
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is None:
         return (aiosqlite.IntegrityError,)
     return (aiosqlite.IntegrityError, psycopg.IntegrityError)
-
-
-# A unique or foreign-key violation, on either backend (the parts catch it in
-# the few places where it means "exists already").
-INTEGRITY_ERRORS = _integrity_errors()
 
 
 class StoreBase:

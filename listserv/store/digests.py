@@ -16,7 +16,7 @@ from typing import Any
 import aiosqlite
 
 from listserv.errors import StoreError
-from listserv.store.base import INTEGRITY_ERRORS, StoreBase
+from listserv.store.base import StoreBase, integrity_errors
 from listserv.store.records import DIGEST_MODES, DigestPost, _now
 
 _POST_COLS = ("p.id, p.incoming_id, p.message_id, p.subject, p.author, p.sender, p.archived_at, p.size,"
@@ -186,7 +186,7 @@ class DigestsPart(StoreBase):
                     "INSERT INTO digests (list_id, volume, issue, created_at, posts, reason) VALUES (?, ?, ?, ?, ?, ?)",
                     (list_id, volume, issue, now, len(post_ids), reason),
                 )
-            except INTEGRITY_ERRORS:
+            except integrity_errors():
                 raise StoreError(f"digest {volume}/{issue} of list {list_id} exists already") from None
             digest_id = cur.lastrowid
             assert digest_id is not None

@@ -9,7 +9,7 @@ from typing import Any
 import aiosqlite
 
 from listserv.errors import DuplicateError, StoreError, UnknownList
-from listserv.store.base import INTEGRITY_ERRORS, StoreBase
+from listserv.store.base import StoreBase, integrity_errors
 from listserv.store.records import (
     ROLES,
     DELIVERY_MODES,
@@ -295,7 +295,7 @@ class ListsPart(StoreBase):
                     "INSERT INTO bans (list_id, pattern, created_at) VALUES (?, ?, ?)",
                     (list_id, pattern, _now()),
                 )
-            except INTEGRITY_ERRORS:
+            except integrity_errors():
                 raise DuplicateError(f"{pattern} is banned already") from None
 
     async def remove_ban(self, pattern: str, list_name: str | None) -> None:

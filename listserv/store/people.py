@@ -8,7 +8,7 @@ from typing import Any
 import aiosqlite
 
 from listserv.errors import DuplicateError, StoreError, UnknownList
-from listserv.store.base import INTEGRITY_ERRORS
+from listserv.store.base import integrity_errors
 from listserv.store.lists import ListsPart
 from listserv.store.records import (
     _TOKEN_COLS,
@@ -204,7 +204,7 @@ class PeoplePart(ListsPart):
                     "INSERT INTO members (list_id, address, display_name, created_at) VALUES (?, ?, ?, ?)",
                     (list_id, address, display_name, _now()),
                 )
-            except INTEGRITY_ERRORS:
+            except integrity_errors():
                 return False
             await _consent(db, row[0], address, "joined", method, detail)
             return True

@@ -423,11 +423,11 @@ async def copy_from_sqlite(sqlite_path: Any, url: str) -> dict[str, tuple[int, i
     """
     import sqlite3
 
-    from listserv.store import PgStore, Store
+    from listserv.store import Store, pg_store_class
 
     source_store = await Store.open(sqlite_path)  # migrate the source to the current schema
     await source_store.close()
-    target = await PgStore.open_url(url)
+    target = await pg_store_class().open_url(url)
     await target.close()
     src = sqlite3.connect(f"file:{sqlite_path}?mode=ro", uri=True)
     counts: dict[str, tuple[int, int]] = {}

@@ -121,7 +121,7 @@ def bench_live_posts(name: str, folder: Path, cfg: Path, env: dict[str, str], po
                    f"Subject: Re: pomiar archiwum {i}\r\nDate: Mon, 1 Jan 2024 10:00:00 +0100\r\n"
                    f"Message-ID: <{mid}>\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
                    "Odpowiedź z benchmarku: zażółć gęślą jaźń.\r\n").encode()
-            page = folder / "www" / name / "m" / message_id_hash(mid) / "index.html"
+            page = folder / "www" / name / "m" / f"{message_id_hash(mid)}.html"
             with smtplib.SMTP("127.0.0.1", port) as client:
                 client.sendmail(member, [f"{name}@lists.example.org"], raw)
                 answered = time.perf_counter()  # sendmail returns after the 250

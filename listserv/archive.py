@@ -11,7 +11,7 @@ derived and can be rebuilt (``listserv archive build --full``).  Layout, under
     LIST/search.html           static search over LIST/search/YYYY-MM.js
     LIST/YYYY-MM/index.html    the month by thread; date.html by date; YYYY-MM.mbox
     LIST/t/THREAD/index.html   one thread, messages in tree order
-    LIST/m/HASH/index.html     one message (HASH = Message-ID-Hash: Archived-At)
+    LIST/m/HASH.html           one message (HASH = Message-ID-Hash: Archived-At)
     LIST/m/HASH/N/NAME         its attachments, as downloads
 
 Every page carries a Content-Security-Policy that allows scripts and styles
@@ -352,16 +352,15 @@ def _attachment_links(mail: Mail) -> list[dict[str, str]]:
 def write_message_dir(info: ListInfo, root: Path, meta: ArchiveMeta, mail: Mail, parent: ArchiveMeta | None,
                       replies: Sequence[ArchiveMeta], thread_count: int) -> None:
     r = renderer()
-    mdir = f"{root}/{info.name}/m/{meta.msgid_hash}"  # strings, not Paths: this runs once per message
-    if getattr(_local, "direct", False):
-        try:
-            os.mkdir(mdir)  # a fresh tree: "m" exists, this folder (usually) not
-        except FileExistsError:
-            pass
+    # One file per message, beside the others (a folder each cost 10,000
+    # mkdirs per 10,000 messages, all serialised on m/'s lock); only a
+    # message with attachments has a folder, for them.  Strings, not Paths:
+    # this runs once per message.
+    page_path = f"{root}/{info.name}/m/{meta.msgid_hash}"
     for a in mail.attachments:
-        write_atomic(f"{mdir}/{a.index}/{a.filename}", a.data)
+        write_atomic(f"{page_path}/{a.index}/{a.filename}", a.data)
     t = STRINGS[info.lang]
-    canonical = f"{info.list_url}m/{meta.msgid_hash}/" if info.list_url else ""
+    canonical = f"{info.list_url}m/{meta.msgid_hash}.html" if info.list_url else ""
     header_id = mail.headers.message_id
     page = message_page(
         lang=info.lang, t=t, csp=CSP, list_title=info.title, tz=info.timezone,
@@ -370,7 +369,7 @@ def write_message_dir(info: ListInfo, root: Path, meta: ArchiveMeta, mail: Mail,
         parent=parent, replies=sorted(replies, key=lambda m: (m.date, m.archive_id)),
         original_id=mail.original_id if mail.original_id and mail.original_id != header_id else "",
     )
-    write_atomic(f"{mdir}/index.html", page)
+    write_atomic(f"{page_path}.html", page)
 
 
 def render_thread(info: ListInfo, root: Path, thread: str, metas: Sequence[ArchiveMeta], mails: dict[int, Mail],
@@ -440,13 +439,13 @@ def render_month(info: ListInfo, root: Path, month: str, metas: Sequence[Archive
         entries = [(by_key[node.key], depth) for node, depth, _ in tree_order([_node(m) for m in ms])]
         tree.append(f'<section class="mthread">\n<h2><a href="../t/{thread}.html">'
                     f'{escape_html(entries[0][0].subject or no_subject)}</a></h2>\n<ul class="tree">\n')
-        tree.extend(f'<li class="d{min(depth, 8)}"><a href="../m/{m.msgid_hash}/index.html">'
+        tree.extend(f'<li class="d{min(depth, 8)}"><a href="../m/{m.msgid_hash}.html">'
                     f'{escape_html(m.subject or no_subject)}</a>\n'
                     f'<span class="meta">{escape_html(m.author)} · {fmt_date(m.date, tz)}</span></li>\n'
                     for m, depth in entries)
         tree.append("</ul>\n</section>\n")
     dates = ['<ul class="bydate">\n']
-    dates.extend(f'<li><span class="meta">{fmt_date(m.date, tz)}</span> <a href="../m/{m.msgid_hash}/index.html">'
+    dates.extend(f'<li><span class="meta">{fmt_date(m.date, tz)}</span> <a href="../m/{m.msgid_hash}.html">'
                  f'{escape_html(m.subject or no_subject)}</a>\n<span class="meta">{escape_html(m.author)}</span></li>\n'
                  for m in by_date)
     dates.append("</ul>\n")
@@ -495,10 +494,10 @@ def render_list_home(info: ListInfo, root: Path, months: Sequence[tuple[str, int
     base = info.list_url
 
     def entry_url(m: ArchiveMeta) -> str:
-        return f"{base}m/{m.msgid_hash}/" if base else f"m/{m.msgid_hash}/index.html"
+        return f"{base}m/{m.msgid_hash}.html" if base else f"m/{m.msgid_hash}.html"
 
     def entry_id(m: ArchiveMeta) -> str:
-        return f"{base}m/{m.msgid_hash}/" if base else f"urn:listserv:{info.name}:{m.msgid_hash}"
+        return f"{base}m/{m.msgid_hash}.html" if base else f"urn:listserv:{info.name}:{m.msgid_hash}"
 
     feed = r.page("feed.atom", info, 1, entries=entries, entry_url=entry_url, entry_id=entry_id,
                   feed_id=base or f"urn:listserv:{info.name}", updated=iso_date(entries[0].date if entries else 0, info.timezone))
@@ -841,6 +840,24 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
     return len(index)
 
 
+def has_old_layout(info: ListInfo) -> bool:
+    """Whether the list's pages were built with a folder per message (``m/HASH/index.html``: older listserv).
+
+    Such an archive is rebuilt whole (``build_list``) before anything is
+    added to it: the pages written now link to ``m/HASH.html``.  A message
+    folder now holds only attachments (numbered subfolders), never an index.
+    """
+    messages = info.dir / "m"
+    try:
+        with os.scandir(messages) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False) and os.path.exists(os.path.join(entry.path, "index.html")):
+                    return True
+    except OSError:
+        return False
+    return False
+
+
 async def write_site_indexes(config: Config, store: Store) -> None:
     """The "all lists" page of the public folder and of the private one."""
     public: list[tuple[ListInfo, int]] = []
@@ -882,6 +899,7 @@ class Archiver:
         self._cache_size = cache_size
         # Months whose pages an update changed besides its own (threads merged across months).
         self._months: dict[str, set[str]] = {}
+        self._layout_checked: set[str] = set()
 
     async def on_archived(self, list_name: str, msgid_hash: str) -> None:
         # Posts that arrive close together are added as one batch: each gets
@@ -1002,6 +1020,14 @@ class Archiver:
             info = await self._info(list_name)
             if info.policy == "none":
                 return None
+            if info.name not in self._layout_checked:
+                self._layout_checked.add(info.name)
+                if await asyncio.to_thread(has_old_layout, info):
+                    # Built by an older listserv (a folder per message): the
+                    # new pages would link to files that are not there yet.
+                    log.warning("archive of %s has the old m/HASH/index.html layout: rebuilding it", info.name)
+                    await build_list(self.config, self.store, info, workers=1)
+                    return None
             row = await self.store.archive_row(info.id, msgid_hash)
             if row is None or row.removed:
                 return None
@@ -1121,7 +1147,8 @@ class Archiver:
                 self._mails.pop(meta.archive_id, None)
                 if info.policy == "none":
                     continue
-                await asyncio.to_thread(_remove_tree, info.dir / "m" / meta.msgid_hash)
+                await asyncio.to_thread(_remove_tree, info.dir / "m" / meta.msgid_hash)  # attachments
+                await asyncio.to_thread(_remove_file, info.dir / "m" / f"{meta.msgid_hash}.html")
                 await self._rerender(info, meta.thread, {meta.month}, around=None, all_messages=True)
             return len(metas)
 

@@ -134,34 +134,34 @@ def _time(ts: float, tz: str) -> str:
 def message_page(*, lang: str, t: dict[str, str], csp: str, list_title: str, tz: str, title: str, canonical: str,
                  meta: ArchiveMeta, month_name: str, body: str, attachments: Sequence[dict[str, str]],
                  parent: ArchiveMeta | None, replies: Sequence[ArchiveMeta], original_id: str = "") -> str:
-    """One message's page (``m/HASH/index.html``)."""
+    """One message's page (``m/HASH.html``; its attachments under ``m/HASH/``)."""
     subject = escape(meta.subject or t["no_subject"])
-    crumbs = (f'<a href="../../../index.html">{escape(t["all_lists"])}</a> › '
-              f'<a href="../../index.html">{escape(list_title)}</a> › '
-              f'<a href="../../{meta.month}/index.html">{escape(month_name)}</a>')
+    crumbs = (f'<a href="../../index.html">{escape(t["all_lists"])}</a> › '
+              f'<a href="../index.html">{escape(list_title)}</a> › '
+              f'<a href="../{meta.month}/index.html">{escape(month_name)}</a>')
     out = [f'<article class="message">\n<header>\n<h1>{subject}</h1>\n',
            f'<p class="meta"><span class="author">{escape(meta.author)}</span> · {_time(meta.date, tz)}</p>\n']
     if parent is not None:
-        out.append(f'<p class="meta">{escape(t["in_reply_to"])} <a href="../{parent.msgid_hash}/index.html">'
+        out.append(f'<p class="meta">{escape(t["in_reply_to"])} <a href="{parent.msgid_hash}.html">'
                    f'{escape(parent.subject or t["no_subject"])}</a> ({escape(parent.author)})</p>\n')
     if original_id:
         # A post that reused another post's Message-ID: archived under a
         # derived id, its own Message-ID shown here.
         out.append(f'<p class="meta">Message-ID: <code>{escape(original_id)}</code></p>\n')
-    out.append(f'<p class="meta"><a href="../../t/{meta.thread}.html#m-{meta.msgid_hash}">'
+    out.append(f'<p class="meta"><a href="../t/{meta.thread}.html#m-{meta.msgid_hash}">'
                f'{escape(t["whole_thread"])}</a></p>\n</header>\n<div class="body">{body}</div>\n')
     if attachments:
         out.append(f'<section class="attachments"><h2>{escape(t["attachments"])}</h2><ul>\n')
-        out.extend(f'<li><a href="{escape(a["path"])}" download>{escape(a["name"])}</a> '
+        out.extend(f'<li><a href="{meta.msgid_hash}/{escape(a["path"])}" download>{escape(a["name"])}</a> '
                    f'<span class="meta">{escape(a["type"])}, {escape(a["size"])}</span></li>' for a in attachments)
         out.append("\n</ul></section>\n")
     if replies:
         out.append(f'<section class="replies"><h2>{escape(t["replies"])}</h2><ul>\n')
-        out.extend(f'<li><a href="../{r.msgid_hash}/index.html">{escape(r.subject or t["no_subject"])}</a> '
+        out.extend(f'<li><a href="{r.msgid_hash}.html">{escape(r.subject or t["no_subject"])}</a> '
                    f'<span class="meta">{escape(r.author)} · {fmt_date(r.date, tz)}</span></li>' for r in replies)
         out.append("\n</ul></section>\n")
     out.append("</article>\n")
-    return base_page(lang=lang, t=t, csp=csp, depth=3, title=title, canonical=canonical, crumbs=crumbs,
+    return base_page(lang=lang, t=t, csp=csp, depth=2, title=title, canonical=canonical, crumbs=crumbs,
                      main="".join(out))
 
 
@@ -181,7 +181,7 @@ def thread_page(*, lang: str, t: dict[str, str], csp: str, list_title: str, tz: 
         reply = f' · {in_reply_to} <a href="#m-{parent.msgid_hash}">{escape(parent.author)}</a>' if parent else ""
         out.append(
             f'<li class="post d{min(it["depth"], 8)}" id="m-{m.msgid_hash}">\n<article>\n<header>\n'
-            f'<h2><a href="../m/{m.msgid_hash}/index.html">{escape(m.subject or no_subject)}</a></h2>\n'
+            f'<h2><a href="../m/{m.msgid_hash}.html">{escape(m.subject or no_subject)}</a></h2>\n'
             f'<p class="meta"><span class="author">{escape(m.author)}</span> · {_time(m.date, tz)}{reply}</p>\n'
             f'</header>\n<div class="body">{it["body"]}</div>\n'
         )

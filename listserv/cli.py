@@ -736,7 +736,8 @@ async def archive_build(cfg: config_mod.Config, store: Store, name: str | None, 
             info = archive.list_info(cfg, lst)
             started = time.perf_counter()
             missing = await store.archive_unbuilt(info.id)
-            if full or not (info.dir / "index.html").exists() or len(missing) > 200 or info.policy == "none":
+            if (full or not (info.dir / "index.html").exists() or len(missing) > 200 or info.policy == "none"
+                    or archive.has_old_layout(info)):
                 count = await archive.build_list(cfg, store, info, workers=workers, progress=report)
                 close()
                 click.echo(f"{lst.name}: {info.policy}, {count} messages, built in "

@@ -116,7 +116,7 @@ class ListContext:
         """The archive URL of one message (RFC 5064 Archived-At), or ""."""
         if not self.archive_url or not _strip_angles(message_id):
             return ""
-        return f"{self.archive_url}m/{message_id_hash(message_id)}/"
+        return f"{self.archive_url}m/{message_id_hash(message_id)}.html"
 
 
 @dataclass(frozen=True, slots=True)

@@ -243,15 +243,15 @@ def test_full_build_writes_every_page_safely(cfg: Config) -> None:
     root = cfg.archive.dir
     ldir = root / LIST
     assert len(hashes) == 9  # X-No-Archive honoured
-    assert not (ldir / "m" / message_id_hash("noarch.10@example.org")).exists()
+    assert not (ldir / "m" / f"{message_id_hash('noarch.10@example.org')}.html").exists()
     for h in hashes:
-        page = (ldir / "m" / h / "index.html").read_text()
+        page = (ldir / "m" / f"{h}.html").read_text()
         assert f'<meta http-equiv="Content-Security-Policy" content="{archive.CSP}">' in html.unescape(page)
     # The Polish thread: three messages in one thread page, in tree order with depth.
     thread = (ldir / "t" / f"{message_id_hash('latin2.1@gmina-a.example.pl')}.html").read_text()
     assert thread.index("Paweł Wiśniewski") < thread.index("Małgorzata Żak") < thread.index("Grzegorz Brzęczyszczykiewicz")
     assert 'class="post d0"' in thread and 'class="post d1"' in thread and 'class="post d2"' in thread
-    utf8_page = (ldir / "m" / message_id_hash("utf8.3@example.net") / "index.html").read_text()
+    utf8_page = (ldir / "m" / f"{message_id_hash('utf8.3@example.net')}.html").read_text()
     assert "w odpowiedzi na" in utf8_page and message_id_hash("cp1250.2@urzad.example.pl") in utf8_page
     # Month pages, mbox, search part, feed, list home, site index.
     month = ldir / "2024-05"
@@ -312,11 +312,11 @@ def test_hostile_messages_cannot_inject(cfg: Config) -> None:
     # Attachments stay inside their message folder, as downloads that cannot run.
     mdir = root / LIST / "m" / message_id_hash("hostile.9@attacker.example")
     names = sorted(p.relative_to(mdir).as_posix() for p in mdir.rglob("*") if p.is_file())
-    assert names == ["1/x.html.bin", "2/logo.svg.bin", "3/zażółć_plan.pdf", "4/windows.ini.bin", "index.html"]
+    assert names == ["1/x.html.bin", "2/logo.svg.bin", "3/zażółć_plan.pdf", "4/windows.ini.bin"]
     assert not (root / "x.html").exists() and not (root.parent / "x.html").exists()
-    page = (mdir / "index.html").read_text()
-    assert 'href="1/x.html.bin" download' in page
-    subject_page = (root / LIST / "m" / message_id_hash("hostile.7@attacker.example") / "index.html").read_text()
+    page = mdir.with_name(f"{mdir.name}.html").read_text()
+    assert f'href="{mdir.name}/1/x.html.bin" download' in page
+    subject_page = (root / LIST / "m" / f"{message_id_hash('hostile.7@attacker.example')}.html").read_text()
     assert "&lt;script&gt;alert(&#39;subject&#39;)&lt;/script&gt;" in subject_page
 
 
@@ -374,7 +374,7 @@ def test_incremental_add_rewrites_only_affected_pages(cfg: Config) -> None:
     parent = message_id_hash("cp1250.2@urzad.example.pl")
     thread = message_id_hash("latin2.1@gmina-a.example.pl")
     expected = {
-        f"{LIST}/m/{hashes[0]}/index.html", f"{LIST}/m/{parent}/index.html", f"{LIST}/t/{thread}.html",
+        f"{LIST}/m/{hashes[0]}.html", f"{LIST}/m/{parent}.html", f"{LIST}/t/{thread}.html",
         f"{LIST}/2024-05/index.html", f"{LIST}/2024-05/date.html", f"{LIST}/2024-05/2024-05.mbox",
         f"{LIST}/search/2024-05.js", f"{LIST}/index.html", f"{LIST}/feed.atom",
     }
@@ -382,7 +382,7 @@ def test_incremental_add_rewrites_only_affected_pages(cfg: Config) -> None:
     assert expected - {f"{LIST}/index.html"} <= changed
     assert not any(k.startswith(f"{LIST}/2024-04/") for k in changed)
     assert "Grzegorz Brzęczyszczykiewicz" in (cfg.archive.dir / LIST / "t" / f"{thread}.html").read_text()
-    assert hashes[0] in (cfg.archive.dir / LIST / "m" / parent / "index.html").read_text()  # listed as a reply
+    assert hashes[0] in (cfg.archive.dir / LIST / "m" / f"{parent}.html").read_text()  # listed as a reply
 
 
 def test_incremental_in_any_order_matches_the_full_build(cfg: Config) -> None:
@@ -413,6 +413,34 @@ def test_incremental_in_any_order_matches_the_full_build(cfg: Config) -> None:
     assert len(set(full.values())) == 3
 
 
+def test_an_archive_with_the_old_folder_per_message_layout_is_rebuilt(cfg: Config) -> None:
+    """Pages of an older listserv (m/HASH/index.html): the next addition rebuilds the list whole, in m/HASH.html."""
+
+    async def go() -> list[str]:
+        store = await open_store(cfg)
+        try:
+            hashes = await put(store, "pl_utf8.eml", "pl_iso8859_2.eml")
+            info = await build(cfg, store)
+            for h in hashes:  # as the older layout had them
+                page = info.dir / "m" / f"{h}.html"
+                (info.dir / "m" / h).mkdir(exist_ok=True)
+                page.rename(info.dir / "m" / h / "index.html")
+            assert archive.has_old_layout(info)
+            archiver = archive.Archiver(cfg, store)
+            (late,) = await put(store, "pl_cp1250.eml")
+            await archiver.on_archived(LIST, late)
+            await archiver.idle()
+            assert not archive.has_old_layout(info)
+            return [*hashes, late]
+        finally:
+            await store.close()
+
+    hashes = run(go())
+    ldir = cfg.archive.dir / LIST
+    for h in hashes:
+        assert (ldir / "m" / f"{h}.html").is_file() and not (ldir / "m" / h / "index.html").exists()
+
+
 def test_remove_takes_a_message_down_everywhere(cfg: Config) -> None:
     target = "cp1250.2@urzad.example.pl"
 
@@ -428,7 +456,7 @@ def test_remove_takes_a_message_down_everywhere(cfg: Config) -> None:
     assert run(go()) == 1
     ldir = cfg.archive.dir / LIST
     h = message_id_hash(target)
-    assert not (ldir / "m" / h).exists()
+    assert not (ldir / "m" / f"{h}.html").exists() and not (ldir / "m" / h).exists()
     for path in public_files(cfg.archive.dir):
         text = path.read_bytes().decode("utf-8", "replace")
         assert "Małgorzata Żak" not in text and h not in text, path
@@ -502,18 +530,17 @@ def test_cli_import_build_remove(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "read 6 messages, 4 new" in result.output
     www = tmp_path / "www" / LIST
-    assert len(list((www / "m").iterdir())) == 4
-    no_id = [p for p in (www / "m").iterdir()
-             if "bez identyfikatora" in (p / "index.html").read_text()]
+    assert len(list((www / "m").glob("*.html"))) == 4
+    no_id = [p for p in (www / "m").glob("*.html") if "bez identyfikatora" in p.read_text()]
     assert len(no_id) == 1
-    assert "From the start" in (no_id[0] / "index.html").read_text()
-    assert "&gt;From the start" not in (no_id[0] / "index.html").read_text()
+    assert "From the start" in no_id[0].read_text()
+    assert "&gt;From the start" not in no_id[0].read_text()
     result = runner.invoke(cli_main, ["--config", str(config), "archive", "remove", "<utf8.3@example.net>"])
     assert result.exit_code == 0, result.output
-    assert not (www / "m" / message_id_hash("utf8.3@example.net")).exists()
+    assert not (www / "m" / f"{message_id_hash('utf8.3@example.net')}.html").exists()
     result = runner.invoke(cli_main, ["--config", str(config), "archive", "build", "--full"])
     assert result.exit_code == 0, result.output
-    assert len(list((www / "m").iterdir())) == 3  # the removed message stays down after a rebuild
+    assert len(list((www / "m").glob("*.html"))) == 3  # the removed message stays down after a rebuild
     result = runner.invoke(cli_main, ["--config", str(config), "archive", "remove", "<nobody@example.org>"])
     assert result.exit_code == 1 and "no archived message" in result.output
 
@@ -530,7 +557,7 @@ def test_post_through_the_server_lands_in_the_archive(tmp_path: Path, start_serv
     raw = fixture("pl_iso8859_2.eml")
     with smtplib.SMTP("127.0.0.1", server.port) as client:
         client.sendmail(member, [f"{LIST}@{DOMAIN}"], raw)
-    page = config.archive.dir / LIST / "m" / message_id_hash("latin2.1@gmina-a.example.pl") / "index.html"
+    page = config.archive.dir / LIST / "m" / f"{message_id_hash('latin2.1@gmina-a.example.pl')}.html"
     deadline = time.monotonic() + 30
     while not page.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -586,7 +613,7 @@ def test_linux_mips_mbox_builds_with_threads_matching_references(tmp_path: Path)
     thread_of = {mid: thread for _, mid, _, thread in rows}
     replies = 0
     for h, mid, refs, thread in rows:
-        assert (ldir / "m" / h / "index.html").exists()
+        assert (ldir / "m" / f"{h}.html").exists()
         assert (ldir / "t" / f"{thread}.html").exists()
         # The nearest archived ancestor named in References (its parent) is in the same thread.
         # (Earlier entries can disagree when clients wrote inconsistent References.)
@@ -620,5 +647,5 @@ def test_messy_corpora_build_without_crash(tmp_path: Path) -> None:
 
     count, stored = run(go())
     assert count == stored > 500
-    pages = list((cfg.archive.dir / LIST / "m").glob("*/index.html"))
+    pages = list((cfg.archive.dir / LIST / "m").glob("*.html"))
     assert len(pages) == stored

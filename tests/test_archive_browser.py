@@ -172,11 +172,11 @@ PAGES = {
     "list": f"{LIST}/index.html",
     "month": f"{LIST}/2024-05/index.html",
     "thread": f"{LIST}/t/{message_id_hash('latin2.1@gmina-a.example.pl')}.html",
-    "message": f"{LIST}/m/{message_id_hash('latin2.1@gmina-a.example.pl')}/index.html",
-    "hostile_subject": f"{LIST}/m/{message_id_hash('hostile.7@attacker.example')}/index.html",
-    "hostile_html": f"{LIST}/m/{message_id_hash('hostile.8@attacker.example')}/index.html",
-    "hostile_attachments": f"{LIST}/m/{message_id_hash('hostile.9@attacker.example')}/index.html",
-    "raw8bit_headers": f"{LIST}/m/{message_id_hash('raw8bit.headers@gmina-z.example.pl')}/index.html",
+    "message": f"{LIST}/m/{message_id_hash('latin2.1@gmina-a.example.pl')}.html",
+    "hostile_subject": f"{LIST}/m/{message_id_hash('hostile.7@attacker.example')}.html",
+    "hostile_html": f"{LIST}/m/{message_id_hash('hostile.8@attacker.example')}.html",
+    "hostile_attachments": f"{LIST}/m/{message_id_hash('hostile.9@attacker.example')}.html",
+    "raw8bit_headers": f"{LIST}/m/{message_id_hash('raw8bit.headers@gmina-z.example.pl')}.html",
     "search": f"{LIST}/search.html?q=%C5%81%C3%B3d%C5%BA",  # "Łódź"
 }
 

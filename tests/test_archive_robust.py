@@ -251,10 +251,10 @@ def check_tree(root: Path) -> int:
             allowed_scripts = ["../static/search.js"] if path.name == "search.html" else []
             assert tags.scripts == allowed_scripts and not tags.handlers and not tags.bad_urls, path
             assert all(t == "meta" for t in tags.embeds), (path, tags.embeds)
-            if path.name == "index.html" and path.parent.parent.name == "m":
+            if path.parent.name == "m":
                 pages += 1
         if path.suffix.lower() in (".html", ".htm", ".svg", ".js", ".xml", ".xhtml") and "/m/" in path.as_posix():
-            assert path.name == "index.html", path  # an attachment that a browser would run
+            assert path.parent.name == "m" and path.suffix == ".html", path  # an attachment that a browser would run
     return pages
 
 
@@ -352,7 +352,7 @@ def test_a_message_that_cannot_be_rendered_is_recorded_and_the_rest_go_on(tmp_pa
         try:
             hashes = await put(store, plain(bad, "Zablokowana"), plain(good, "Re: Temat 1", refs="ok.1@example.pl"))
             # A real obstacle: a folder where the message page must go.
-            (tmp_path / "www" / LIST / "m" / hashes[0] / "index.html").mkdir(parents=True)
+            (tmp_path / "www" / LIST / "m" / f"{hashes[0]}.html").mkdir(parents=True)
             archiver = archive.Archiver(cfg, store)
             for h in hashes:
                 await archiver.on_archived(LIST, h)
@@ -361,7 +361,7 @@ def test_a_message_that_cannot_be_rendered_is_recorded_and_the_rest_go_on(tmp_pa
             await store.close()
 
     asyncio.run(go())
-    assert (tmp_path / "www" / LIST / "m" / message_id_hash(good) / "index.html").exists()
+    assert (tmp_path / "www" / LIST / "m" / f"{message_id_hash(good)}.html").exists()
     result = runner.invoke(cli_main, ["--config", str(config), "archive", "status", LIST])
     assert result.exit_code == 0, result.output
     assert f"{LIST}: public, 4 messages, 3 message pages" in result.output
@@ -402,7 +402,7 @@ def test_dates_in_the_lists_time_zone(tmp_path: Path, tz: str, month: str, shown
     info = asyncio.run(go())
     ldir = info.dir
     assert (ldir / month / "index.html").exists() and len(list(ldir.glob("2024-*"))) == 1
-    page = (ldir / "m" / message_id_hash("majowka@example.pl") / "index.html").read_text()
+    page = (ldir / "m" / f"{message_id_hash('majowka@example.pl')}.html").read_text()
     assert f'<time datetime="{iso}">{shown}</time>' in page
     assert shown in (ldir / month / "date.html").read_text()
     assert f"<updated>{iso}</updated>" in (ldir / "feed.atom").read_text()
@@ -484,7 +484,7 @@ def test_utf7_post_is_archived_live_and_builds_stay_green(tmp_path: Path, start_
     server.call(server.store.add_members(LIST, [(member, "", "")]))
     with smtplib.SMTP("127.0.0.1", server.port) as client:
         client.sendmail(member, [f"{LIST}@{DOMAIN}"], UTF7_POST)
-    page = config.archive.dir / LIST / "m" / message_id_hash("utf7.lone@gmina-a.example.pl") / "index.html"
+    page = config.archive.dir / LIST / "m" / f"{message_id_hash('utf7.lone@gmina-a.example.pl')}.html"
     wait_for(page)
     text = page.read_bytes().decode("utf-8")
     assert "Zaproszenie łódź" in text and "Zażółć \ufffd jaźń" in text
@@ -528,20 +528,20 @@ def test_reused_message_ids_get_their_own_pages_and_duplicates_are_one(tmp_path:
         assert links[subject] == link, subject  # the same post: the same page
     assert len(set(links.values())) == 6
     for subject, link in links.items():
-        h = link.rstrip("/").rsplit("/", 1)[1]
-        page = config.archive.dir / LIST / "m" / h / "index.html"
+        h = link.rsplit("/", 1)[1].removesuffix(".html")
+        page = config.archive.dir / LIST / "m" / f"{h}.html"
         wait_for(page)
         text = page.read_text()
         n = subject.rsplit(" ", 1)[1]
         assert f"Treść ogłoszenia nr {n}: żółw {n}." in text
         if h != message_id_hash(mid):
             assert f"Message-ID: <code>{mid}</code>" in text  # the original id is kept on the page
-    assert len(list((config.archive.dir / LIST / "m").iterdir())) == 6
+    assert len(list((config.archive.dir / LIST / "m").glob("*.html"))) == 6
     server.stop()
     result = CliRunner().invoke(cli_main, ["--config", str(write_config_for(tmp_path, config)), "archive", "build",
                                            "--full"])
     assert result.exit_code == 0, result.output
-    assert len(list((config.archive.dir / LIST / "m").iterdir())) == 6  # and so after a full rebuild
+    assert len(list((config.archive.dir / LIST / "m").glob("*.html"))) == 6  # and so after a full rebuild
 
 
 async def test_twins_prepared_at_once_are_not_archived_as_one(tmp_path: Path) -> None:

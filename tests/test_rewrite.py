@@ -127,7 +127,7 @@ def test_list_headers_exact() -> None:
         ("List-Subscribe", "<mailto:seap-planning-join@lists.example.org>"),
         ("List-Unsubscribe", "<mailto:seap-planning-leave@lists.example.org>"),
         ("List-Archive", "<https://archiwum.example.org/seap-planning/>"),
-        ("Archived-At", "<https://archiwum.example.org/seap-planning/m/JJIGKPKB6CVDX6B2CUG4IHAJRIQIOUTP/>"),
+        ("Archived-At", "<https://archiwum.example.org/seap-planning/m/JJIGKPKB6CVDX6B2CUG4IHAJRIQIOUTP.html>"),
         ("List-Owner", "<mailto:seap-planning-owner@lists.example.org>"),
         ("Precedence", "list"),
     ]
@@ -225,7 +225,7 @@ def test_missing_message_id_date_subject_lf_input() -> None:
     assert msg["Date"].datetime == NOW
     assert msg["Subject"] == "[seap-planning] (bez tematu)"
     assert parse(run(raw, make_ctx(language="en")).data)["Subject"] == "[seap-planning] (no subject)"
-    assert msg["Archived-At"] == f"<https://archiwum.example.org/seap-planning/m/{message_id_hash('abc.123@lists.example.org')}/>"
+    assert msg["Archived-At"] == f"<https://archiwum.example.org/seap-planning/m/{message_id_hash('abc.123@lists.example.org')}.html>"
 
 
 def test_mime_version_added_when_content_type_present() -> None:

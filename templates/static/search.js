@@ -19,7 +19,7 @@
   function show(rec) {
     var li = document.createElement("li");
     var a = document.createElement("a");
-    a.href = "m/" + encodeURIComponent(rec[0]) + "/index.html";
+    a.href = "m/" + encodeURIComponent(rec[0]) + ".html";
     a.textContent = rec[1] || status.getAttribute("data-no-subject") || "";
     var meta = document.createElement("span");
     meta.className = "meta";

@@ -562,6 +562,7 @@ class _PrescanJob:
     db: Path
     list_id: int
     hashes: tuple[str, ...]
+    labels: Labels
 
 
 # row id, Message-ID, References, Subject, date; and the headers as parse_mail reads them
@@ -581,40 +582,70 @@ def _scan(job: _ScanJob) -> list[Scan]:
     return _scan_rows(Store.read_archive_data(job.db, job.ids))
 
 
-def _prescan(job: _PrescanJob) -> list[Scan]:
-    return _scan_rows(Store.read_archive_data_by_hash(job.db, job.list_id, job.hashes))
+# What a build worker has read ahead during an import, kept for the render:
+# row id -> the parsed message.  Each worker is its own process (an executor
+# of one), so the build sends a thread to the worker that holds most of its
+# messages and they are not parsed twice.
+_PARSED: dict[int, Mail] = {}
+_PARSED_BYTES = 0
+PARSED_BUDGET = 96 << 20  # bytes kept per worker; later messages are parsed when rendered (RSS stays bounded)
+
+
+def _mail_size(mail: Mail) -> int:
+    texts = len(mail.body_html) + len(mail.text) + len(mail.search) + len(mail.snippet)
+    return 2 * texts + sum(len(a.data) for a in mail.attachments) + 600
+
+
+def _prescan(job: _PrescanJob) -> tuple[list[Scan], list[int]]:
+    """The headers of a stored batch, and its messages parsed and kept here while the budget lasts.
+
+    Returns the scans and the row ids kept.  Both depend only on the stored
+    row, which never changes.
+    """
+    global _PARSED_BYTES
+    rows = Store.read_archive_data_by_hash(job.db, job.list_id, job.hashes)
+    scans = _scan_rows(rows)
+    kept: list[int] = []
+    for scan in scans:
+        if _PARSED_BYTES >= PARSED_BUDGET:
+            break
+        row_id = scan[0]
+        mid, received, raw = rows[row_id]
+        mail = parse_mail(raw, mid, received, job.labels, scan[5])
+        _PARSED[row_id] = mail
+        _PARSED_BYTES += _mail_size(mail)
+        kept.append(row_id)
+    return scans, kept
 
 
 # The worker processes of a full build.  An import starts them early and
-# has them read the headers of each batch it stores while it reads the next
-# one; the build that follows collects those results (they depend only on
-# the stored row, which never changes) and renders with the same workers.
-_POOL: concurrent.futures.ProcessPoolExecutor | None = None
-_POOL_SIZE = 0
-_PRESCANS: dict[tuple[str, int], list[concurrent.futures.Future[list[Scan]]]] = {}
+# has them read each batch it stores (headers, then the whole message) while
+# it reads the next one; the build that follows collects the headers,
+# threads, and renders each thread where its messages were read.
+_WORKERS: list[concurrent.futures.ProcessPoolExecutor] = []
+_PRESCANS: dict[tuple[str, int], list[tuple[int, concurrent.futures.Future[tuple[list[Scan], list[int]]]]]] = {}
 
 
-def _get_pool(nprocs: int) -> concurrent.futures.ProcessPoolExecutor:
-    global _POOL, _POOL_SIZE
-    if _POOL is not None and _POOL_SIZE != nprocs:
+def _get_workers(nprocs: int) -> list[concurrent.futures.ProcessPoolExecutor]:
+    if _WORKERS and len(_WORKERS) != nprocs:
         _release_pool()
-    if _POOL is None:
+    if not _WORKERS:
         renderer().prepare()  # compiled once here, inherited by every worker
         # Workers forked from this process start at once with everything
         # imported and the templates compiled ("spawn" costs a second of
         # interpreter start-up per worker); elsewhere, spawn.
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        _POOL = concurrent.futures.ProcessPoolExecutor(nprocs, mp_context=multiprocessing.get_context(method))
-        _POOL_SIZE = nprocs
-    return _POOL
+        context = multiprocessing.get_context(method)
+        _WORKERS.extend(concurrent.futures.ProcessPoolExecutor(1, mp_context=context) for _ in range(nprocs))
+    return _WORKERS
 
 
 def _release_pool() -> None:
-    global _POOL
-    pool, _POOL = _POOL, None
+    workers = list(_WORKERS)
+    _WORKERS.clear()
     _PRESCANS.clear()
-    if pool is not None:
-        pool.shutdown(wait=True, cancel_futures=True)
+    for worker in workers:
+        worker.shutdown(wait=True, cancel_futures=True)
 
 
 atexit.register(_release_pool)
@@ -637,7 +668,7 @@ def _render_threads(job: _ThreadJob) -> tuple[list[ArchiveMeta], list[Failure]]:
 
 def _render_threads_direct(job: _ThreadJob) -> tuple[list[ArchiveMeta], list[Failure]]:
     ids = [i for _, ids in job.threads for i in ids]
-    data = Store.read_archive_data(job.db, ids)
+    data = Store.read_archive_data(job.db, [i for i in ids if i not in _PARSED])
     labels = labels_for(job.info)
     out: list[ArchiveMeta] = []
     failed: list[Failure] = []
@@ -646,9 +677,11 @@ def _render_threads_direct(job: _ThreadJob) -> tuple[list[ArchiveMeta], list[Fai
         metas: list[ArchiveMeta] = []
         for i in tids:
             try:
-                mid, received, raw = data[i]
-                mail = parse_mail(raw, mid, received, labels, job.scans.get(i))
-                mails[i] = mail
+                parsed = _PARSED.pop(i, None)  # read ahead during the import
+                if parsed is None:
+                    mid, received, raw = data[i]
+                    parsed = parse_mail(raw, mid, received, labels, job.scans.get(i))
+                mail = mails[i] = parsed
                 metas.append(make_meta(i, job.info, job.hashes[i], mail, thread, ""))
             except Exception as exc:  # noqa: BLE001 - recorded; the other messages go on
                 failed.append((i, failure_reason(exc)))
@@ -729,22 +762,29 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
     renderer().prepare()
     for sub in ("m", "t", "search"):
         (scratch / info.name / sub).mkdir(parents=True, exist_ok=True)
-    # Headers an import already read (in the workers, while it stored the mbox).
+    # Headers an import already read (in the workers, while it stored the
+    # mbox), and which worker holds which message parsed.
     known: dict[int, Scan] = {}
-    for early in _PRESCANS.pop((str(store.path), info.id), []):
+    parsed_in: dict[int, int] = {}
+    for worker_index, early in _PRESCANS.pop((str(store.path), info.id), []):
         try:
-            known.update((scan[0], scan) for scan in await asyncio.wrap_future(early))
+            scans, kept = await asyncio.wrap_future(early)
         except Exception:  # noqa: BLE001 - read again below
             log.warning("archive: an early header scan failed; reading those headers again", exc_info=True)
-    pool: concurrent.futures.Executor | None = _get_pool(nprocs) if parallel else None
-    if pool is None:
+            continue
+        known.update((scan[0], scan) for scan in scans)
+        parsed_in.update((row_id, worker_index) for row_id in kept)
+    pool = _get_workers(nprocs) if parallel else []
+    if not pool:
         _release_pool()
+        parsed_in.clear()
     loop = asyncio.get_running_loop()
 
     async def run(fn: Callable[[Any], Any], jobs: Sequence[Any]) -> list[Any]:
-        if pool is None:
+        if not pool:
             return [await asyncio.to_thread(fn, j) for j in jobs]
-        return list(await asyncio.gather(*(loop.run_in_executor(pool, fn, j) for j in jobs)))
+        return list(await asyncio.gather(*(loop.run_in_executor(pool[k % len(pool)], fn, j)
+                                           for k, j in enumerate(jobs))))
 
     try:
         total = len(index)
@@ -760,23 +800,39 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
         by_thread: dict[str, list[int]] = {}
         for node in sorted(nodes, key=lambda n: (n.date, n.key)):
             by_thread.setdefault(message_id_hash(placed[node.key].thread), []).append(node.key)
-        jobs: list[_ThreadJob] = []
-        batch: list[tuple[str, tuple[int, ...]]] = []
-        size = 0
+        # Each thread goes to the worker that read most of its messages
+        # ahead; ties and threads read by none go to the least loaded one
+        # (a message parsed here costs about three it only renders).
+        lanes = max(1, len(pool))
+        planned: list[list[tuple[str, tuple[int, ...]]]] = [[] for _ in range(lanes)]
+        loads = [0] * lanes
         for thread, ids in by_thread.items():
-            batch.append((thread, tuple(ids)))
-            size += len(ids)
-            if size >= THREAD_JOB:
-                jobs.append(_ThreadJob(store.path, info, scratch, tuple(batch), {i: hashes[i] for _, t in batch for i in t},
-                                      {i: known[i][5] for _, t in batch for i in t}))
-                batch, size = [], 0
-        if batch:
-            jobs.append(_ThreadJob(store.path, info, scratch, tuple(batch), {i: hashes[i] for _, t in batch for i in t},
-                                      {i: known[i][5] for _, t in batch for i in t}))
+            held = [0] * lanes
+            for i in ids:
+                w = parsed_in.get(i)
+                if w is not None and w < lanes:
+                    held[w] += 1
+            lane = max(range(lanes), key=lambda w: (held[w], -loads[w]))
+            planned[lane].append((thread, tuple(ids)))
+            loads[lane] += held[lane] + 3 * (len(ids) - held[lane])
+
+        def jobs_of(lane: int) -> Iterator[_ThreadJob]:
+            batch: list[tuple[str, tuple[int, ...]]] = []
+            size = 0
+            for thread, ids in [*planned[lane], ("", ())]:
+                if ids:
+                    batch.append((thread, ids))
+                    size += len(ids)
+                if batch and (size >= THREAD_JOB or not ids):
+                    wanted = [i for _, t in batch for i in t]
+                    yield _ThreadJob(store.path, info, scratch, tuple(batch), {i: hashes[i] for i in wanted},
+                                     {i: known[i][5] for i in wanted if parsed_in.get(i) != lane})
+                    batch, size = [], 0
+
         done = 0
         failures: list[Failure] = []
-        if pool is None:
-            for job in jobs:
+        if not pool:
+            for job in jobs_of(0):
                 metas, bad = await asyncio.to_thread(_render_threads, job)
                 failures += bad
                 await store.archive_put_meta(metas, count_months=False)
@@ -784,25 +840,26 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
                 if progress:
                     progress("pages", done, total)
         else:
-            # A few jobs ahead of the workers, not all: finished pages wait
-            # in memory only until they are stored (in one transaction for
-            # all jobs finished meanwhile).
-            queue = iter(jobs)
-            running: set[asyncio.Future[tuple[list[ArchiveMeta], list[Failure]]]] = set()
+            # Two jobs per worker at a time, not all: finished pages wait in
+            # memory only until they are stored (in one transaction for all
+            # jobs finished meanwhile).
+            queues = [jobs_of(lane) for lane in range(lanes)]
+            running: dict[asyncio.Future[tuple[list[ArchiveMeta], list[Failure]]], int] = {}
 
-            def submit() -> None:
-                job = next(queue, None)
+            def submit(lane: int) -> None:
+                job = next(queues[lane], None)
                 if job is not None:
-                    running.add(loop.run_in_executor(pool, _render_threads, job))
+                    running[loop.run_in_executor(pool[lane], _render_threads, job)] = lane
 
-            for _ in range(nprocs * 2):
-                submit()
+            for lane in range(lanes):
+                submit(lane)
+                submit(lane)
             while running:
-                finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 metas = [m for fut in finished for m in fut.result()[0]]
                 failures += [f for fut in finished for f in fut.result()[1]]
-                for _ in finished:
-                    submit()
+                for fut in finished:
+                    submit(running.pop(fut))
                 await store.archive_put_meta(metas, count_months=False)
                 done += len(metas)
                 if progress:
@@ -1311,16 +1368,23 @@ async def import_mbox(store: Store, info: ListInfo, path: Path, progress: Progre
     done_bytes = 0
     nprocs = os.cpu_count() or 1
     prescan = nprocs > 1 and size >= PRESCAN_FROM and info.policy != "none"
-    pool = _get_pool(nprocs) if prescan else None
+    workers = _get_workers(nprocs) if prescan else []
     key = (str(store.path), info.id)
     step = min(500, batch)
+    labels = labels_for(info)
+    jobs = 0
 
     async def store_batch() -> int:
+        nonlocal jobs
         count = await store.archive_import(info.id, pending)
-        if pool is not None:
-            for chunk in _chunks([h for _, h, _, _ in pending], PRESCAN_JOB):
-                job = _PrescanJob(store.path, info.id, tuple(chunk))
-                _PRESCANS.setdefault(key, []).append(pool.submit(_prescan, job))
+        for chunk in _chunks([h for _, h, _, _ in pending], PRESCAN_JOB):
+            if workers:
+                # Consecutive chunks to alternating workers: a thread's
+                # messages are usually close together in an mbox.
+                lane = jobs % len(workers)
+                future = workers[lane].submit(_prescan, _PrescanJob(store.path, info.id, tuple(chunk), labels))
+                _PRESCANS.setdefault(key, []).append((lane, future))
+                jobs += 1
         return count
 
     for raw, when in read_messages(path):

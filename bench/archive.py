@@ -16,6 +16,13 @@ message page is on disk (median of --posts), as a share of the full build.  MHon
 (Debian ``mhonarc``, with its UTF-8 resource file) converts the same mbox when
 installed.  Output folders go under --workdir (default: a temporary folder
 beside the checkout, on the same disk as a real archive would be).
+
+Both programs write into folders made fresh for them, and nothing is deleted
+before a measured run: on ext4 without a journal (this project's test
+machines) the kernel skips inodes freed in the last minutes when it hands
+out new ones, so a run right after a large ``rm -rf`` creates files several
+times slower.  Run the script again only a few minutes after the last run's
+folders were removed (it removes them at the end unless --keep).
 """
 
 from __future__ import annotations
@@ -73,7 +80,13 @@ asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
 
 
 def run_measured(cmd: list[str], **kwargs: object) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS (KiB) of the largest process in the tree, stdout."""
+    """Wall seconds, peak RSS (KiB) of the largest process in the tree, stdout.
+
+    Dirty pages of what ran before (the generated mbox, the other tool's
+    output) are flushed first, so neither program pays for the other's
+    writeback; the CPU time of the command and its children is printed.
+    """
+    os.sync()
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)  # type: ignore[call-overload]
     out = proc.stdout.read() if proc.stdout else b""
@@ -81,6 +94,7 @@ def run_measured(cmd: list[str], **kwargs: object) -> tuple[float, int, str]:
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     elapsed = time.perf_counter() - started
+    print(f"    ({os.path.basename(cmd[0])}: {usage.ru_utime:.1f} s user + {usage.ru_stime:.1f} s system CPU)", flush=True)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.decode(errors='replace')[-3000:]}")
     return elapsed, usage.ru_maxrss, out.decode(errors="replace")

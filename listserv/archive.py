@@ -20,11 +20,13 @@ relative so a plain folder works, and every file is written atomically (temp
 file, then rename).
 
 *Full build*: headers of all messages are read in worker processes (forked,
-so they start at once; an import has them read each stored batch while it
-reads the next), threaded in one pass (``archive_thread``), then batches of
-threads are rendered in parallel (each message parsed once, its body shown on
-its own page and in its thread) and the month pages last; files of the fresh
-tree are written in place and the tree is swapped in for the old one.
+so they start at once; an import has them read and parse each stored batch
+while it reads the next, and keep the parsed messages within a memory
+budget), threaded in one pass (``archive_thread``), then batches of threads
+are rendered in parallel, each thread in the worker that holds most of its
+messages (each message parsed once, its body shown on its own page and in its
+thread), and the month pages last; files of the fresh tree are written in
+place and the tree is swapped in for the old one.
 *Incremental*: ``Archiver.on_archived`` (called by the fan-out after a post is
 stored) starts a background task that loads the threads the message touches
 (the ones it names, the replies that name it or its ancestors, a subject
@@ -1358,9 +1360,9 @@ async def import_mbox(store: Store, info: ListInfo, path: Path, progress: Progre
     """Store every message of an mbox in the list's archive; returns (read, new).
 
     Batches grow from 500 messages to ``batch``.  For a large mbox on more
-    than one core, each stored batch's headers are read in the build's
-    worker processes while the next batch is read, and ``build_list``
-    picks the results up.
+    than one core, each stored batch is read (headers, then the whole
+    message) in the build's worker processes while the next batch is read,
+    and ``build_list`` picks the results up.
     """
     read = new = 0
     pending: list[tuple[str, str, float, bytes]] = []

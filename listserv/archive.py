@@ -857,10 +857,10 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
                 submit(lane)
                 submit(lane)
             while running:
-                finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                metas = [m for fut in finished for m in fut.result()[0]]
-                failures += [f for fut in finished for f in fut.result()[1]]
-                for fut in finished:
+                ready, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                metas = [m for fut in ready for m in fut.result()[0]]
+                failures += [f for fut in ready for f in fut.result()[1]]
+                for fut in ready:
                     submit(running.pop(fut))
                 await store.archive_put_meta(metas, count_months=False)
                 done += len(metas)

@@ -285,8 +285,12 @@ class ArchivePart(StoreBase):
                             (old[0], old[1]),
                         )
             await db.executemany("DELETE FROM archive_refs WHERE archive_id = ?", ids)
+            # Delete, then a plain INSERT: "INSERT OR REPLACE" may change two
+            # rows, so SQLite keeps a statement journal for every row inserted
+            # (a temporary file as big as the pages each insert touched).
+            await db.executemany("DELETE FROM archive_meta WHERE archive_id = ?", ids)
             await db.executemany(
-                f"INSERT OR REPLACE INTO archive_meta ({self._META_COLS}, mbox)"
+                f"INSERT INTO archive_meta ({self._META_COLS}, mbox)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (m.archive_id, m.list_id, m.msgid_hash, m.message_id, m.thread, m.parent, "\n".join(m.refs),

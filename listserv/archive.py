@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import calendar
+import collections
 import concurrent.futures
 import email.utils
 import dataclasses
@@ -833,6 +834,9 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
 
         done = 0
         failures: list[Failure] = []
+        early_months: dict[str, asyncio.Future[int]] = {}
+        month_of_row: dict[int, str] = {}
+        expected: dict[str, int] = {}
         if not pool:
             for job in jobs_of(0):
                 metas, bad = await asyncio.to_thread(_render_threads, job)
@@ -842,6 +846,25 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
                 if progress:
                     progress("pages", done, total)
         else:
+            # A month's pages are written as soon as its last message is
+            # stored, while the workers go on with later threads.  Its
+            # messages are counted from the headers; a month whose count
+            # turns out different is written again at the end.
+            month_of_row.update((i, month_of(known[i][4], info.timezone)) for i, _, _ in index)
+            left = collections.Counter(month_of_row.values())
+            expected.update(left)
+
+            def account(row_ids: Iterable[int]) -> None:
+                for row_id in row_ids:
+                    month = month_of_row.get(row_id)
+                    if month is None:
+                        continue
+                    left[month] -= 1
+                    if left[month] == 0:
+                        lane = len(early_months) % lanes
+                        early_months[month] = loop.run_in_executor(
+                            pool[lane], _render_months, _MonthJob(store.path, info, scratch, (month,)))
+
             # Two jobs per worker at a time, not all: finished pages wait in
             # memory only until they are stored (in one transaction for all
             # jobs finished meanwhile).
@@ -859,10 +882,12 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
             while running:
                 ready, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 metas = [m for fut in ready for m in fut.result()[0]]
-                failures += [f for fut in ready for f in fut.result()[1]]
+                bad = [f for fut in ready for f in fut.result()[1]]
+                failures += bad
                 for fut in ready:
                     submit(running.pop(fut))
                 await store.archive_put_meta(metas, count_months=False)
+                account([m.archive_id for m in metas] + [aid for aid, _ in bad])
                 done += len(metas)
                 if progress:
                     progress("pages", done, total)
@@ -875,7 +900,10 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
             progress("months", 0, 1)
         await store.archive_recount_months(info.id)
         months = await store.archive_months(info.id)
-        month_names = [m for m, _ in months]
+        await asyncio.gather(*early_months.values())
+        # Every month not written early, and any whose final count is not the one expected.
+        failed_in = collections.Counter(month_of_row.get(aid) for aid, _ in failures)
+        month_names = [m for m, n in months if m not in early_months or expected.get(m) != n + failed_in[m]]
         await run(_render_months, [_MonthJob(store.path, info, scratch, tuple(c))
                                    for c in _chunks(month_names, max(1, len(month_names) // (nprocs * 2) + 1))])
         if progress:

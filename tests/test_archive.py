@@ -592,23 +592,31 @@ def test_linux_mips_mbox_builds_with_threads_matching_references(tmp_path: Path)
     require(mbox.exists(), f"{mbox} not found (set LISTSERV_CORPORA)")
     cfg = make_config(tmp_path)
 
-    async def go() -> tuple[int, list[tuple[str, str, tuple[str, ...], str]]]:
+    async def go() -> tuple[int, list[tuple[str, str, tuple[str, ...], str]], dict[str, set[str]]]:
         store = await open_store(cfg, language="en")
         try:
             info = archive.list_info(cfg, await store.get_list(LIST))
             read, _ = await archive.import_mbox(store, info, mbox)
             await archive.build_list(cfg, store, info, workers=2)
             rows = []
+            by_month: dict[str, set[str]] = {}
             for month, _ in await store.archive_months(info.id):
-                rows += [(m.msgid_hash, m.message_id, m.refs, m.thread)
-                         for m in await store.archive_month_meta(info.id, month)]
-            return read, rows
+                metas = await store.archive_month_meta(info.id, month)
+                rows += [(m.msgid_hash, m.message_id, m.refs, m.thread) for m in metas]
+                by_month[month] = {m.msgid_hash for m in metas}
+            return read, rows, by_month
         finally:
             await store.close()
 
-    read, rows = run(go())
+    read, rows, by_month = run(go())
     assert read == 3072
     ldir = cfg.archive.dir / LIST
+    # Month pages (some written while later threads were still rendering) list exactly their month's messages.
+    assert len(by_month) >= 12
+    for month, hashes in by_month.items():
+        for page in ("index.html", "date.html"):
+            linked = set(re.findall(r'href="\.\./m/([A-Z2-7]{32})\.html"', (ldir / month / page).read_text()))
+            assert linked == hashes, (month, page)
     assert len(rows) >= 3000
     thread_of = {mid: thread for _, mid, _, thread in rows}
     replies = 0

@@ -60,10 +60,26 @@ def _hour_offset(hour: int, tz: str) -> int:
     return int(start.total_seconds()) if start is not None else 0
 
 
+@functools.lru_cache(maxsize=16384)
+def _day_offset(day: int, tz: str) -> int:
+    """The zone's UTC offset in seconds during the UTC day ``day``, or -1 if it changes that day."""
+    start = _local(day * 86400.0, tz).utcoffset()
+    end = _local(day * 86400.0 + 86399.0, tz).utcoffset()
+    if start != end:
+        return -1
+    return int(start.total_seconds()) if start is not None else 0
+
+
 def _fields(ts: float, tz: str) -> tuple[time.struct_time, int]:
-    """Local time fields and the UTC offset (seconds) of ``ts``: one C call, the offset cached per hour."""
+    """Local time fields and the UTC offset (seconds) of ``ts``: one C call.
+
+    The offset is cached per UTC day, or per hour on a day it changes (zone
+    rules change it at most once a day).
+    """
     try:
-        off = _hour_offset(int(ts // 3600), tz)
+        off = _day_offset(int(ts // 86400), tz)
+        if off == -1:
+            off = _hour_offset(int(ts // 3600), tz)
         if off == -1:
             delta = _local(ts, tz).utcoffset()
             off = int(delta.total_seconds()) if delta is not None else 0

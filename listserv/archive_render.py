@@ -837,7 +837,6 @@ def _linkify(text: str) -> str:
 
 
 _QUOTE = re.compile(r"^\s{0,3}>")
-_QUOTED_LINE = re.compile(r"^[^\S\n]{0,3}>.*$", re.MULTILINE)  # a whole line that _QUOTE matches
 _ANY_QUOTE = re.compile(r"^\s{0,3}>", re.MULTILINE)  # a match spanning lines implies a quoted line too
 
 
@@ -878,6 +877,32 @@ def text_to_html(text: str, quoted_label: str = "") -> str:
         if body.strip():
             chunks.append(f'<pre class="text">{_linkify(body)}</pre>')
     return "".join(chunks)
+
+
+def own_words(text: str, limit: int) -> str:
+    """The words of the lines ``_QUOTE`` does not match, one space apart, cut at ``limit`` characters.
+
+    ``" ".join(unquoted.split())[:limit]``, reading only as many lines as
+    the first ``limit`` characters need.
+    """
+    words: list[str] = []
+    size = -1
+    pos = 0
+    end_of_text = len(text)
+    while pos <= end_of_text and size < limit:
+        end = text.find("\n", pos)
+        if end < 0:
+            end = end_of_text
+        line = text[pos:end]
+        pos = end + 1
+        if _QUOTE.match(line):
+            continue
+        for word in line.split():
+            words.append(word)
+            size += len(word) + 1
+            if size >= limit:
+                break
+    return " ".join(words)[:limit]
 
 
 def sanitize_html(source: str) -> str:
@@ -1008,9 +1033,7 @@ def _parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Label
             blocks.append(f'<p class="note">{html.escape(labels.truncated)}</p>')
         texts.append(shown)
     full = "\n\n".join(t.strip("\n") for t in texts if t.strip())
-    # The author's own words for the snippet and search text: quoted lines
-    # emptied in one pass (as dropping each line that _QUOTE matches).
-    flat = " ".join(_QUOTED_LINE.sub("", full).split())
+    flat = own_words(full, SEARCH_TEXT)  # the author's own words, for the snippet and search text
     return Mail(
         headers=headers,
         body_html="".join(blocks),

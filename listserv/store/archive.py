@@ -284,11 +284,15 @@ class ArchivePart(StoreBase):
                             "UPDATE archive_months SET count = count - 1 WHERE list_id = ? AND month = ?",
                             (old[0], old[1]),
                         )
-            await db.executemany("DELETE FROM archive_refs WHERE archive_id = ?", ids)
-            # Delete, then a plain INSERT: "INSERT OR REPLACE" may change two
-            # rows, so SQLite keeps a statement journal for every row inserted
-            # (a temporary file as big as the pages each insert touched).
-            await db.executemany("DELETE FROM archive_meta WHERE archive_id = ?", ids)
+            # Delete (500 rows a statement), then a plain INSERT: "INSERT OR
+            # REPLACE" may change two rows, so SQLite keeps a statement journal
+            # for every row inserted (a temporary file as big as the pages each
+            # insert touched); a DELETE journals only the pages it changes.
+            for start in range(0, len(ids), 500):
+                chunk = [aid for (aid,) in ids[start : start + 500]]
+                marks = ",".join("?" * len(chunk))
+                await db.execute(f"DELETE FROM archive_refs WHERE archive_id IN ({marks})", chunk)
+                await db.execute(f"DELETE FROM archive_meta WHERE archive_id IN ({marks})", chunk)
             await db.executemany(
                 f"INSERT INTO archive_meta ({self._META_COLS}, mbox)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -120,11 +120,20 @@ def chromium() -> Iterator[str]:
     try:
         port_file = Path(profile) / "DevToolsActivePort"
         deadline = time.monotonic() + 30
-        while not port_file.exists() and time.monotonic() < deadline and proc.poll() is None:
+
+        def endpoint() -> list[str]:
+            # Chromium writes the port, then the path: the file can be seen half-written.
+            try:
+                lines = [line.strip() for line in port_file.read_text().split("\n")]
+            except FileNotFoundError:
+                return []
+            return lines[:2] if len(lines) >= 2 and lines[0] and lines[1] else []
+
+        while not endpoint() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
-        require(port_file.exists(), "chromium did not start its DevTools endpoint")
-        lines = port_file.read_text().split("\n")
-        yield f"ws://127.0.0.1:{lines[0].strip()}{lines[1].strip()}"
+        lines = endpoint()
+        require(bool(lines), "chromium did not start its DevTools endpoint")
+        yield f"ws://127.0.0.1:{lines[0]}{lines[1]}"
     finally:
         proc.terminate()
         try:

@@ -182,6 +182,8 @@ def valid_text(text: str) -> str:
 
 def _clean(text: str) -> str:
     """Valid text without the control characters a page must not show."""
+    if text.isprintable():  # no control character, no lone surrogate (most header values)
+        return text
     return _C1_CONTROL.sub("", valid_text(text))
 
 
@@ -197,7 +199,7 @@ def _raw_headers(msg: Entity) -> dict[str, str]:
             continue
         try:
             raw: bytes | str = value if isinstance(value, str) else str(value)
-            if isinstance(raw, str) and _has_surrogates(raw):
+            if isinstance(raw, str) and not raw.isascii() and _has_surrogates(raw):
                 # compat32 keeps raw 8-bit header bytes as surrogate escapes:
                 # back to bytes, then guessed as a body without a charset is.
                 raw = _guess_text(raw.encode("utf-8", "surrogateescape"))
@@ -414,6 +416,27 @@ def _drop_last_eol(text: str) -> str:
     return text
 
 
+def _first_blank_line(text: str) -> int:
+    """Where the first ``"\\n\\n"`` or ``"\\n\\r\\n"`` starts (the earlier of the two), or -1.
+
+    The kind the first line ends with is looked for first, and the other
+    only before it: a part's base64 body is not scanned for a blank line it
+    does not have.
+    """
+    eol = text.find("\n")
+    if eol > 0 and text[eol - 1] == "\r":
+        crlf = text.find("\n\r\n")
+        lf = text.find("\n\n", 0, crlf + 1 if crlf >= 0 else len(text))
+    else:
+        lf = text.find("\n\n")
+        crlf = text.find("\n\r\n", 0, lf + 2 if lf >= 0 else len(text))
+    if lf < 0:
+        return crlf
+    if crlf < 0:
+        return lf
+    return min(lf, crlf)
+
+
 def _quick_part(text: str, with_body: bool) -> Entity | None:
     """One entity (headers, then its body as the payload); no lone CRs in ``text``."""
     if text.startswith("\n"):
@@ -421,9 +444,9 @@ def _quick_part(text: str, with_body: bool) -> Entity | None:
     elif text.startswith("\r\n"):
         head_len, body_at = 0, 2
     else:
-        ends = [x for x in (text.find("\n\n"), text.find("\n\r\n")) if x >= 0]
-        if ends:
-            head_len = min(ends) + 1
+        blank = _first_blank_line(text)
+        if blank >= 0:
+            head_len = blank + 1
             body_at = head_len + (1 if text[head_len : head_len + 1] == "\n" else 2)
         else:
             head_len = body_at = len(text)
@@ -837,6 +860,7 @@ def _linkify(text: str) -> str:
 
 
 _QUOTE = re.compile(r"^\s{0,3}>")
+_QUOTED_LINE = re.compile(r"^[^\S\n]{0,3}>.*$", re.MULTILINE)  # a whole line that _QUOTE matches
 _ANY_QUOTE = re.compile(r"^\s{0,3}>", re.MULTILINE)  # a match spanning lines implies a quoted line too
 
 
@@ -882,27 +906,11 @@ def text_to_html(text: str, quoted_label: str = "") -> str:
 def own_words(text: str, limit: int) -> str:
     """The words of the lines ``_QUOTE`` does not match, one space apart, cut at ``limit`` characters.
 
-    ``" ".join(unquoted.split())[:limit]``, reading only as many lines as
-    the first ``limit`` characters need.
+    Quoted lines are emptied in one pass of ``_QUOTED_LINE`` (whole lines
+    that ``_QUOTE`` matches), then the words joined: cheaper than a line
+    at a time for list mail, whose texts are a few kilobytes.
     """
-    words: list[str] = []
-    size = -1
-    pos = 0
-    end_of_text = len(text)
-    while pos <= end_of_text and size < limit:
-        end = text.find("\n", pos)
-        if end < 0:
-            end = end_of_text
-        line = text[pos:end]
-        pos = end + 1
-        if _QUOTE.match(line):
-            continue
-        for word in line.split():
-            words.append(word)
-            size += len(word) + 1
-            if size >= limit:
-                break
-    return " ".join(words)[:limit]
+    return " ".join(_QUOTED_LINE.sub("", text).split())[:limit]
 
 
 def sanitize_html(source: str) -> str:

@@ -236,6 +236,15 @@ def test_text_to_html_and_search_text_agree_with_their_reference(text: str) -> N
         assert own_words(text, limit) == " ".join(own.split())[:limit]
 
 
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from(["\n", "\r\n", "\r", "a", ":", " ", "\n\n", "\n\r\n"]), max_size=30).map("".join))
+def test_first_blank_line_is_the_earlier_of_lf_and_crlf(text: str) -> None:
+    from listserv.archive_render import _first_blank_line
+
+    found = [x for x in (text.find("\n\n"), text.find("\n\r\n")) if x >= 0]
+    assert _first_blank_line(text) == (min(found) if found else -1)
+
+
 def check_tree(root: Path) -> int:
     """Every page valid UTF-8 with no active content; returns how many message pages there are."""
     pages = 0

@@ -69,7 +69,6 @@ from typing import Any
 
 import jinja2
 from markupsafe import Markup
-from markupsafe import escape as _markup_escape
 
 from listserv.archive_render import (
     HeaderScan,
@@ -82,6 +81,7 @@ from listserv.archive_render import (
     scan_headers,
     strip_angles,
 )
+from listserv.archive_pages import escape as page_escape
 from listserv.archive_pages import fmt_date, iso_date, local_month, message_page, thread_page
 from listserv.archive_thread import Node, is_reply_subject, normalize_subject, thread_messages, tree_order
 from listserv.archive_types import ArchiveMeta, ArchiveRow
@@ -252,8 +252,8 @@ def list_info(config: Config, lst: ListRecord) -> ListInfo:
 
 
 def escape_html(text: str) -> str:
-    """HTML-escaped as the templates' autoescape does it (markupsafe)."""
-    return str(_markup_escape(text))
+    """HTML-escaped as the templates' autoescape does it (markupsafe's rules)."""
+    return page_escape(text)
 
 
 def month_of(ts: float, tz: str = "UTC") -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import functools
 import math
+import re
 import time
 import zoneinfo
 from collections.abc import Sequence
@@ -120,8 +121,21 @@ def local_month(ts: float, tz: str) -> str:
     return f"{d.tm_year:04d}-{d.tm_mon:02d}"
 
 
+_SPECIAL = re.compile(r"[&<>\"']")
+
+
 def escape(value: Any) -> str:
-    return str(_escape(value))
+    """What ``str(markupsafe.escape(value))`` gives; a plain string without ``&<>"'`` is returned as it is.
+
+    Half a million calls per 10,000 messages: the Markup object markupsafe
+    makes (and str() unmakes) was a fifth of writing the pages.
+    """
+    if type(value) is not str:
+        return str(_escape(value))
+    if _SPECIAL.search(value) is None:
+        return value
+    return (value.replace("&", "&amp;").replace(">", "&gt;").replace("<", "&lt;")
+            .replace("'", "&#39;").replace('"', "&#34;"))
 
 
 def base_page(*, lang: str, t: dict[str, str], csp: str, depth: int, title: str, canonical: str, crumbs: str,

@@ -1115,7 +1115,12 @@ def mbox_entry(mail: Mail, attachment_names: list[str]) -> bytes:
 
 
 def _one_line(text: str) -> str:
-    return re.sub(r"[\r\n]+", " ", text)
+    if "\n" not in text and "\r" not in text:  # nearly always: nothing to join
+        return text
+    return _LINE_BREAKS.sub(" ", text)
+
+
+_LINE_BREAKS = re.compile(r"[\r\n]+")
 
 
 def _encoded(text: str) -> str:

@@ -245,6 +245,18 @@ def test_first_blank_line_is_the_earlier_of_lf_and_crlf(text: str) -> None:
     assert _first_blank_line(text) == (min(found) if found else -1)
 
 
+@settings(max_examples=1000, deadline=None)
+@given(st.one_of(st.text(), st.text(alphabet="&<>\"' aż").map(str), st.integers(), st.none()))
+def test_page_escape_is_markupsafes(value: object) -> None:
+    from markupsafe import Markup, escape
+
+    from listserv.archive_pages import escape as page_escape
+
+    assert page_escape(value) == str(escape(value))
+    if isinstance(value, str):
+        assert page_escape(Markup(value)) == value  # already safe: left alone, as markupsafe does
+
+
 def check_tree(root: Path) -> int:
     """Every page valid UTF-8 with no active content; returns how many message pages there are."""
     pages = 0

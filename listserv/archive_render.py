@@ -773,17 +773,27 @@ def decode_text(data: bytes, charset: str | None) -> str:
 _decode_text = decode_text
 
 
-_SIMPLE_CHARSET = re.compile(r'[ \t]*[\w.+-]+/[\w.+-]+[ \t]*;[ \t]*charset[ \t]*=[ \t]*("?)([\w.:+-]+)\1[ \t]*;?[ \t]*',
-                             re.IGNORECASE | re.ASCII)
+# "type/sub; name=value; ..." with plain names and values (no RFC 2231 "*", no
+# escapes, no comments): Message.get_content_charset's answer is read directly.
+_PLAIN_PARAMS = re.compile(r'[ \t]*[\w.+-]+/[\w.+-]+[ \t]*((?:;[ \t]*[\w.+-]+[ \t]*=[ \t]*(?:"[\w.:+/=-]*"|[\w.:+/=-]*)[ \t]*)*);?[ \t]*',
+                           re.ASCII)
+_PLAIN_PARAM = re.compile(r';[ \t]*([\w.+-]+)[ \t]*=[ \t]*("?)([\w.:+/=-]*)\2', re.ASCII)
 
 
 def _charset(part: Entity) -> str | None:
-    """``part.get_content_charset()``, read directly from the usual "type/sub; charset=x"."""
+    """``part.get_content_charset()``, read directly from the usual "type/sub; charset=x; format=flowed"."""
     value = part.get("content-type")
     if isinstance(value, str):
-        m = _SIMPLE_CHARSET.fullmatch(value)
+        m = _PLAIN_PARAMS.fullmatch(value)
         if m is not None:
-            return m.group(2).lower()
+            params: list[tuple[str, str, str]] = _PLAIN_PARAM.findall(m.group(1))
+            for name, _, param in params:
+                if name.lower() == "charset":
+                    if param:
+                        return param.lower()
+                    break  # an empty charset: the full rules
+            else:
+                return None  # no charset parameter
     return part.get_content_charset()
 
 

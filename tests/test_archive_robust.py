@@ -257,6 +257,29 @@ def test_page_escape_is_markupsafes(value: object) -> None:
         assert page_escape(Markup(value)) == value  # already safe: left alone, as markupsafe does
 
 
+content_type_value = st.builds(
+    lambda ctype, params, tail: ctype + "".join(params) + tail,
+    st.sampled_from(["text/plain", "TEXT/HTML", " text/plain ", "text", ""]),
+    st.lists(st.builds(lambda sep, param: sep + param, st.sampled_from([";", "; ", " ;\t", ""]), st.sampled_from(
+        ["charset=utf-8", "CHARSET=\"ISO-8859-2\"", "charset = x-mac-ce", "Charset=UTF-8", "format=flowed", "delsp=yes",
+         "charset=", "charset=\"\"", "charset*=utf-8''x", "name=\"a b.pdf\"", "boundary=\"=_a/b\"", "charset=\"utf-8",
+         "charset=utf-8 (comment)", "x=\"\\\"\"", "charset=windows-1250", "="])), max_size=4),
+    st.sampled_from(["", ";", " ", "; "]),
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(content_type_value)
+def test_charset_is_read_as_message_reads_it(value: str) -> None:
+    from email.message import Message
+
+    from listserv.archive_render import _charset
+
+    msg = Message()
+    msg["Content-Type"] = value
+    assert _charset(msg) == msg.get_content_charset()
+
+
 def check_tree(root: Path) -> int:
     """Every page valid UTF-8 with no active content; returns how many message pages there are."""
     pages = 0

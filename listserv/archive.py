@@ -1384,10 +1384,12 @@ PRESCAN_JOB = 500
 
 
 async def import_mbox(store: Store, info: ListInfo, path: Path, progress: Progress | None = None,
-                      batch: int = 5000) -> tuple[int, int]:
+                      batch: int = 1000) -> tuple[int, int]:
     """Store every message of an mbox in the list's archive; returns (read, new).
 
-    Batches grow from 500 messages to ``batch``.  For a large mbox on more
+    Batches grow from 500 messages to ``batch`` (1,000: the build workers
+    get each batch to read while the next is read and stored; larger
+    batches left them a backlog at the end of the import).  For a large mbox on more
     than one core, each stored batch is read (headers, then the whole
     message) in the build's worker processes while the next batch is read,
     and ``build_list`` picks the results up.

@@ -138,6 +138,7 @@ def test_live_updates_in_shuffled_order_build_the_same_threads_as_full(tmp_path:
 
 
 @pytest.mark.corpus
+@pytest.mark.one_backend  # touches no store
 def test_quick_entities_read_every_corpus_message_as_message_does() -> None:
     """The lean ``_Part`` reads each real message (every corpus folder) exactly as compat32's ``Message``."""
     root = corpora_dir()

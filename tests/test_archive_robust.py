@@ -129,6 +129,7 @@ def assert_valid_text(*texts: str) -> None:
         text.encode("utf-8")  # raises on a lone surrogate
 
 
+@pytest.mark.one_backend  # touches no store
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(hostile_message())
 def test_hostile_mail_parses_to_valid_text(raw: bytes) -> None:
@@ -154,6 +155,7 @@ def parse_both_ways(raw: bytes) -> tuple[object, object]:
     return fast, slow
 
 
+@pytest.mark.one_backend  # touches no store
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(hostile_message())
 def test_quick_entities_read_mail_as_message_does(raw: bytes) -> None:
@@ -225,6 +227,7 @@ quoting_text = st.lists(st.one_of(
     st.text(max_size=30)), max_size=25).map("\n".join)
 
 
+@pytest.mark.one_backend  # touches no store
 @settings(max_examples=500, deadline=None)
 @given(quoting_text)
 def test_text_to_html_and_search_text_agree_with_their_reference(text: str) -> None:
@@ -236,6 +239,7 @@ def test_text_to_html_and_search_text_agree_with_their_reference(text: str) -> N
         assert own_words(text, limit) == " ".join(own.split())[:limit]
 
 
+@pytest.mark.one_backend  # touches no store
 @settings(max_examples=1000, deadline=None)
 @given(st.lists(st.sampled_from(["\n", "\r\n", "\r", "a", ":", " ", "\n\n", "\n\r\n"]), max_size=30).map("".join))
 def test_first_blank_line_is_the_earlier_of_lf_and_crlf(text: str) -> None:
@@ -245,6 +249,7 @@ def test_first_blank_line_is_the_earlier_of_lf_and_crlf(text: str) -> None:
     assert _first_blank_line(text) == (min(found) if found else -1)
 
 
+@pytest.mark.one_backend  # touches no store
 @settings(max_examples=1000, deadline=None)
 @given(st.one_of(st.text(), st.text(alphabet="&<>\"' aż").map(str), st.integers(), st.none()))
 def test_page_escape_is_markupsafes(value: object) -> None:
@@ -268,7 +273,8 @@ content_type_value = st.builds(
 )
 
 
-@settings(max_examples=2000, deadline=None)
+@pytest.mark.one_backend  # touches no store
+@settings(max_examples=1000, deadline=None)
 @given(content_type_value)
 def test_charset_is_read_as_message_reads_it(value: str) -> None:
     from email.message import Message
@@ -339,12 +345,14 @@ def test_hostile_mail_imports_builds_and_adds(messages: list[bytes], late: bytes
 # -- the seam, one case each ----------------------------------------------------------------------------------
 
 
+@pytest.mark.one_backend  # touches no store
 def test_utf7_lone_surrogates_become_replacement_characters() -> None:
     text = decode_text(b"Za+AXw-+APM-+AUI-+AQc- g+ARk-+AVs-l+AQU- +3Rk- ja+AXo-+AUQ-", "UTF-7")
     assert text == "Zażółć gęślą \ufffd jaźń"
     assert valid_text("\ud83d\udd19 \udd19") == "🔙 \ufffd"  # a pair is joined, a lone half replaced
 
 
+@pytest.mark.one_backend  # touches no store
 @pytest.mark.parametrize(("charset", "data"), [
     ("x-unknown", "Zażółć gęślą jaźń".encode("utf-8")),
     ("us-ascii", "Zażółć gęślą jaźń".encode("cp1250")),       # a label the bytes contradict
@@ -361,6 +369,7 @@ RAW_8BIT = ("From: Józef Dąbrowski <jozef@gmina-z.example.pl>\r\nSubject: Spot
             "Content-Type: text/plain\r\n\r\nZebranie zespołu w Żyrardowie, sala nr 5. Proszę o potwierdzenie.\r\n")
 
 
+@pytest.mark.one_backend  # touches no store
 @pytest.mark.parametrize("codec", ["cp1250", "iso-8859-2", "utf-8"])
 def test_raw_8bit_headers_are_read_without_replacement_characters(codec: str) -> None:
     raw = RAW_8BIT.replace("—", "-").encode(codec)
@@ -457,6 +466,7 @@ ZONES = ["Europe/Warsaw", "UTC", "America/New_York", "Asia/Kolkata", "Australia/
          "Asia/Kathmandu", "Pacific/Chatham", "Europe/Atlantis"]
 
 
+@pytest.mark.one_backend  # touches no store
 @settings(max_examples=1000, deadline=None)
 @given(st.one_of(st.floats(min_value=0, max_value=4e9),
                  # near the hour, where zone rules change offsets (DST starts and ends)
@@ -475,6 +485,7 @@ def test_local_dates_agree_with_datetime(ts: float, tz: str) -> None:
     assert archive_pages.local_month(ts, tz) == f"{d:%Y-%m}"
 
 
+@pytest.mark.one_backend  # touches no store
 def test_archive_records_survive_pickling() -> None:
     """Build workers send these between processes with a quicker pickle than dataclasses' own."""
     import pickle

@@ -10,7 +10,7 @@ derived and can be rebuilt (``listserv archive build --full``).  Layout, under
     LIST/feed.atom             the latest messages
     LIST/search.html           static search over LIST/search/YYYY-MM.js
     LIST/YYYY-MM/index.html    the month by thread; date.html by date; YYYY-MM.mbox
-    LIST/t/THREAD/index.html   one thread, messages in tree order
+    LIST/t/THREAD.html         one thread, messages in tree order
     LIST/m/HASH.html           one message (HASH = Message-ID-Hash: Archived-At)
     LIST/m/HASH/N/NAME         its attachments, as downloads
 
@@ -500,7 +500,9 @@ def render_list_home(info: ListInfo, root: Path, months: Sequence[tuple[str, int
         return f"{base}m/{m.msgid_hash}.html" if base else f"m/{m.msgid_hash}.html"
 
     def entry_id(m: ArchiveMeta) -> str:
-        return f"{base}m/{m.msgid_hash}.html" if base else f"urn:listserv:{info.name}:{m.msgid_hash}"
+        # An identifier, not a link: kept in the form older archives used
+        # (m/HASH/), so feed readers do not see every entry anew.
+        return f"{base}m/{m.msgid_hash}/" if base else f"urn:listserv:{info.name}:{m.msgid_hash}"
 
     feed = r.page("feed.atom", info, 1, entries=entries, entry_url=entry_url, entry_id=entry_id,
                   feed_id=base or f"urn:listserv:{info.name}", updated=iso_date(entries[0].date if entries else 0, info.timezone))
@@ -682,6 +684,8 @@ def _render_threads_direct(job: _ThreadJob) -> tuple[list[ArchiveMeta], list[Fai
             try:
                 parsed = _PARSED.pop(i, None)  # read ahead during the import
                 if parsed is None:
+                    if i not in data:  # planned for this worker's cache, yet not in it: read it now
+                        data.update(Store.read_archive_data(job.db, [i]))
                     mid, received, raw = data[i]
                     parsed = parse_mail(raw, mid, received, labels, job.scans.get(i))
                 mail = mails[i] = parsed

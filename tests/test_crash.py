@@ -653,6 +653,9 @@ def test_sigkill_of_one_worker_mid_personalized_fanout_the_node_finishes_it(tmp_
                    and len(sink.counts()) >= 1000, 120, "both workers delivering, 1,000 members served",
                    srv.check_alive)
         os.kill(victim, signal.SIGKILL)
+        # What the dead worker had already written reaches the sink just after the kill (a
+        # copy on the wire); its replacement needs far longer than this to start and re-send.
+        time.sleep(0.2)
         at_kill = sink.counts()
         assert len(at_kill) < len(BIG_EVERYONE), "the kill must land before the fan-out is over"
         # The server is up all along, and starts the worker again.

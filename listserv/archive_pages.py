@@ -47,28 +47,13 @@ def _local(ts: float, tz: str) -> datetime.datetime:
 
 
 @functools.lru_cache(maxsize=65536)
-def _hour_offset(hour: int, tz: str) -> int:
-    """The zone's UTC offset in seconds during the UTC hour ``hour`` (hours since the epoch).
-
-    Zone rules change offsets on whole hours, or quarter hours at worst,
-    never inside the first minute of an hour; an hour's offset is its
-    start's, and the hour that holds a change is read exactly (below).
-    """
-    start = _local(hour * 3600.0, tz).utcoffset()
-    end = _local(hour * 3600.0 + 3599.0, tz).utcoffset()
-    if start != end:
-        return -1  # a change inside this hour: each timestamp is converted on its own
-    return int(start.total_seconds()) if start is not None else 0
-
-
-@functools.lru_cache(maxsize=16384)
-def _day_offset(day: int, tz: str) -> int:
-    """The zone's UTC offset in seconds during the UTC day ``day``, or -1 if it changes that day."""
-    start = _local(day * 86400.0, tz).utcoffset()
-    end = _local(day * 86400.0 + 86399.0, tz).utcoffset()
-    if start != end:
+def _span_offset(start: int, length: int, tz: str) -> int:
+    """The zone's UTC offset in seconds throughout [start, start + length), or -1 if it changes inside."""
+    first = _local(float(start), tz).utcoffset()
+    last = _local(float(start + length - 1), tz).utcoffset()
+    if first != last:
         return -1
-    return int(start.total_seconds()) if start is not None else 0
+    return int(first.total_seconds()) if first is not None else 0
 
 
 def _fields(ts: float, tz: str) -> tuple[time.struct_time, int]:
@@ -78,9 +63,9 @@ def _fields(ts: float, tz: str) -> tuple[time.struct_time, int]:
     rules change it at most once a day).
     """
     try:
-        off = _day_offset(int(ts // 86400), tz)
-        if off == -1:
-            off = _hour_offset(int(ts // 3600), tz)
+        off = _span_offset(int(ts // 86400) * 86400, 86400, tz)
+        if off == -1:  # the day the offset changes: the hour, else the moment itself
+            off = _span_offset(int(ts // 3600) * 3600, 3600, tz)
         if off == -1:
             delta = _local(ts, tz).utcoffset()
             off = int(delta.total_seconds()) if delta is not None else 0
@@ -97,7 +82,7 @@ def _offset_text(off: int, seconds: bool = False) -> str:
     sign = "-" if off < 0 else "+"
     minutes, secs = divmod(abs(off), 60)
     hours, minutes = divmod(minutes, 60)
-    # Offsets with seconds are the local mean times of before 1900; RFC 3339 has no seconds there.
+    # Offsets with seconds (local mean times before 1900) keep them in the ISO form, as isoformat() does.
     return f"{sign}{hours:02d}:{minutes:02d}" + (f":{secs:02d}" if seconds and secs else "")
 
 

@@ -239,6 +239,52 @@ def test_text_to_html_and_search_text_agree_with_their_reference(text: str) -> N
         assert own_words(text, limit) == " ".join(own.split())[:limit]
 
 
+def _old_import_entry(raw: bytes, from_date: float) -> tuple[str, str, float, bytes] | None:
+    """``import_entry`` as it was, with three case-insensitive regular expressions searched over the
+    header block: the reference its find-then-match version must agree with."""
+    import email.utils
+
+    from listserv.archive_render import fallback_message_id, strip_angles
+    from listserv.message import archiving_refused
+
+    head_end = raw.find(b"\n\n")
+    crlf_end = raw.find(b"\r\n\r\n")
+    if head_end < 0 or (0 <= crlf_end < head_end):
+        head_end = crlf_end
+    head = raw if head_end < 0 else raw[:head_end]
+    if archive._NO_ARCHIVE.search(head) and archiving_refused(raw):
+        return None
+    m = archive._MSGID_HEADER.search(head)
+    mid = strip_angles(m.group(1).decode("utf-8", "replace")) if m else ""
+    if not mid:
+        mid = fallback_message_id(raw)
+    received = from_date
+    d = archive._DATE_HEADER.search(head)
+    if d:
+        parsed = email.utils.parsedate_tz(d.group(1).decode("ascii", "replace"))
+        if parsed is not None:
+            received = float(email.utils.mktime_tz(parsed))
+    return mid, message_id_hash(mid), received, raw
+
+
+_header_names = st.sampled_from(["Message-ID", "message-id", "MESSAGE-ID", "Message-Id", "Date", "DATE", "date",
+                                 "X-No-Archive", "x-no-archive", "Archive", "ARCHIVE", "List-Archive", "Archived-At",
+                                 "Message-IDs", "X-Message-ID", "Subject", "Dates"])
+_header_values = st.sampled_from(["", " ", " <a@b>", "<a@b>", " \n <folded@b>", " \r\n\t<c@d>", " yes", " no",
+                                  " Mon, 1 Jan 2024 10:00:00 +0100", " zażółć", "\n", " <x", " a b"])
+
+
+@pytest.mark.one_backend  # touches no store
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.tuples(_header_names, st.sampled_from([":", " :", "\t:", ""]), _header_values,
+                          st.sampled_from(["\n", "\r\n", "\r"])), max_size=8),
+       st.sampled_from(["\n", "\r\n", ""]), st.sampled_from(["", "body\n", "\nafter\n", "Message-ID: <in@body>\n"]))
+def test_import_entry_reads_headers_as_the_regular_expressions_did(lines: list[tuple[str, str, str, str]],
+                                                                   blank: str, body: str) -> None:
+    raw = ("".join(name + colon + value + eol for name, colon, value, eol in lines) + blank + body).encode("utf-8")
+    assert archive.import_entry(raw, 1.0e9) == _old_import_entry(raw, 1.0e9)
+
+
 @pytest.mark.one_backend  # touches no store
 @settings(max_examples=1000, deadline=None)
 @given(st.lists(st.sampled_from(["\n", "\r\n", "\r", "a", ":", " ", "\n\n", "\n\r\n"]), max_size=30).map("".join))
@@ -646,7 +692,7 @@ def test_import_keeps_distinct_posts_with_one_message_id(tmp_path: Path) -> None
     b = plain("same@example.pl", "Druga", body="Druga treść")
     a_resent = b"Received: from relay.example.net; Tue, 14 May 2024 10:20:00 +0200\r\n" + a.replace(b"\r\n", b"\n")
 
-    async def go() -> list[tuple[int, str, float]]:
+    async def go() -> list[tuple[int, str, str, float]]:
         store = await open_store(cfg)
         try:
             lst = await store.get_list(LIST)
@@ -658,7 +704,7 @@ def test_import_keeps_distinct_posts_with_one_message_id(tmp_path: Path) -> None
             await store.close()
 
     index = asyncio.run(go())
-    assert [mid for _, mid, _ in index][0] == "same@example.pl"
+    assert [mid for _, mid, _, _ in index][0] == "same@example.pl"
     assert index[1][1].startswith("same.dup-") and index[1][1].endswith("@example.pl")
 
 

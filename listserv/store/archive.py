@@ -63,13 +63,13 @@ class ArchivePart(StoreBase):
             author=r[11], snippet=r[12], search=r[13], attachments=r[14], mbox=mbox,
         )
 
-    async def archive_index(self, list_id: int) -> list[tuple[int, str, float]]:
-        """(row id, Message-ID, received_at) of every message shown in a list's archive."""
+    async def archive_index(self, list_id: int) -> list[tuple[int, str, str, float]]:
+        """(row id, Message-ID, Message-ID-Hash, received_at) of every message shown in a list's archive."""
         rows = await self._fetchall(
-            "SELECT id, message_id, received_at FROM archive WHERE list_id = ? AND removed = 0 ORDER BY id",
+            "SELECT id, message_id, msgid_hash, received_at FROM archive WHERE list_id = ? AND removed = 0 ORDER BY id",
             (list_id,),
         )
-        return [(r[0], r[1], r[2]) for r in rows]
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
 
     async def archive_unbuilt(self, list_id: int) -> list[str]:
         """Message-ID-Hashes of messages not yet in the built archive."""

@@ -78,6 +78,7 @@ from listserv.archive_render import (
     hide_addresses,
     mbox_entry,
     parse_mail,
+    scan_and_parse,
     scan_headers,
     strip_angles,
 )
@@ -590,13 +591,13 @@ class _PrescanJob:
 Scan = tuple[int, str, tuple[str, ...], str, float, HeaderScan]
 
 
+def _scan_of(row_id: int, mid: str, scan: HeaderScan) -> Scan:
+    h = scan.headers
+    return row_id, h.message_id or strip_angles(mid), h.references, h.subject, h.date, scan
+
+
 def _scan_rows(rows: dict[int, tuple[str, float, bytes]]) -> list[Scan]:
-    out = []
-    for row_id, (mid, received, data) in rows.items():
-        scan = scan_headers(data, mid, received)
-        h = scan.headers
-        out.append((row_id, h.message_id or strip_angles(mid), h.references, h.subject, h.date, scan))
-    return out
+    return [_scan_of(row_id, mid, scan_headers(data, mid, received)) for row_id, (mid, received, data) in rows.items()]
 
 
 def _scan(job: _ScanJob) -> list[Scan]:
@@ -625,14 +626,14 @@ def _prescan(job: _PrescanJob) -> tuple[list[Scan], list[int]]:
     """
     global _PARSED_BYTES
     rows = Store.read_archive_data_by_hash(job.db, job.list_id, job.hashes)
-    scans = _scan_rows(rows)
+    scans: list[Scan] = []
     kept: list[int] = []
-    for scan in scans:
+    for row_id, (mid, received, raw) in rows.items():
         if _PARSED_BYTES >= PARSED_BUDGET:
-            break
-        row_id = scan[0]
-        mid, received, raw = rows[row_id]
-        mail = parse_mail(raw, mid, received, job.labels, scan[5])
+            scans.append(_scan_of(row_id, mid, scan_headers(raw, mid, received)))
+            continue
+        scan, mail = scan_and_parse(raw, mid, received, job.labels)  # the header block split once for both
+        scans.append(_scan_of(row_id, mid, scan))
         _PARSED[row_id] = mail
         _PARSED_BYTES += _mail_size(mail)
         kept.append(row_id)

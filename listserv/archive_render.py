@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import functools
 import email.header
 import email.utils
 import html
@@ -192,21 +193,41 @@ _WANTED = frozenset({"subject", "from", "sender", "date", "message-id", "referen
 
 
 def _raw_headers(msg: Entity) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for name, value in msg.raw_items():
-        key = name.lower()
-        if key in out or key not in _WANTED:
-            continue
-        try:
-            raw: bytes | str = value if isinstance(value, str) else str(value)
-            if isinstance(raw, str) and not raw.isascii() and _has_surrogates(raw):
-                # compat32 keeps raw 8-bit header bytes as surrogate escapes:
-                # back to bytes, then guessed as a body without a charset is.
-                raw = _guess_text(raw.encode("utf-8", "surrogateescape"))
-            out[key] = _clean(decode_header_text(raw))
-        except Exception:  # noqa: BLE001 - a header we cannot decode is shown as best we can
-            out[key] = _clean(str(value))
-    return out
+    """The wanted fields (the first of each name), decoded."""
+    if isinstance(msg, _Part):
+        # Its index already holds the first value of each lower-case name.
+        found = [(key, value) for key, value in msg.index.items() if key in _WANTED]
+    else:
+        found = []
+        for name, value in msg.raw_items():
+            key = name.lower()
+            if key in _WANTED and all(key != k for k, _ in found):
+                found.append((key, value))
+    return {key: _repeated_text(value) if key in _REPEATED and isinstance(value, str) else _decoded(value)
+            for key, value in found}
+
+
+# A list's From and Subject values repeat (an author's every post, a
+# thread's replies): their decoding is cached.  The ids and dates are new in
+# every message and are not.
+_REPEATED = frozenset({"subject", "from", "sender"})
+
+
+@functools.lru_cache(maxsize=4096)
+def _repeated_text(value: str) -> str:
+    return _decoded(value)
+
+
+def _decoded(value: Any) -> str:
+    try:
+        raw: bytes | str = value if isinstance(value, str) else str(value)
+        if isinstance(raw, str) and not raw.isascii() and _has_surrogates(raw):
+            # compat32 keeps raw 8-bit header bytes as surrogate escapes:
+            # back to bytes, then guessed as a body without a charset is.
+            raw = _guess_text(raw.encode("utf-8", "surrogateescape"))
+        return _clean(decode_header_text(raw))
+    except Exception:  # noqa: BLE001 - a header we cannot decode is shown as best we can
+        return _clean(str(value))
 
 
 # compat32's feedparser: what may start a header line.
@@ -395,6 +416,15 @@ def _quick_message(raw: bytes, with_body: bool = True) -> Entity | None:
     """
     if not raw:
         return None
+    if not with_body:
+        # Only the header block and the blank line after it are decoded
+        # (the earlier of LF LF and LF CRLF, as _first_blank_line finds it).
+        lf = raw.find(b"\n\n")
+        crlf = raw.find(b"\n\r\n", 0, lf + 1 if lf >= 0 else len(raw))
+        if crlf >= 0:
+            raw = raw[: crlf + 3]
+        elif lf >= 0:
+            raw = raw[: lf + 2]
     text = raw.decode("ascii", "surrogateescape")
     if "\r" in text and _LONE_CR_TEXT.search(text):
         return None
@@ -999,14 +1029,29 @@ def parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Labels
     it (a full build): the headers are then not decoded a second time.
     """
     try:
-        return _parse_mail(raw, message_id, fallback_date, labels, known)
+        return _parse_mail(raw, message_id, fallback_date, labels, known)[1]
     except Exception:  # noqa: BLE001 - show the bytes as text rather than fail the build
         text = hide_addresses(_clean(raw[:MAX_TEXT].decode("utf-8", "replace")))
         headers = parse_headers(raw, message_id, fallback_date)
         return Mail(headers, text_to_html(text, labels.quoted), (), text, text[:SNIPPET], text[:SEARCH_TEXT], "")
 
 
-def _parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Labels, known: HeaderScan | None) -> Mail:
+def scan_and_parse(raw: bytes, message_id: str, fallback_date: float,
+                   labels: Labels = Labels()) -> tuple[HeaderScan, Mail]:
+    """``scan_headers`` and ``parse_mail(..., known=scan)`` of one message, its header block split once.
+
+    What a build worker reads ahead during an import: the scan is for
+    threading, the parsed message for the render.  Never raises.
+    """
+    try:
+        return _parse_mail(raw, message_id, fallback_date, labels, None)
+    except Exception:  # noqa: BLE001 - the two steps apart, each as robust as alone
+        scan = scan_headers(raw, message_id, fallback_date)
+        return scan, parse_mail(raw, message_id, fallback_date, labels, scan)
+
+
+def _parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Labels,
+                known: HeaderScan | None) -> tuple[HeaderScan, Mail]:
     # Most list mail is one text part: read only the headers and decode the
     # body directly; parse the MIME tree only when there is one.
     msg = _quick_message(raw) or BytesParser(policy=policy.compat32).parsebytes(raw, headersonly=True)
@@ -1052,7 +1097,7 @@ def _parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Label
         texts.append(shown)
     full = "\n\n".join(t.strip("\n") for t in texts if t.strip())
     flat = own_words(full, SEARCH_TEXT)  # the author's own words, for the snippet and search text
-    return Mail(
+    return known, Mail(
         headers=headers,
         body_html="".join(blocks),
         attachments=tuple(attachments),

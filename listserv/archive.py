@@ -55,6 +55,7 @@ import html
 import json
 import logging
 import multiprocessing
+import operator
 import os
 import re
 import shutil
@@ -711,8 +712,21 @@ def _render_threads_direct(job: _ThreadJob) -> tuple[list[ArchiveMeta], list[Fai
                 failed.append((i, failure_reason(exc)))
         metas, parents, bad = render_thread_safely(job.info, job.root, thread, metas, mails)
         failed.extend(bad)
-        out.extend(dataclasses.replace(m, parent=parents.get(m.archive_id, "")) for m in metas)
+        out.extend(_with_parent(m, parents.get(m.archive_id, "")) for m in metas)
     return out, failed
+
+
+def _with_parent(meta: ArchiveMeta, parent: str) -> ArchiveMeta:
+    """``dataclasses.replace(meta, parent=parent)``, positionally (once per message of a full build)."""
+    if meta.parent == parent:
+        return meta
+    values = list(_META_VALUES(meta))
+    values[_PARENT_AT] = parent
+    return ArchiveMeta(*values)
+
+
+_META_VALUES = operator.attrgetter(*(f.name for f in dataclasses.fields(ArchiveMeta)))
+_PARENT_AT = [f.name for f in dataclasses.fields(ArchiveMeta)].index("parent")
 
 
 def render_thread_safely(info: ListInfo, root: Path, thread: str, metas: list[ArchiveMeta], mails: dict[int, Mail],

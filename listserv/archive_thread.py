@@ -18,6 +18,7 @@ caller.  Reference loops are refused when linking.  Nothing here does I/O.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ _REPLY_PREFIX = re.compile(
 _SPACES = re.compile(r"\s+")
 
 
+@functools.lru_cache(maxsize=8192)  # a thread's replies repeat its subject
 def normalize_subject(subject: str) -> str:
     """The subject without list tags and reply/forward prefixes, lower-cased."""
     text = subject

@@ -119,6 +119,26 @@ async def test_new_database_gets_the_current_schema_version(sqlite_db: Path) -> 
     assert {"lists", "members", "bans", "incoming", "outbox", "deliveries"} <= tables
 
 
+async def test_new_databases_get_16_kb_pages_and_older_ones_keep_theirs(tmp_path: Path) -> None:
+    fresh = tmp_path / "nowa.sqlite3"
+    await (await Store.open(fresh)).close()
+    assert sql(fresh, "PRAGMA page_size") == [(16384,)]
+    # A database made by an older listserv (4 KB pages, WAL) opens as it is and stays usable.
+    old = tmp_path / "stara.sqlite3"
+    conn = sqlite3.connect(old)
+    conn.execute("PRAGMA page_size = 4096")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE z_dawna (x)")
+    conn.close()
+    s = await Store.open(old)
+    try:
+        await s.create_list(LIST, {"title": "Planowanie SEAP"}, [])
+    finally:
+        await s.close()
+    assert sql(old, "PRAGMA page_size") == [(4096,)]
+    assert sql(old, "SELECT name FROM lists") == [(LIST,)]
+
+
 async def test_parent_directories_are_created(tmp_path: Path) -> None:
     s = await Store.open(tmp_path / "nowy" / "stan" / "listserv.sqlite3")
     await s.close()

@@ -154,7 +154,7 @@ async def _connect(path: Path) -> aiosqlite.Connection:
     return conn
 
 
-PAGE_SIZE = 8192
+PAGE_SIZE = 16384
 
 
 async def _pragmas(conn: aiosqlite.Connection) -> None:

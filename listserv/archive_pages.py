@@ -117,10 +117,21 @@ def escape(value: Any) -> str:
     """
     if type(value) is not str:
         return str(_escape(value))
+    done = _ESCAPED.get(value)
+    if done is not None:
+        return done
     if _SPECIAL.search(value) is None:
-        return value
-    return (value.replace("&", "&amp;").replace(">", "&gt;").replace("<", "&lt;")
-            .replace("'", "&#39;").replace('"', "&#34;"))
+        done = value
+    else:
+        done = (value.replace("&", "&amp;").replace(">", "&gt;").replace("<", "&lt;")
+                .replace("'", "&#39;").replace('"', "&#34;"))
+    if len(value) < 200 and len(_ESCAPED) < 50_000:
+        _ESCAPED[value] = done
+    return done
+
+
+# Short values come back page after page (labels, names, subjects, the list's title).
+_ESCAPED: dict[str, str] = {}
 
 
 def base_page(*, lang: str, t: dict[str, str], csp: str, depth: int, title: str, canonical: str, crumbs: str,

@@ -188,13 +188,14 @@ def tree_order(nodes: Sequence[Node]) -> list[tuple[Node, int, str]]:
     Depth-first, siblings by date; a missing ancestor is skipped (its
     children move up), so depth counts only messages that exist.
     """
+    ordered = sorted(nodes, key=lambda n: (n.date, n.key))
     by_id: dict[str, Node] = {}
-    for n in sorted(nodes, key=lambda n: (n.date, n.key)):
+    for n in ordered:
         by_id.setdefault(n.message_id, n)
     children: dict[str, list[Node]] = {}
     roots: list[Node] = []
     parent_of: dict[int, str] = {}
-    for n in sorted(nodes, key=lambda n: (n.date, n.key)):
+    for n in ordered:
         parent = ""
         if by_id.get(n.message_id) is n:
             for ref in reversed(n.references):
@@ -220,7 +221,7 @@ def tree_order(nodes: Sequence[Node]) -> list[tuple[Node, int, str]]:
         if by_id.get(n.message_id) is n:
             stack.extend((ch, depth + 1) for ch in reversed(children.get(n.message_id, [])))
     # Anything cut off by a loop still appears, at the top level.
-    for n in sorted(nodes, key=lambda n: (n.date, n.key)):
+    for n in ordered:
         if n.key not in seen:
             out.append((n, 0, ""))
             seen.add(n.key)

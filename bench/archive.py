@@ -3,6 +3,7 @@
     python bench/archive.py                     # linux-mips (3,072) and generated 10,000 and 100,000
     python bench/archive.py --sizes 10000       # only the generated sizes given (0: none)
     python bench/archive.py --no-mhonarc --adds 5
+    python bench/archive.py --sizes 10000 --no-mips --rounds 5
 
 Each build runs ``listserv archive import`` in a fresh process on a fresh state
 folder, so the time is import + full build (wall clock: on a shared machine,
@@ -14,7 +15,9 @@ figure is what a reader sees: ``listserv serve`` runs on the built archive, a
 reply is mailed to it with smtplib, and the clock runs from the 250 until its
 message page is on disk (median of --posts), as a share of the full build.  MHonArc
 (Debian ``mhonarc``, with its UTF-8 resource file) converts the same mbox when
-installed.  Output folders go under --workdir (default: a temporary folder
+installed; each corpus is run --rounds times (3), the two programs
+alternating, and the medians are compared (the per-round ratios are
+printed too).  Output folders go under --workdir (default: a temporary folder
 beside the checkout, on the same disk as a real archive would be).
 
 listserv is byte-compiled first, as an installed package is.  Both programs
@@ -163,8 +166,8 @@ def count_messages(mbox: Path) -> int:
     return n
 
 
-def bench_listserv(name: str, mbox: Path, work: Path, adds: int, posts: int) -> dict[str, float]:
-    folder = work / name
+def bench_listserv(name: str, mbox: Path, work: Path, adds: int, posts: int, round_no: int = 1) -> dict[str, float]:
+    folder = work / (name if round_no == 1 else f"{name}-r{round_no}")
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     cfg = folder / "listserv.toml"
@@ -204,12 +207,12 @@ def bench_listserv(name: str, mbox: Path, work: Path, adds: int, posts: int) -> 
     return result
 
 
-def bench_mhonarc(name: str, mbox: Path, work: Path) -> dict[str, float] | None:
+def bench_mhonarc(name: str, mbox: Path, work: Path, round_no: int = 1) -> dict[str, float] | None:
     exe = shutil.which("mhonarc")
     if exe is None:
         print("  MHonArc: not installed (apt-get install mhonarc)")
         return None
-    out = work / f"{name}-mhonarc"
+    out = work / f"{name}-mhonarc" if round_no == 1 else work / f"{name}-mhonarc-r{round_no}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     cmd = [exe, "-quiet", "-outdir", str(out)]
@@ -233,6 +236,8 @@ def main() -> None:
     parser.add_argument("--no-mhonarc", action="store_true")
     parser.add_argument("--mhonarc-max", type=int, default=10000, help="skip MHonArc above this many messages")
     parser.add_argument("--keep", action="store_true", help="keep the output folders")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds per corpus, listserv and MHonArc alternating; medians are compared")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="listserv-bench-archive-", dir=ROOT.parent))
     work.mkdir(parents=True, exist_ok=True)
@@ -259,12 +264,40 @@ def main() -> None:
     try:
         for name, mbox in corpora:
             print(f"\n{name}: {mbox} ({mbox.stat().st_size / 1e6:.0f} MB)", flush=True)
-            row: dict[str, object] = {"listserv": bench_listserv(name, mbox, work, args.adds, args.posts)}
-            if not args.no_mhonarc and count_messages(mbox) <= args.mhonarc_max:
-                row["mhonarc"] = bench_mhonarc(name, mbox, work)
-            ls, mh = row["listserv"], row.get("mhonarc")
-            if isinstance(ls, dict) and isinstance(mh, dict):
-                print(f"  speed-up over MHonArc: {ls['per_second'] / mh['per_second']:.1f}x (goal >= 5x)")
+            # Rounds alternate the two programs, each into a fresh folder: on a
+            # shared machine the speed drifts by 10-20 % within minutes, and
+            # the medians of alternating runs compare like with like.
+            count = count_messages(mbox)
+            with_mhonarc = not args.no_mhonarc and count <= args.mhonarc_max
+            ours: list[dict[str, float]] = []
+            theirs: list[dict[str, float]] = []
+            rounds = max(1, args.rounds) if with_mhonarc or count < 100_000 else 1  # 100,000: once, for the RSS
+            for round_no in range(1, rounds + 1):
+                if rounds > 1:
+                    print(f" round {round_no} of {rounds}", flush=True)
+                first = round_no == 1
+                ours.append(bench_listserv(name, mbox, work, args.adds if first else 0, args.posts if first else 0,
+                                           round_no))
+                if with_mhonarc:
+                    mh_round = bench_mhonarc(name, mbox, work, round_no)
+                    if mh_round is not None:
+                        theirs.append(mh_round)
+                        ratio = mh_round["seconds"] / ours[-1]["seconds"]
+                        print(f"  this round: {ratio:.1f}x", flush=True)
+            row: dict[str, object] = {"listserv": dict(ours[0], seconds=statistics.median(r["seconds"] for r in ours),
+                                                       rounds=[r["seconds"] for r in ours])}
+            ls = row["listserv"]
+            assert isinstance(ls, dict)
+            ls["per_second"] = ls["messages"] / ls["seconds"]
+            ls["peak_rss_mib"] = max(r["peak_rss_mib"] for r in ours)
+            if theirs:
+                mh = dict(theirs[0], seconds=statistics.median(r["seconds"] for r in theirs),
+                          rounds=[r["seconds"] for r in theirs])
+                mh["per_second"] = ls["messages"] / mh["seconds"]
+                row["mhonarc"] = mh
+                print(f"  listserv {ls['seconds']:.1f} s, MHonArc {mh['seconds']:.1f} s (medians of {len(ours)}): "
+                      f"speed-up over MHonArc {mh['seconds'] / ls['seconds']:.1f}x (goal >= 5x); "
+                      f"per round {', '.join(f'{m / o:.1f}x' for m, o in zip(mh['rounds'], ls['rounds']))}")
             if isinstance(ls, dict) and ls["messages"] >= 100_000:
                 print(f"  peak RSS at {ls['messages']:,} messages: {ls['peak_rss_mib']:.0f} MiB (goal < 500 MB)")
             summary[name] = row

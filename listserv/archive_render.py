@@ -676,7 +676,11 @@ def _parse_from(value: str) -> tuple[str, str]:
 
 
 def _author(headers: dict[str, str]) -> str:
-    value = headers.get("from", "") or headers.get("sender", "")
+    return _author_of(headers.get("from", "") or headers.get("sender", ""))
+
+
+@functools.lru_cache(maxsize=4096)  # an author's every post has the same From
+def _author_of(value: str) -> str:
     try:
         name, addr = _parse_from(value)
     except Exception:  # noqa: BLE001
@@ -692,15 +696,19 @@ def _author(headers: dict[str, str]) -> str:
 def _headers_of(msg: Entity, message_id: str, fallback_date: float) -> tuple[Headers, dict[str, str]]:
     raw = _raw_headers(msg)
     mid = strip_angles(message_id) or strip_angles(raw.get("message-id", ""))
-    subject = _clean(raw.get("subject", "")).strip()[:500]
     headers = Headers(
         message_id=mid,
         references=tuple(r for r in _references(raw) if r != mid),
-        subject=hide_addresses(subject),
+        subject=_shown_subject(raw.get("subject", "")),
         author=_author(raw),
         date=_date(raw.get("date", ""), fallback_date),
     )
     return headers, raw
+
+
+@functools.lru_cache(maxsize=4096)  # a thread's replies repeat its subject
+def _shown_subject(value: str) -> str:
+    return hide_addresses(_clean(value).strip()[:500])
 
 
 @quick_pickle

@@ -153,6 +153,7 @@ def base_page(*, lang: str, t: dict[str, str], csp: str, depth: int, title: str,
     )
 
 
+@functools.lru_cache(maxsize=16384)  # a message's page and its thread's page show the same time
 def _time(ts: float, tz: str) -> str:
     return f'<time datetime="{iso_date(ts, tz)}">{fmt_date(ts, tz)}</time>'
 

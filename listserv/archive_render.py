@@ -1191,6 +1191,7 @@ def _one_line(text: str) -> str:
 _LINE_BREAKS = re.compile(r"[\r\n]+")
 
 
+@functools.lru_cache(maxsize=4096)  # authors and subjects repeat
 def _encoded(text: str) -> str:
     """An unstructured header value; RFC 2047 encoded when it is not ASCII.
 

@@ -27,6 +27,7 @@ Safety rules, all enforced here:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import logging
@@ -124,6 +125,10 @@ class MembershipStage:
         self.key = key
         self.clock = clock
         self._last_housekeeping = 0.0
+        # One expiry-and-reminder pass at a time: a pass checks the
+        # reminder log, then sends and logs; two passes at once (the loop's
+        # and an operator's or test's) would both find none and remind twice.
+        self._housekeeping = asyncio.Lock()
 
     # -- the loop step --------------------------------------------------------
 
@@ -605,6 +610,10 @@ class MembershipStage:
         return f"already handled ({outcome})"
 
     async def _expire_and_remind(self, now: float) -> None:
+        async with self._housekeeping:
+            await self._expire_and_remind_once(now)
+
+    async def _expire_and_remind_once(self, now: float) -> None:
         by_list: dict[int, list[IncomingRecord]] = {}
         for post in await self.store.held_before(now - 3600):
             view = await self._view(post.list_id)

@@ -902,9 +902,9 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
 
             # Two jobs per worker at a time, not all.  Finished rows are
             # stored META_BATCH at a time, in the background while the
-            # workers go on: every commit rewrites the index pages it touched,
-            # so one commit per job wrote the same pages two dozen times
-            # (about 250 MB of WAL per 10,000 messages instead of 70).
+            # workers go on: every commit writes again the index pages it
+            # touched (10,000 rows cost 0.77 CPU-seconds stored 400 a
+            # commit, 0.54 stored 2,500 a commit).
             queues = [jobs_of(lane) for lane in range(lanes)]
             running: dict[asyncio.Future[tuple[list[ArchiveMeta], list[Failure]]], int] = {}
             waiting: list[ArchiveMeta] = []

@@ -646,7 +646,8 @@ def _prescan(job: _PrescanJob) -> tuple[list[Scan], list[int]]:
 # it reads the next one; the build that follows collects the headers,
 # threads, and renders each thread where its messages were read.
 _WORKERS: list[concurrent.futures.ProcessPoolExecutor] = []
-_PRESCANS: dict[tuple[str, int], list[tuple[int, concurrent.futures.Future[tuple[list[Scan], list[int]]]]]] = {}
+_PRESCANS: dict[tuple[str, int],
+                list[tuple[int, concurrent.futures.Future[tuple[list[Scan], list[int]]], tuple[str, ...]]]] = {}
 
 
 def _get_workers(nprocs: int) -> list[concurrent.futures.ProcessPoolExecutor]:
@@ -804,9 +805,19 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
     # mbox), and which worker holds which message parsed.
     known: dict[int, Scan] = {}
     parsed_in: dict[int, int] = {}
-    for worker_index, early in _PRESCANS.pop((str(store.path), info.id), []):
+    for worker_index, early, batch_hashes in _PRESCANS.pop((str(store.path), info.id), []):
+        if not early.done():
+            # The import's last batches, still being read by a worker: their
+            # headers are read here too (``scan_headers`` gives what the
+            # worker's ``scan_and_parse`` gives), so the list is threaded
+            # while the workers finish, not after.  The messages stay with
+            # that worker, which renders them after it has parsed them.
+            rows = await asyncio.to_thread(Store.read_archive_data_by_hash, store.path, info.id, batch_hashes)
+            known.update((scan[0], scan) for scan in await asyncio.to_thread(_scan_rows, rows))
+            parsed_in.update((row_id, worker_index) for row_id in rows)
+            continue
         try:
-            scans, kept = await asyncio.wrap_future(early)
+            scans, kept = early.result()
         except Exception:  # noqa: BLE001 - read again below
             log.warning("archive: an early header scan failed; reading those headers again", exc_info=True)
             continue
@@ -1486,7 +1497,7 @@ async def import_mbox(store: Store, info: ListInfo, path: Path, progress: Progre
                 # messages are usually close together in an mbox.
                 lane = jobs % len(workers)
                 future = workers[lane].submit(_prescan, _PrescanJob(store.path, info.id, tuple(chunk), labels))
-                _PRESCANS.setdefault(key, []).append((lane, future))
+                _PRESCANS.setdefault(key, []).append((lane, future, tuple(chunk)))
                 jobs += 1
         return count
 

@@ -275,8 +275,8 @@ def _size(n: int) -> str:
 def _bytecode_cache() -> jinja2.BytecodeCache | None:
     """Jinja's cache of compiled templates (as __pycache__ is for modules), or None where it cannot be used.
 
-    Compiling the templates took a tenth of a second of every command
-    that writes pages.  The cache is Jinja's own: a folder of the system's
+    Compiling the templates took 0.05-0.1 s of every command that writes
+    pages.  The cache is Jinja's own: a folder of the system's
     temporary directory private to this user, keyed by each template's
     source checksum, so an edited template is compiled again.
     """
@@ -1420,7 +1420,7 @@ def _find_header(pattern: re.Pattern[bytes], head: bytes, lower: bytes, name: by
 
     ``lower`` is ``head.lower()`` and ``name`` lower case: two C-speed
     finds instead of a case-insensitive regular expression tried at every
-    byte of every header (a third of an import's reading).
+    byte of every header (a third of ``import_entry``'s time).
     """
     line = b"\n" + name
     at = 0 if lower.startswith(name) else lower.find(line)

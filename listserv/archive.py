@@ -106,7 +106,6 @@ LATEST_THREADS = 20
 PARALLEL_FROM = 400  # fewer messages than this are built in-process
 THREAD_JOB = 400  # messages per worker job
 META_BATCH = 2000  # derived rows stored per transaction during a full build
-HELD_ROWS = 32 << 20  # bytes of derived rows a full build keeps to write month pages without reading them back
 
 STRINGS: dict[str, dict[str, str]] = {
     "pl": {
@@ -579,7 +578,6 @@ class _MonthJob:
     info: ListInfo
     root: Path
     months: tuple[str, ...]
-    rows: tuple[ArchiveMeta, ...] | None = None  # the one month's rows, when the build holds them; else read from the store
 
 
 @dataclass(frozen=True, slots=True)
@@ -763,8 +761,7 @@ def _render_months(job: _MonthJob) -> int:
     _local.direct = True
     try:
         for month in job.months:
-            rows = job.rows if job.rows is not None else Store.read_month_meta(job.db, job.info.id, month)
-            render_month(job.info, job.root, month, rows)
+            render_month(job.info, job.root, month, Store.read_month_meta(job.db, job.info.id, month))
     finally:
         _local.direct = False
     return len(job.months)
@@ -896,64 +893,23 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
                     progress("pages", done, total)
         else:
             # A month's pages are written as soon as its last message is
-            # back (or stored), while the workers go on with later threads.
-            # Its messages are counted from the headers; a month whose count
+            # stored, while the workers go on with later threads.  Its
+            # messages are counted from the headers; a month whose count
             # turns out different is written again at the end.
             month_of_row.update((row[0], month_of(known[row[0]][4], info.timezone)) for row in index)
             left = collections.Counter(month_of_row.values())
             expected.update(left)
 
-            # A month's rows are also kept here as they come back, while they
-            # fit in HELD_ROWS bytes: its pages are then written the moment
-            # its last message is rendered, from these rows, without waiting
-            # for them to be stored and reading them back.  A month that did
-            # not fit is written once its rows are stored.
-            held_rows: dict[str, list[ArchiveMeta]] = {}
-            held_bytes = 0
-            not_held: set[str] = set()
-
-            def hold(metas: Iterable[ArchiveMeta]) -> None:
-                nonlocal held_bytes
-                for m in metas:
-                    if m.month in not_held:
-                        continue
-                    size = len(m.mbox) + 2 * len(m.search) + 600
-                    if held_bytes + size > HELD_ROWS:
-                        not_held.add(m.month)
-                        held_bytes -= sum(len(x.mbox) + 2 * len(x.search) + 600 for x in held_rows.pop(m.month, ()))
-                        continue
-                    held_rows.setdefault(m.month, []).append(m)
-                    held_bytes += size
-
-            def render_month_soon(month: str, rows: tuple[ArchiveMeta, ...] | None) -> None:
-                lane = len(early_months) % lanes
-                early_months[month] = loop.run_in_executor(
-                    pool[lane], _render_months, _MonthJob(store.path, info, scratch, (month,), rows))
-
-            unstored = collections.Counter(left)
-
-            def account(row_ids: Iterable[int], stored: bool) -> None:
-                """Count rendered (or failed) messages, then stored ones.
-
-                A month whose messages have all come back is written from
-                the rows held here; one that was not held, once they are all
-                stored.
-                """
-                nonlocal held_bytes
+            def account(row_ids: Iterable[int]) -> None:
                 for row_id in row_ids:
                     month = month_of_row.get(row_id)
                     if month is None:
                         continue
-                    if not stored:
-                        left[month] -= 1
-                        if left[month] == 0 and month not in not_held:
-                            rows = held_rows.pop(month, [])
-                            held_bytes -= sum(len(x.mbox) + 2 * len(x.search) + 600 for x in rows)
-                            render_month_soon(month, tuple(rows))
-                    else:
-                        unstored[month] -= 1
-                        if unstored[month] == 0 and month in not_held:
-                            render_month_soon(month, None)
+                    left[month] -= 1
+                    if left[month] == 0:
+                        lane = len(early_months) % lanes
+                        early_months[month] = loop.run_in_executor(
+                            pool[lane], _render_months, _MonthJob(store.path, info, scratch, (month,)))
 
             # Two jobs per worker at a time, not all.  Finished rows are
             # stored META_BATCH at a time, in the background while the
@@ -975,7 +931,7 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
                 if before is not None:
                     await before
                 await store.archive_put_meta(metas, count_months=False)
-                account(row_ids, stored=True)
+                account(row_ids)
 
             for lane in range(lanes):
                 submit(lane)
@@ -985,13 +941,10 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
                 for fut in ready:
                     metas, bad = fut.result()
                     waiting += metas
-                    ids = [m.archive_id for m in metas] + [aid for aid, _ in bad]
-                    waiting_ids += ids
+                    waiting_ids += [m.archive_id for m in metas] + [aid for aid, _ in bad]
                     failures += bad
                     done += len(metas)
                     submit(running.pop(fut))
-                    hold(metas)
-                    account(ids, stored=False)
                 if len(waiting) >= META_BATCH or not running:
                     storing = asyncio.create_task(store_rows(waiting, waiting_ids, storing))
                     waiting, waiting_ids = [], []

@@ -617,6 +617,8 @@ def test_linux_mips_mbox_builds_with_threads_matching_references(tmp_path: Path)
         for page in ("index.html", "date.html"):
             linked = set(re.findall(r'href="\.\./m/([A-Z2-7]{32})\.html"', (ldir / month / page).read_text()))
             assert linked == hashes, (month, page)
+        # And the month's mbox download holds each of them once (mboxrd: only entries start "From ").
+        assert (ldir / month / f"{month}.mbox").read_bytes().count(b"\nFrom archive ") + 1 == len(hashes), month
     assert len(rows) >= 3000
     thread_of = {mid: thread for _, mid, _, thread in rows}
     replies = 0

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from listserv.store.archive import ArchivePart
+from listserv.store.base import is_url
 from listserv.store.digests import DigestCopy, DigestEntry, DigestsPart, DigestState, next_number
 from listserv.store.people import PeoplePart
 from listserv.store.queue import QueuePart
@@ -66,11 +67,6 @@ __all__ = [
 
 class Store(QueuePart, PeoplePart, DigestsPart, ArchivePart, StatusPart, WorkPart):
     """The state database: every part over one pair of connections.  Open with ``await open_store(target)``."""
-
-
-def is_url(target: object) -> bool:
-    """A ``postgresql://`` store address (anything else is a SQLite file)."""
-    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
 
 
 def pg_store_class() -> Any:

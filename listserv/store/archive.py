@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from listserv.errors import StoreError
-from listserv.store.base import StoreBase
+from listserv.store.base import StoreBase, is_url
 
 
 class _PgReadOnly:
@@ -30,7 +30,7 @@ class _PgReadOnly:
 def read_only(target: Any) -> Any:
     """A plain, synchronous read connection for the archive's build workers (other processes):
     sqlite3 on the SQLite file, psycopg on a postgresql:// URL."""
-    if isinstance(target, str) and target.startswith(("postgresql://", "postgres://")):
+    if is_url(target):
         return _PgReadOnly(target)
     import sqlite3
 

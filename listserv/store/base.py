@@ -32,6 +32,11 @@ def integrity_errors() -> tuple[type[Exception], ...]:
     return (aiosqlite.IntegrityError, psycopg.IntegrityError)
 
 
+def is_url(target: object) -> bool:
+    """A ``postgresql://`` store address (anything else is a SQLite file)."""
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
 class StoreBase:
     """The connections every part uses.  Open a whole store with ``await Store.open(path)``."""
 

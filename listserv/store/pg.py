@@ -43,6 +43,7 @@ import aiosqlite
 
 from listserv.errors import StoreError
 from listserv.store import schema
+from listserv.store.base import is_url
 
 try:  # the driver is an extra: the embedded default never needs it
     import psycopg
@@ -57,8 +58,6 @@ __all__ = ["PgConnection", "copy_from_sqlite", "is_url", "translate", "translate
 MIGRATION_LOCK = 0x6C697374  # "list": the advisory lock held while migrating
 
 
-def is_url(target: object) -> bool:
-    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
 
 
 # -- SQL: the SQLite dialect the parts write, as PostgreSQL reads it ---------------------

@@ -139,6 +139,35 @@ async def test_new_databases_get_16_kb_pages_and_older_ones_keep_theirs(tmp_path
     assert sql(old, "SELECT name FROM lists") == [(LIST,)]
 
 
+async def test_a_lists_archive_index_is_read_from_its_covering_index_in_row_order(sqlite_db: Path) -> None:
+    from listserv.store.archive import ARCHIVE_INDEX_SQL
+
+    s = await Store.open(sqlite_db)
+    try:
+        seap = await s.create_list(LIST, {"title": "Planowanie SEAP"}, [])
+        energia = await s.create_list("energia", {"title": "Zarządzanie energią"}, [])
+
+        def entry(n: int) -> tuple[str, str, float, bytes]:
+            mid = f"<{n}.źródło@gmina.example.pl>"
+            return mid, f"HASH{n:04d}", 1_700_000_000.0 + n, f"Subject: Łódź {n}\r\n\r\nTreść\r\n".encode()
+
+        await s.archive_import(seap, [entry(n) for n in (1, 2, 3)])
+        await s.archive_import(energia, [entry(4)])
+        await s.archive_import(seap, [entry(5)])
+        await s.archive_remove("HASH0002")
+        index = await s.archive_index(seap)
+    finally:
+        await s.close()
+    assert [(mid, h) for _, mid, h, _ in index] == [
+        ("<1.źródło@gmina.example.pl>", "HASH0001"), ("<3.źródło@gmina.example.pl>", "HASH0003"),
+        ("<5.źródło@gmina.example.pl>", "HASH0005")]
+    assert [row_id for row_id, *_ in index] == sorted(row_id for row_id, *_ in index)
+    # Not a lookup of each row in the table (whose rows hold whole messages): the index alone.
+    plan = " ".join(str(r[3]) for r in sql(sqlite_db, "EXPLAIN QUERY PLAN " + ARCHIVE_INDEX_SQL, (seap,)))
+    assert "COVERING INDEX archive_by_list" in plan, plan
+    assert "TEMP B-TREE" not in plan, plan
+
+
 async def test_parent_directories_are_created(tmp_path: Path) -> None:
     s = await Store.open(tmp_path / "nowy" / "stan" / "listserv.sqlite3")
     await s.close()

@@ -9,6 +9,11 @@ from typing import Any
 from listserv.errors import StoreError
 from listserv.store.base import StoreBase, is_url
 
+# Answered from the covering index archive_by_list alone (migration 11), in row order.
+ARCHIVE_INDEX_SQL = (
+    "SELECT id, message_id, msgid_hash, received_at FROM archive WHERE list_id = ? AND removed = 0 ORDER BY id"
+)
+
 
 class _PgReadOnly:
     """psycopg's connection, taking the parts' SQL as sqlite3's does (translated once)."""
@@ -63,10 +68,7 @@ class ArchivePart(StoreBase):
 
     async def archive_index(self, list_id: int) -> list[tuple[int, str, str, float]]:
         """(row id, Message-ID, Message-ID-Hash, received_at) of every message shown in a list's archive."""
-        rows = await self._fetchall(
-            "SELECT id, message_id, msgid_hash, received_at FROM archive WHERE list_id = ? AND removed = 0 ORDER BY id",
-            (list_id,),
-        )
+        rows = await self._fetchall(ARCHIVE_INDEX_SQL, (list_id,))
         return [(r[0], r[1], r[2], r[3]) for r in rows]
 
     async def archive_unbuilt(self, list_id: int) -> list[str]:

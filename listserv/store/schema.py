@@ -307,4 +307,11 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (list_id, address)
     );
     """,
+    # A list's archive index (row id, Message-ID, hash, date) read from an
+    # index alone, in row order: without it a full build looked each row up
+    # in a table whose rows hold the whole message (0.05-0.19 s per 10,000,
+    # against 0.01 s).
+    """
+    CREATE INDEX archive_by_list ON archive(list_id, id, removed, message_id, msgid_hash, received_at);
+    """,
 )

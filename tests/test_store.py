@@ -202,6 +202,25 @@ async def test_reopening_keeps_data_and_does_not_migrate_again(sqlite_db: Path, 
     assert sql(sqlite_db, "PRAGMA user_version") == [(version + 1,)]
 
 
+async def test_a_migration_that_fails_half_way_leaves_nothing_behind(sqlite_db: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    await (await Store.open(sqlite_db)).close()
+    version = len(store_mod.MIGRATIONS)
+    # The first statement would succeed; the second fails: the migration is one transaction.
+    broken = "CREATE TABLE połowa (x INTEGER);\nINSERT INTO nie_ma_takiej_tabeli VALUES (1)"
+    monkeypatch.setattr(store_mod, "MIGRATIONS", (*store_mod.MIGRATIONS, broken))
+    exc, leaked = await open_expecting_error(sqlite_db)
+    assert "nie_ma_takiej_tabeli" in str(exc)
+    assert not leaked
+    assert sql(sqlite_db, "PRAGMA user_version") == [(version,)]
+    assert sql(sqlite_db, "SELECT name FROM sqlite_master WHERE name = 'połowa'") == []
+    # Mended, it runs whole.
+    monkeypatch.setattr(store_mod, "MIGRATIONS", (*store_mod.MIGRATIONS[:-1], "CREATE TABLE połowa (x INTEGER)"))
+    await (await Store.open(sqlite_db)).close()
+    assert sql(sqlite_db, "PRAGMA user_version") == [(version + 1,)]
+    assert sql(sqlite_db, "SELECT name FROM sqlite_master WHERE name = 'połowa'") == [("połowa",)]
+
+
 async def test_newer_schema_is_refused_with_a_clear_error(sqlite_db: Path) -> None:
     newer = len(store_mod.MIGRATIONS) + 5
     conn = sqlite3.connect(sqlite_db)

@@ -922,9 +922,13 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
             waiting_ids: list[int] = []
             storing: asyncio.Task[None] | None = None
 
+            dry: set[int] = set()
+
             def submit(lane: int) -> None:
                 job = next(queues[lane], None)
-                if job is not None:
+                if job is None:
+                    dry.add(lane)
+                else:
                     running[loop.run_in_executor(pool[lane], _render_threads, job)] = lane
 
             async def store_rows(metas: list[ArchiveMeta], row_ids: list[int], before: asyncio.Task[None] | None) -> None:
@@ -945,7 +949,10 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
                     failures += bad
                     done += len(metas)
                     submit(running.pop(fut))
-                if len(waiting) >= META_BATCH or not running:
+                # Once no job is left to start, each job's rows are stored
+                # as it comes back: the last batch, stored after the
+                # workers are done (and the months wait for), stays small.
+                if len(waiting) >= META_BATCH or not running or len(dry) == lanes:
                     storing = asyncio.create_task(store_rows(waiting, waiting_ids, storing))
                     waiting, waiting_ids = [], []
                 if progress:
@@ -961,15 +968,23 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
             progress("months", 0, 1)
         await store.archive_recount_months(info.id)
         months = await store.archive_months(info.id)
-        await asyncio.gather(*early_months.values())
         # Every month not written early, and any whose final count is not the one expected.
         failed_in = collections.Counter(month_of_row.get(aid) for aid, _ in failures)
         month_names = [m for m, n in months if m not in early_months or expected.get(m) != n + failed_in[m]]
-        await run(_render_months, [_MonthJob(store.path, info, scratch, tuple(c))
-                                   for c in _chunks(month_names, max(1, len(month_names) // (nprocs * 2) + 1))])
-        if progress:
-            progress("home", 0, 1)
-        render_list_home(info, scratch, months, await store.archive_latest(info.id, 400))
+        # A month written again waits for its early writing (same files).
+        await asyncio.gather(*(early_months.pop(m) for m in month_names if m in early_months))
+        late_months = asyncio.ensure_future(run(_render_months, [
+            _MonthJob(store.path, info, scratch, tuple(c))
+            for c in _chunks(month_names, max(1, len(month_names) // (nprocs * 2) + 1))]))
+        try:
+            # The list home needs the month counts, not the month pages:
+            # written here while the workers write the last months.
+            if progress:
+                progress("home", 0, 1)
+            latest = await store.archive_latest(info.id, 400)
+            await asyncio.to_thread(render_list_home, info, scratch, months, latest)
+        finally:
+            await asyncio.gather(late_months, *early_months.values())
     finally:
         _release_pool()
     if progress:

@@ -805,24 +805,30 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
     # mbox), and which worker holds which message parsed.
     known: dict[int, Scan] = {}
     parsed_in: dict[int, int] = {}
-    for worker_index, early, batch_hashes in _PRESCANS.pop((str(store.path), info.id), []):
-        if not early.done():
-            # The import's last batches, still being read by a worker: their
-            # headers are read here too (``scan_headers`` gives what the
-            # worker's ``scan_and_parse`` gives), so the list is threaded
-            # while the workers finish, not after.  The messages stay with
-            # that worker, which renders them after it has parsed them.
-            rows = await asyncio.to_thread(Store.read_archive_data_by_hash, store.path, info.id, batch_hashes)
-            known.update((scan[0], scan) for scan in await asyncio.to_thread(_scan_rows, rows))
-            parsed_in.update((row_id, worker_index) for row_id in rows)
-            continue
-        try:
-            scans, kept = early.result()
-        except Exception:  # noqa: BLE001 - read again below
-            log.warning("archive: an early header scan failed; reading those headers again", exc_info=True)
-            continue
-        known.update((scan[0], scan) for scan in scans)
-        parsed_in.update((row_id, worker_index) for row_id in kept)
+    prescans = _PRESCANS.pop((str(store.path), info.id), [])
+    while prescans:
+        finished = [p for p in prescans if p[1].done()]
+        prescans = [p for p in prescans if p not in finished]
+        for worker_index, early, _ in finished:
+            try:
+                scans, kept = early.result()
+            except Exception:  # noqa: BLE001 - read again below
+                log.warning("archive: an early header scan failed; reading those headers again", exc_info=True)
+                continue
+            known.update((scan[0], scan) for scan in scans)
+            parsed_in.update((row_id, worker_index) for row_id in kept)
+        if not prescans:
+            break
+        # The import's last batches, still being read by the workers: the
+        # last one's headers are read here too (``scan_headers`` gives what
+        # the worker's ``scan_and_parse`` gives), while the workers work
+        # through the earlier ones; the two meet in the middle, and the
+        # list is threaded while the workers finish, not after.  The
+        # messages stay with their worker, which renders them once parsed.
+        worker_index, _, batch_hashes = prescans.pop()
+        rows = await asyncio.to_thread(Store.read_archive_data_by_hash, store.path, info.id, batch_hashes)
+        known.update((scan[0], scan) for scan in await asyncio.to_thread(_scan_rows, rows))
+        parsed_in.update((row_id, worker_index) for row_id in rows)
     pool = _get_workers(nprocs) if parallel else []
     if not pool:
         _release_pool()
@@ -849,9 +855,10 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
         by_thread: dict[str, list[int]] = {}
         for node in sorted(nodes, key=lambda n: (n.date, n.key)):
             by_thread.setdefault(message_id_hash(placed[node.key].thread), []).append(node.key)
-        # Each thread goes to the worker that read most of its messages
-        # ahead; ties and threads read by none go to the least loaded one
-        # (a message parsed here costs about three it only renders).
+        # Each thread goes to the worker that would be done with it first:
+        # mostly the one that read most of its messages ahead (a message
+        # parsed here costs about three it only renders), another where
+        # that keeps the workers' loads even.
         lanes = max(1, len(pool))
         planned: list[list[tuple[str, tuple[int, ...]]]] = [[] for _ in range(lanes)]
         loads = [0] * lanes
@@ -861,9 +868,10 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
                 w = parsed_in.get(i)
                 if w is not None and w < lanes:
                     held[w] += 1
-            lane = max(range(lanes), key=lambda w: (held[w], -loads[w]))
+            cost = [held[w] + 3 * (len(ids) - held[w]) for w in range(lanes)]
+            lane = min(range(lanes), key=lambda w: (loads[w] + cost[w], -held[w]))
             planned[lane].append((thread, tuple(ids)))
-            loads[lane] += held[lane] + 3 * (len(ids) - held[lane])
+            loads[lane] += cost[lane]
 
         def jobs_of(lane: int) -> Iterator[_ThreadJob]:
             batch: list[tuple[str, tuple[int, ...]]] = []
@@ -949,10 +957,10 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
                     failures += bad
                     done += len(metas)
                     submit(running.pop(fut))
-                # Once no job is left to start, each job's rows are stored
+                # Once a worker has no job left to start, each job's rows are stored
                 # as it comes back: the last batch, stored after the
                 # workers are done (and the months wait for), stays small.
-                if len(waiting) >= META_BATCH or not running or len(dry) == lanes:
+                if len(waiting) >= META_BATCH or not running or dry:
                     storing = asyncio.create_task(store_rows(waiting, waiting_ids, storing))
                     waiting, waiting_ids = [], []
                 if progress:
@@ -1508,9 +1516,16 @@ async def import_mbox(store: Store, info: ListInfo, path: Path, progress: Progre
         count = await store.archive_import(info.id, pending)
         for chunk in _chunks([h for _, h, _, _ in pending], PRESCAN_JOB):
             if workers:
-                # Consecutive chunks to alternating workers: a thread's
-                # messages are usually close together in an mbox.
-                lane = jobs % len(workers)
+                # To the worker with the fewest batches still to read (the
+                # first on a tie: consecutive chunks then alternate, and a
+                # thread's messages are usually close together in an mbox).
+                # Workers do not go at the same pace (the main process
+                # takes a core's share too); a fixed rotation left one
+                # behind by several batches at the end of the import.
+                waiting = [0] * len(workers)
+                for w, f, _ in _PRESCANS.get(key, []):
+                    waiting[w] += not f.done()
+                lane = min(range(len(workers)), key=lambda w: (waiting[w], (w - jobs) % len(workers)))
                 future = workers[lane].submit(_prescan, _PrescanJob(store.path, info.id, tuple(chunk), labels))
                 _PRESCANS.setdefault(key, []).append((lane, future, tuple(chunk)))
                 jobs += 1

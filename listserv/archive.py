@@ -855,10 +855,9 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
         by_thread: dict[str, list[int]] = {}
         for node in sorted(nodes, key=lambda n: (n.date, n.key)):
             by_thread.setdefault(message_id_hash(placed[node.key].thread), []).append(node.key)
-        # Each thread goes to the worker that would be done with it first:
-        # mostly the one that read most of its messages ahead (a message
-        # parsed here costs about three it only renders), another where
-        # that keeps the workers' loads even.
+        # Each thread goes to the worker that read most of its messages
+        # ahead; ties and threads read by none go to the least loaded one
+        # (a message parsed here costs about three it only renders).
         lanes = max(1, len(pool))
         planned: list[list[tuple[str, tuple[int, ...]]]] = [[] for _ in range(lanes)]
         loads = [0] * lanes
@@ -868,10 +867,9 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
                 w = parsed_in.get(i)
                 if w is not None and w < lanes:
                     held[w] += 1
-            cost = [held[w] + 3 * (len(ids) - held[w]) for w in range(lanes)]
-            lane = min(range(lanes), key=lambda w: (loads[w] + cost[w], -held[w]))
+            lane = max(range(lanes), key=lambda w: (held[w], -loads[w]))
             planned[lane].append((thread, tuple(ids)))
-            loads[lane] += cost[lane]
+            loads[lane] += held[lane] + 3 * (len(ids) - held[lane])
 
         def jobs_of(lane: int) -> Iterator[_ThreadJob]:
             batch: list[tuple[str, tuple[int, ...]]] = []

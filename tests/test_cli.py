@@ -187,6 +187,58 @@ def test_python_dash_m_listserv_help(tmp_path: Path) -> None:
     assert not (tmp_path / "state").exists()  # --help touches nothing
 
 
+# -- the program's quick exit (listserv.cli.run) ---------------------------------------------------------------------
+
+_RUN_PROGRAM = """
+import atexit, sys, threading, time
+from pathlib import Path
+from listserv.cli import run
+out = Path(sys.argv[1])
+atexit.register(lambda: ((out / "atexit").write_text("zakończone"), sys.stdout.write("koniec\\n")))
+if sys.argv[2] == "thread":
+    def late() -> None:
+        time.sleep(0.5)
+        (out / "thread").write_text("wątek skończył")
+    threading.Thread(target=late).start()
+sys.argv = ["listserv", *sys.argv[3:]]
+run()
+"""
+
+
+def _program(tmp_path: Path, mode: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env.pop("LISTSERV_CONFIG", None)
+    env.pop("PYTHONUNBUFFERED", None)  # stdout buffered, as a pipe's is: only a flush gets it out
+    return subprocess.run([sys.executable, "-c", _RUN_PROGRAM, str(tmp_path), mode, *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_program_exits_with_its_output_flushed_and_exit_handlers_run(tmp_path: Path) -> None:
+    proc = _program(tmp_path, "plain", "--help")
+    assert proc.returncode == 0, proc.stderr
+    # All of it, through a pipe, down to what an exit handler wrote last (unflushed till the end).
+    assert proc.stdout.startswith("Usage: ") and proc.stdout.endswith("\nkoniec\n"), proc.stdout[-200:]
+    assert (tmp_path / "atexit").read_text() == "zakończone"
+
+
+def test_the_program_keeps_its_exit_code_and_error_line(tmp_path: Path) -> None:
+    (tmp_path / "zły.toml").write_text("[server\n")
+    proc = _program(tmp_path, "plain", "--config", str(tmp_path / "zły.toml"), "lists")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("listserv: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert (tmp_path / "atexit").read_text() == "zakończone"
+    proc = _program(tmp_path, "plain", "no-such-command")
+    assert proc.returncode == 2
+    assert "listserv: error:" in proc.stderr
+
+
+def test_the_program_waits_for_a_thread_still_running(tmp_path: Path) -> None:
+    proc = _program(tmp_path, "thread", "--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"listserv, version {__version__}\nkoniec\n"
+    assert (tmp_path / "thread").read_text() == "wątek skończył"  # not cut short by the quick exit
+
+
 def _command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
     for name, command in sorted(group.commands.items()):
         yield (*prefix, name)

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-from email import policy
+from email._policybase import compat32  # email.policy.compat32, without email.policy's header registry (7 ms to import)
 from email import message as _email_message
 from email._encoded_words import decode_b as _decode_b  # type: ignore[import-not-found]  # what get_payload uses
 from email.message import Message
@@ -730,7 +730,7 @@ def _original_id(raw_headers: dict[str, str]) -> str:
 def scan_headers(raw: bytes, message_id: str, fallback_date: float) -> HeaderScan:
     """Only the headers (no body parsed); never raises."""
     try:
-        msg = _quick_message(raw, with_body=False) or BytesHeaderParser(policy=policy.compat32).parsebytes(raw)
+        msg = _quick_message(raw, with_body=False) or BytesHeaderParser(policy=compat32).parsebytes(raw)
         headers, raw_headers = _headers_of(msg, message_id, fallback_date)
         return HeaderScan(headers, _clean(raw_headers.get("date", ""))[:100], _original_id(raw_headers))
     except Exception:  # noqa: BLE001 - never crash on a message
@@ -1067,9 +1067,9 @@ def _parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Label
                 known: HeaderScan | None) -> tuple[HeaderScan, Mail]:
     # Most list mail is one text part: read only the headers and decode the
     # body directly; parse the MIME tree only when there is one.
-    msg = _quick_message(raw) or BytesParser(policy=policy.compat32).parsebytes(raw, headersonly=True)
+    msg = _quick_message(raw) or BytesParser(policy=compat32).parsebytes(raw, headersonly=True)
     if msg.get_content_maintype() in ("multipart", "message") and not msg.is_multipart():
-        msg = BytesParser(policy=policy.compat32).parsebytes(raw)
+        msg = BytesParser(policy=compat32).parsebytes(raw)
     if known is None:
         headers, raw_headers = _headers_of(msg, message_id, fallback_date)
         known = HeaderScan(headers, _clean(raw_headers.get("date", ""))[:100], _original_id(raw_headers))
@@ -1130,9 +1130,9 @@ def plain_text(raw: bytes, limit: int = MAX_TEXT) -> tuple[str, tuple[tuple[str,
     had the post itself.  Never raises.
     """
     try:
-        msg = _quick_message(raw) or BytesParser(policy=policy.compat32).parsebytes(raw, headersonly=True)
+        msg = _quick_message(raw) or BytesParser(policy=compat32).parsebytes(raw, headersonly=True)
         if msg.get_content_maintype() in ("multipart", "message") and not msg.is_multipart():
-            msg = BytesParser(policy=policy.compat32).parsebytes(raw)
+            msg = BytesParser(policy=compat32).parsebytes(raw)
         texts: list[str] = []
         files: list[tuple[str, str, int]] = []
         for kind, part in _iter_parts(msg):

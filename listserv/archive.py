@@ -586,6 +586,7 @@ class _PrescanJob:
     list_id: int
     hashes: tuple[str, ...]
     labels: Labels
+    scans: dict[str, HeaderScan]  # by Message-ID: headers the import read already (then only the rest is parsed)
 
 
 # row id, Message-ID, References, Subject, date; and the headers as parse_mail reads them
@@ -630,10 +631,14 @@ def _prescan(job: _PrescanJob) -> tuple[list[Scan], list[int]]:
     scans: list[Scan] = []
     kept: list[int] = []
     for row_id, (mid, received, raw) in rows.items():
+        known = job.scans.get(mid)
         if _PARSED_BYTES >= PARSED_BUDGET:
-            scans.append(_scan_of(row_id, mid, scan_headers(raw, mid, received)))
+            scans.append(_scan_of(row_id, mid, known or scan_headers(raw, mid, received)))
             continue
-        scan, mail = scan_and_parse(raw, mid, received, job.labels)  # the header block split once for both
+        if known is not None:
+            scan, mail = known, parse_mail(raw, mid, received, job.labels, known)
+        else:
+            scan, mail = scan_and_parse(raw, mid, received, job.labels)  # the header block split once for both
         scans.append(_scan_of(row_id, mid, scan))
         _PARSED[row_id] = mail
         _PARSED_BYTES += _mail_size(mail)
@@ -641,13 +646,17 @@ def _prescan(job: _PrescanJob) -> tuple[list[Scan], list[int]]:
     return scans, kept
 
 
+# One batch an import gave a worker to read ahead: the worker, its result,
+# the batch's hashes, and the headers the import read itself (by Message-ID).
+_Prescan = tuple[int, concurrent.futures.Future[tuple[list[Scan], list[int]]], tuple[str, ...], dict[str, HeaderScan]]
+
+
 # The worker processes of a full build.  An import starts them early and
 # has them read each batch it stores (headers, then the whole message) while
 # it reads the next one; the build that follows collects the headers,
 # threads, and renders each thread where its messages were read.
 _WORKERS: list[concurrent.futures.ProcessPoolExecutor] = []
-_PRESCANS: dict[tuple[str, int],
-                list[tuple[int, concurrent.futures.Future[tuple[list[Scan], list[int]]], tuple[str, ...]]]] = {}
+_PRESCANS: dict[tuple[str, int], list[_Prescan]] = {}
 
 
 def _get_workers(nprocs: int) -> list[concurrent.futures.ProcessPoolExecutor]:
@@ -806,10 +815,24 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
     known: dict[int, Scan] = {}
     parsed_in: dict[int, int] = {}
     prescans = _PRESCANS.pop((str(store.path), info.id), [])
+    by_hash = {msgid_hash: (row_id, mid) for row_id, mid, msgid_hash, _ in index}
+    unread: list[_Prescan] = []
+    for batch in prescans:
+        worker_index, early, batch_hashes, early_scans = batch
+        found = [by_hash.get(h) for h in batch_hashes]
+        if early.done() or not early_scans or any(f is None or f[1] not in early_scans for f in found):
+            unread.append(batch)
+            continue
+        # A batch the worker is still reading, whose headers the import
+        # read itself (the last part of a large mbox): known already.
+        for row_id, mid in (f for f in found if f is not None):
+            known[row_id] = _scan_of(row_id, mid, early_scans[mid])
+            parsed_in[row_id] = worker_index
+    prescans = unread
     while prescans:
         finished = [p for p in prescans if p[1].done()]
         prescans = [p for p in prescans if p not in finished]
-        for worker_index, early, _ in finished:
+        for worker_index, early, _, _ in finished:
             try:
                 scans, kept = early.result()
             except Exception:  # noqa: BLE001 - read again below
@@ -825,7 +848,7 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
         # through the earlier ones; the two meet in the middle, and the
         # list is threaded while the workers finish, not after.  The
         # messages stay with their worker, which renders them once parsed.
-        worker_index, _, batch_hashes = prescans.pop()
+        worker_index, _, batch_hashes, _ = prescans.pop()
         rows = await asyncio.to_thread(Store.read_archive_data_by_hash, store.path, info.id, batch_hashes)
         known.update((scan[0], scan) for scan in await asyncio.to_thread(_scan_rows, rows))
         parsed_in.update((row_id, worker_index) for row_id in rows)
@@ -1484,6 +1507,10 @@ def import_entry(raw: bytes, from_date: float | None) -> tuple[str, str, float, 
 
 PRESCAN_FROM = 2_000_000  # bytes of mbox from which an import reads headers in worker processes
 PRESCAN_JOB = 500
+# From this share of the mbox on, an import reads each batch's headers itself
+# (the workers, which also parse every message, fall behind by about a
+# third of the file).
+MAIN_SCAN_FROM = 0.6
 
 
 async def import_mbox(store: Store, info: ListInfo, path: Path, progress: Progress | None = None,
@@ -1511,8 +1538,16 @@ async def import_mbox(store: Store, info: ListInfo, path: Path, progress: Progre
 
     async def store_batch() -> int:
         nonlocal jobs
-        count = await store.archive_import(info.id, pending)
+        stored: list[tuple[str, str, float, bytes]] = []
+        count = await store.archive_import(info.id, pending, stored)
+        # The last part of a large mbox: its headers are read here, from
+        # the bytes at hand, rather than by the workers, which are behind
+        # by then.  When the import ends, the list is threaded at once; the
+        # workers only parse the rest of those messages.
+        own_scans = ({mid: scan_headers(data, mid, at) for mid, _, at, data in stored}
+                     if workers and done_bytes >= MAIN_SCAN_FROM * size else {})
         for chunk in _chunks([h for _, h, _, _ in pending], PRESCAN_JOB):
+            in_chunk = set(chunk)
             if workers:
                 # To the worker with the fewest batches still to read (the
                 # first on a tie: consecutive chunks then alternate, and a
@@ -1521,11 +1556,13 @@ async def import_mbox(store: Store, info: ListInfo, path: Path, progress: Progre
                 # takes a core's share too); a fixed rotation left one
                 # behind by several batches at the end of the import.
                 waiting = [0] * len(workers)
-                for w, f, _ in _PRESCANS.get(key, []):
+                for w, f, _, _ in _PRESCANS.get(key, []):
                     waiting[w] += not f.done()
                 lane = min(range(len(workers)), key=lambda w: (waiting[w], (w - jobs) % len(workers)))
-                future = workers[lane].submit(_prescan, _PrescanJob(store.path, info.id, tuple(chunk), labels))
-                _PRESCANS.setdefault(key, []).append((lane, future, tuple(chunk)))
+                chunk_scans = {mid: own_scans[mid] for mid, h, _, _ in stored if h in in_chunk and mid in own_scans}
+                future = workers[lane].submit(_prescan, _PrescanJob(store.path, info.id, tuple(chunk), labels,
+                                                                    chunk_scans))
+                _PRESCANS.setdefault(key, []).append((lane, future, tuple(chunk), chunk_scans))
                 jobs += 1
         return count
 

@@ -659,3 +659,66 @@ def test_messy_corpora_build_without_crash(tmp_path: Path) -> None:
     assert count == stored > 500
     pages = list((cfg.archive.dir / LIST / "m").glob("*.html"))
     assert len(pages) == stored
+
+
+# -- the import's own header reading (MAIN_SCAN_FROM) ------------------------------------------------------------------
+
+
+def _slow_prescan(job):  # type: ignore[no-untyped-def]
+    """The build workers' read-ahead, held back: the build starts while every batch is still being read."""
+    time.sleep(1.5)
+    return _ORIGINAL_PRESCAN(job)
+
+
+_ORIGINAL_PRESCAN = archive._prescan
+
+
+def _threads_mbox(count: int) -> bytes:
+    """An mbox of Polish threads (replies by References), with one Message-ID reused by a different post."""
+    out = []
+    for n in range(count):
+        root = n - n % 5
+        refs = f"References: <w{root}@gmina.example.pl>\n" if n != root else ""
+        mid = "w3@gmina.example.pl" if n == 7 else f"w{n}@gmina.example.pl"  # a second, different post as <w3>
+        when = email.utils.formatdate(1_704_067_200 + n * 3_600 * 7)
+        out.append(
+            f"From nadawca@example.pl Mon Jan  1 00:00:00 2024\nFrom: Łukasz Żółć <lukasz{n % 9}@gmina.example.pl>\n"
+            f"Subject: {'Re: ' if refs else ''}Plan SEAP dla gminy {root}: ąćęłńóśźż\nDate: {when}\n"
+            f"Message-ID: <{mid}>\n{refs}Content-Type: text/plain; charset=utf-8\n"
+            f"Content-Transfer-Encoding: 8bit\n\nWiadomość {n}: zażółć gęślą jaźń.\n> cytat z {root}\n\n")
+    return "".join(out).encode()
+
+
+@pytest.mark.one_backend
+def test_headers_read_by_the_import_build_the_same_archive_as_headers_read_by_the_workers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mbox = tmp_path / "watki.mbox"
+    mbox.write_bytes(_threads_mbox(1400))
+    monkeypatch.setattr(archive, "PRESCAN_FROM", 1)  # read ahead whatever the size...
+    monkeypatch.setattr(archive.os, "cpu_count", lambda: 2)  # ...and the cores
+    monkeypatch.setattr(archive, "_prescan", _slow_prescan)
+    trees = {}
+    for name, main_scan_from in (("import", 0.0), ("workers", 2.0)):
+        monkeypatch.setattr(archive, "MAIN_SCAN_FROM", main_scan_from)
+        cfg = make_config(tmp_path / name, store={"url": "sqlite:///{state_dir}/listserv.sqlite3"})
+
+        async def go() -> None:
+            store = await open_store(cfg)
+            try:
+                info = archive.list_info(cfg, await store.get_list(LIST))
+                assert await archive.import_mbox(store, info, mbox) == (1400, 1400)
+                prescans = archive._PRESCANS[(str(store.path), info.id)]
+                # Every batch handed over with its headers read here, or none.
+                assert all(bool(p[3]) == (main_scan_from == 0.0) for p in prescans)
+                assert not any(p[1].done() for p in prescans)  # the build finds them all still being read
+                await archive.build_list(cfg, store, info, workers=2)
+            finally:
+                await store.close()
+
+        run(go())
+        root = cfg.archive.dir / LIST
+        trees[name] = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert len(trees["import"]) > 1400 + 280  # a page per message and per thread
+    assert trees["import"].keys() == trees["workers"].keys()
+    differ = [p for p in trees["import"] if trees["import"][p] != trees["workers"][p]]
+    assert not differ, differ[:5]

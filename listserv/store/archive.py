@@ -123,12 +123,16 @@ class ArchivePart(StoreBase):
                                    (list_id, message_id_hash(derived)))
         return derived, row is not None
 
-    async def archive_import(self, list_id: int, entries: Sequence[tuple[str, str, float, bytes]]) -> int:
+    async def archive_import(self, list_id: int, entries: Sequence[tuple[str, str, float, bytes]],
+                             stored: list[tuple[str, str, float, bytes]] | None = None) -> int:
         """Add (Message-ID, hash, received_at, data) rows from an imported archive; returns how many were new.
 
         A message already archived (same bytes or same content, see
         ``archive_ids``) is not added again; a different message reusing a
-        Message-ID is added under a derived id.
+        Message-ID is added under a derived id.  ``stored``, if given, gets
+        the rows added, as stored (a derived id in place of the reused one);
+        it stays empty if some row was not added after all (another writer
+        stored the same Message-ID meanwhile).
         """
         from listserv.archive_ids import derived_message_id, same_post
         from listserv.rewrite import message_id_hash
@@ -171,7 +175,10 @@ class ArchivePart(StoreBase):
                 " VALUES (?, ?, ?, ?, 'import', ?) ON CONFLICT (list_id, msgid_hash) DO NOTHING",
                 rows_out,
             )
-            return int(db.total_changes - before)
+            added = int(db.total_changes - before)
+        if stored is not None and added == len(rows_out):
+            stored.extend((mid, h, at, data) for _, mid, h, at, data in rows_out)
+        return added
 
     async def archive_drop_meta(self, archive_ids: Sequence[int]) -> None:
         """Forget what was derived from these messages (a page that could not be written): unbuilt again."""

@@ -1536,7 +1536,7 @@ async def import_mbox(store: Store, info: ListInfo, path: Path, progress: Progre
     labels = labels_for(info)
     jobs = 0
 
-    async def store_batch() -> int:
+    async def store_batch(pending: list[tuple[str, str, float, bytes]], done_bytes: int) -> int:
         nonlocal jobs
         stored: list[tuple[str, str, float, bytes]] = []
         count = await store.archive_import(info.id, pending, stored)
@@ -1566,20 +1566,35 @@ async def import_mbox(store: Store, info: ListInfo, path: Path, progress: Progre
                 jobs += 1
         return count
 
-    for raw, when in read_messages(path):
-        read += 1
-        done_bytes += len(raw)
-        entry = import_entry(raw, when)
-        if entry is not None:
-            pending.append(entry)
-        if len(pending) >= step:
-            new += await store_batch()
-            pending = []
-            step = min(step * 2, batch)
-            if progress:
-                progress("import", min(done_bytes, size), size)
+    # A batch is stored (its commit waits for the disk) while the next one
+    # is read: one store at a time, in order; the reading lets the store go
+    # on every 50 messages.
+    storing: asyncio.Future[int] | None = None
+    try:
+        for raw, when in read_messages(path):
+            read += 1
+            done_bytes += len(raw)
+            entry = import_entry(raw, when)
+            if entry is not None:
+                pending.append(entry)
+            if len(pending) >= step:
+                if storing is not None:
+                    new += await storing
+                storing = asyncio.ensure_future(store_batch(pending, done_bytes))
+                pending = []
+                step = min(step * 2, batch)
+                if progress:
+                    progress("import", min(done_bytes, size), size)
+            elif storing is not None and read % 50 == 0:
+                await asyncio.sleep(0)
+    except BaseException:
+        if storing is not None:  # the batch being stored is finished (or fails) before the error goes up
+            await asyncio.gather(storing, return_exceptions=True)
+        raise
+    if storing is not None:
+        new += await storing
     if pending:
-        new += await store_batch()
+        new += await store_batch(pending, done_bytes)
     if progress:
         progress("import", size, size)
     return read, new

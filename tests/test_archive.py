@@ -722,3 +722,34 @@ def test_headers_read_by_the_import_build_the_same_archive_as_headers_read_by_th
     assert trees["import"].keys() == trees["workers"].keys()
     differ = [p for p in trees["import"] if trees["import"][p] != trees["workers"][p]]
     assert not differ, differ[:5]
+
+
+def test_an_import_that_fails_half_way_finishes_storing_the_batch_it_had_started(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mbox = tmp_path / "watki.mbox"
+    mbox.write_bytes(_threads_mbox(900))
+    original = archive.import_entry
+    seen = 0
+
+    def failing(raw: bytes, when: float | None):  # type: ignore[no-untyped-def]
+        nonlocal seen
+        seen += 1
+        if seen == 700:  # the first 500 are being stored by now
+            raise RuntimeError("dysk odłączony w trakcie importu")
+        return original(raw, when)
+
+    monkeypatch.setattr(archive, "import_entry", failing)
+    monkeypatch.setattr(archive, "PRESCAN_FROM", 1 << 40)  # no read-ahead workers: only the store
+    cfg = make_config(tmp_path)
+
+    async def go() -> int:
+        store = await open_store(cfg)
+        try:
+            info = archive.list_info(cfg, await store.get_list(LIST))
+            with pytest.raises(RuntimeError, match="odłączony"):
+                await archive.import_mbox(store, info, mbox)
+            return len(await store.archive_index(info.id))
+        finally:
+            await store.close()
+
+    assert run(go()) == 500  # the batch started before the error is stored whole; nothing after it

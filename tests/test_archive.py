@@ -16,6 +16,7 @@ import email.utils
 import hashlib
 import html
 import mailbox
+import os
 import re
 import smtplib
 import time
@@ -695,7 +696,7 @@ def test_headers_read_by_the_import_build_the_same_archive_as_headers_read_by_th
     mbox = tmp_path / "watki.mbox"
     mbox.write_bytes(_threads_mbox(1400))
     monkeypatch.setattr(archive, "PRESCAN_FROM", 1)  # read ahead whatever the size...
-    monkeypatch.setattr(archive.os, "cpu_count", lambda: 2)  # ...and the cores
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # ...and the cores
     monkeypatch.setattr(archive, "_prescan", _slow_prescan)
     trees = {}
     for name, main_scan_from in (("import", 0.0), ("workers", 2.0)):

@@ -779,7 +779,8 @@ async def archive_build(cfg: config_mod.Config, store: Store, name: str | None, 
             missing = await store.archive_unbuilt(info.id)
             if (full or not (info.dir / "index.html").exists() or len(missing) > 200 or info.policy == "none"
                     or archive.has_old_layout(info)):
-                count = await archive.build_list(cfg, store, info, workers=workers, progress=report)
+                with archive.bulk_work():
+                    count = await archive.build_list(cfg, store, info, workers=workers, progress=report)
                 close()
                 click.echo(f"{lst.name}: {info.policy}, {count} messages, built in "
                            f"{time.perf_counter() - started:.1f} s -> {info.dir if info.policy != 'none' else '-'}")
@@ -805,10 +806,11 @@ async def archive_import(cfg: config_mod.Config, store: Store, name: str, mbox: 
     report, close = _progress_reporter()
     started = time.perf_counter()
     try:
-        read, new = await archive.import_mbox(store, info, mbox, report)
-        close()
-        click.echo(f"{name}: read {read} messages, {new} new, in {time.perf_counter() - started:.1f} s")
-        count = await archive.build_list(cfg, store, info, workers=workers, progress=report)
+        with archive.bulk_work():
+            read, new = await archive.import_mbox(store, info, mbox, report)
+            close()
+            click.echo(f"{name}: read {read} messages, {new} new, in {time.perf_counter() - started:.1f} s")
+            count = await archive.build_list(cfg, store, info, workers=workers, progress=report)
         close()
         await archive.write_site_indexes(cfg, store)
     finally:

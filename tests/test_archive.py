@@ -754,3 +754,16 @@ def test_an_import_that_fails_half_way_finishes_storing_the_batch_it_had_started
             await store.close()
 
     assert run(go()) == 500  # the batch started before the error is stored whole; nothing after it
+
+
+def test_bulk_work_sets_the_collector_back_as_it_was() -> None:
+    import gc
+
+    before = gc.get_threshold()
+    with pytest.raises(RuntimeError):
+        with archive.bulk_work():
+            assert gc.get_threshold()[0] >= 20_000
+            assert gc.get_freeze_count() > 0  # what was imported is set aside
+            raise RuntimeError("błąd w trakcie budowania")
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0

@@ -952,6 +952,7 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
             month_of_row.update((row[0], month_of(known[row[0]][4], info.timezone)) for row in index)
             left = collections.Counter(month_of_row.values())
             expected.update(left)
+            month_lane: dict[str, int] = {}
 
             def account(row_ids: Iterable[int]) -> None:
                 for row_id in row_ids:
@@ -960,7 +961,11 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
                         continue
                     left[month] -= 1
                     if left[month] == 0:
-                        lane = len(early_months) % lanes
+                        # To the worker with the least queued (thread jobs and months not yet written).
+                        queued = collections.Counter(running.values())
+                        queued.update(month_lane[m] for m, f in early_months.items() if not f.done())
+                        lane = min(range(lanes), key=lambda w: (queued[w], w))
+                        month_lane[month] = lane
                         early_months[month] = loop.run_in_executor(
                             pool[lane], _render_months, _MonthJob(store.path, info, scratch, (month,)))
 

@@ -794,18 +794,32 @@ def decode_text(data: bytes, charset: str | None) -> str:
     Any other label that does not fit is decoded with U+FFFD for the bad bytes.
     """
     codec = _codec(charset)
+    # UTF-8 and the single-byte sets never decode to a lone surrogate (the
+    # UTF-8 decoder refuses encoded ones): their text is not checked again.
+    checked = valid_text if codec not in _SURROGATE_FREE else _as_is
     if codec not in _VAGUE_CHARSETS:
+        # A Warning too: unicode_escape warns of an invalid escape (an error
+        # where warnings are errors), and the bytes are then guessed.
         try:
-            return valid_text(data.decode(codec))
-        except (LookupError, UnicodeError, ValueError, TypeError):
+            return checked(data.decode(codec))
+        except (LookupError, UnicodeError, ValueError, TypeError, Warning):
             pass
         try:
-            return valid_text(data.decode(codec, "replace"))
-        except (LookupError, UnicodeError, ValueError, TypeError):
+            return checked(data.decode(codec, "replace"))
+        except (LookupError, UnicodeError, ValueError, TypeError, Warning):
             pass  # codecs such as idna raise even with "replace"
     elif data.isascii():
         return data.decode("ascii")
-    return valid_text(_guess_text(data))
+    return _guess_text(data)  # UTF-8, windows-1250 or ISO-8859-2: no surrogates
+
+
+def _as_is(text: str) -> str:
+    return text
+
+
+# Codec names (codecs.lookup(...).name) whose decoding never yields a lone surrogate.
+_SURROGATE_FREE = frozenset({"utf-8", "ascii", "cp1250", "cp1251", "cp1252", "cp1257", "koi8-r", "koi8-u",
+                             *(f"iso8859-{n}" for n in range(1, 17) if n != 12)})  # there is no ISO-8859-12
 
 
 _decode_text = decode_text
@@ -1092,7 +1106,8 @@ def _parse_mail(raw: bytes, message_id: str, fallback_date: float, labels: Label
             index = len(attachments) + 1
             attachments.append(Attachment(index, safe_filename(_filename(part), index, ctype), ctype, _payload(part)))
             continue
-        text = _clean(_decode_text(_payload(part), _charset(part)))
+        # decode_text's text is valid already: only the control characters go (what _clean does then).
+        text = _C1_CONTROL.sub("", _decode_text(_payload(part), _charset(part)))
         text = text.replace("\r\n", "\n").replace("\r", "\n")
         if budget <= 0:
             continue

@@ -425,6 +425,32 @@ def test_unknown_or_contradicted_charsets_are_guessed(charset: str, data: bytes)
     assert decode_text(data, charset) == "Zażółć gęślą jaźń"
 
 
+@pytest.mark.one_backend  # touches no store
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.sampled_from(
+    ["utf-8", "UTF-8", "us-ascii", "iso-8859-1", "ISO-8859-2", "latin2", "windows-1250", "cp1252", "koi8-r",
+     "iso-8859-16", "utf-7", "UTF-16", "utf-16-le", "utf-32", "unicode_escape", "raw_unicode_escape", "", "x-nic"]))
+def test_decoded_text_is_always_valid(data: bytes, charset: str) -> None:
+    # Codecs that cannot yield a lone surrogate skip the check; the rest are checked: either way, valid text.
+    text = decode_text(data, charset)
+    text.encode("utf-8")  # raises on a lone surrogate
+    assert valid_text(text) == text
+
+
+def test_the_codecs_spared_the_surrogate_check_cannot_yield_one() -> None:
+    import codecs
+
+    from listserv.archive_render import _SURROGATE_FREE
+
+    for name in _SURROGATE_FREE:
+        assert codecs.lookup(name).name == name  # as _codec names them, so the set is ever consulted
+        if name != "utf-8":  # a single-byte set: each byte, strict or replaced
+            decoded = bytes(range(256)).decode(name, "replace")
+            assert not any("\ud800" <= c <= "\udfff" for c in decoded), name
+    # UTF-8 refuses encoded surrogates (CESU-8, "\xed\xa0\x80") rather than decoding them.
+    assert "\ud800" not in b"\xed\xa0\x80 \xed\xb0\x80".decode("utf-8", "replace")
+
+
 RAW_8BIT = ("From: Józef Dąbrowski <jozef@gmina-z.example.pl>\r\nSubject: Spotkanie w Żyrardowie — ważne\r\n"
             "Date: Tue, 14 May 2024 10:15:00 +0200\r\nMessage-ID: <raw8bit.cp1250@gmina-z.example.pl>\r\n"
             "Content-Type: text/plain\r\n\r\nZebranie zespołu w Żyrardowie, sala nr 5. Proszę o potwierdzenie.\r\n")

@@ -21,12 +21,15 @@ file, then rename).
 
 *Full build*: headers of all messages are read in worker processes (forked,
 so they start at once; an import has them read and parse each stored batch
-while it reads the next, and keep the parsed messages within a memory
-budget), threaded in one pass (``archive_thread``), then batches of threads
-are rendered in parallel, each thread in the worker that holds most of its
-messages (each message parsed once, its body shown on its own page and in its
-thread), and the month pages last; files of the fresh tree are written in
-place and the tree is swapped in for the old one.
+while it reads and stores the next, and keep the parsed messages within a
+memory budget; for the last part of a large mbox the import reads the
+headers itself, from the bytes at hand, so the list is threaded as soon as
+the import ends), threaded in one pass (``archive_thread``), then batches of
+threads are rendered in parallel, each thread in the worker that holds most
+of its messages (each message parsed once, its body shown on its own page
+and in its thread), and each month's pages as soon as its last message is
+stored; files of the fresh tree are written in place and the tree is swapped
+in for the old one.
 *Incremental*: ``Archiver.on_archived`` (called by the fan-out after a post is
 stored) starts a background task that loads the threads the message touches
 (the ones it names, the replies that name it or its ancestors, a subject

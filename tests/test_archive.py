@@ -767,3 +767,30 @@ def test_bulk_work_sets_the_collector_back_as_it_was() -> None:
             raise RuntimeError("błąd w trakcie budowania")
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
+
+
+def test_a_very_long_message_id_is_imported_and_built(tmp_path: Path) -> None:
+    # Every index over archive rows holds it (the covering archive_by_list too), on SQLite and PostgreSQL.
+    import random
+    import string
+
+    mid = "".join(random.Random(13).choice(string.ascii_letters) for _ in range(6000)) + "@gmina.example.pl"
+    raw = (f"From: Anna Łęcka <anna@gmina.example.pl>\r\nSubject: Bardzo długi identyfikator\r\n"
+           f"Message-ID: <{mid}>\r\nDate: Mon, 1 Jan 2024 10:00:00 +0000\r\n\r\nTreść wiadomości.\r\n").encode()
+    cfg = make_config(tmp_path)
+
+    async def go() -> list[tuple[int, str, str, float]]:
+        store = await open_store(cfg)
+        try:
+            info = archive.list_info(cfg, await store.get_list(LIST))
+            entry = archive.import_entry(raw, None)
+            assert entry is not None
+            assert await store.archive_import(info.id, [entry]) == 1
+            await archive.build_list(cfg, store, info, workers=1)
+            return await store.archive_index(info.id)
+        finally:
+            await store.close()
+
+    index = run(go())
+    assert [m for _, m, _, _ in index] == [mid]
+    assert (cfg.archive.dir / LIST / "m" / f"{message_id_hash(mid)}.html").is_file()

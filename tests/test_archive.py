@@ -19,6 +19,7 @@ import mailbox
 import os
 import re
 import smtplib
+import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -665,13 +666,15 @@ def test_messy_corpora_build_without_crash(tmp_path: Path) -> None:
 # -- the import's own header reading (MAIN_SCAN_FROM) ------------------------------------------------------------------
 
 
-def _slow_prescan(job):  # type: ignore[no-untyped-def]
-    """The build workers' read-ahead, held back: the build starts while every batch is still being read."""
-    time.sleep(1.5)
+def _gated_prescan(job):  # type: ignore[no-untyped-def]
+    """The build workers' read-ahead, held back until the gate file exists (the workers are forked with _GATE set)."""
+    while _GATE is not None and not _GATE.exists():
+        time.sleep(0.01)
     return _ORIGINAL_PRESCAN(job)
 
 
 _ORIGINAL_PRESCAN = archive._prescan
+_GATE: Path | None = None
 
 
 def _threads_mbox(count: int) -> bytes:
@@ -697,10 +700,25 @@ def test_headers_read_by_the_import_build_the_same_archive_as_headers_read_by_th
     mbox.write_bytes(_threads_mbox(1400))
     monkeypatch.setattr(archive, "PRESCAN_FROM", 1)  # read ahead whatever the size...
     monkeypatch.setattr(os, "cpu_count", lambda: 2)  # ...and the cores
-    monkeypatch.setattr(archive, "_prescan", _slow_prescan)
+    monkeypatch.setattr(archive, "_prescan", _gated_prescan)
+    get_workers = archive._get_workers
+    calls: list[int] = []
+
+    def workers_then_open_the_gate(nprocs: int):  # type: ignore[no-untyped-def]
+        # Asked for by the import (which forks them), then by the build once it has
+        # collected every batch's headers: from then on the workers may go on.
+        calls.append(nprocs)
+        if len(calls) == 2:
+            assert _GATE is not None
+            _GATE.touch()
+        return get_workers(nprocs)
+
+    monkeypatch.setattr(archive, "_get_workers", workers_then_open_the_gate)
     trees = {}
     for name, main_scan_from in (("import", 0.0), ("workers", 2.0)):
         monkeypatch.setattr(archive, "MAIN_SCAN_FROM", main_scan_from)
+        monkeypatch.setattr(sys.modules[__name__], "_GATE", tmp_path / f"brama-{name}")
+        calls.clear()
         cfg = make_config(tmp_path / name, store={"url": "sqlite:///{state_dir}/listserv.sqlite3"})
 
         async def go() -> None:
@@ -711,7 +729,7 @@ def test_headers_read_by_the_import_build_the_same_archive_as_headers_read_by_th
                 prescans = archive._PRESCANS[(str(store.path), info.id)]
                 # Every batch handed over with its headers read here, or none.
                 assert all(bool(p[3]) == (main_scan_from == 0.0) for p in prescans)
-                assert not any(p[1].done() for p in prescans)  # the build finds them all still being read
+                assert not any(p[1].done() for p in prescans)  # held back: the build finds them all unread
                 await archive.build_list(cfg, store, info, workers=2)
             finally:
                 await store.close()

@@ -774,6 +774,7 @@ def test_an_import_that_fails_half_way_finishes_storing_the_batch_it_had_started
     assert run(go()) == 500  # the batch started before the error is stored whole; nothing after it
 
 
+@pytest.mark.one_backend  # touches no store
 def test_bulk_work_sets_the_collector_back_as_it_was() -> None:
     import gc
 

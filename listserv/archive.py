@@ -744,10 +744,15 @@ def render_thread_safely(info: ListInfo, root: Path, thread: str, metas: list[Ar
     good: list[ArchiveMeta] = []
     failed: list[Failure] = []
     scratch = root / info.name / "t" / f".{thread}.probe"
+    wanted = None if message_pages is None else set(message_pages)
     for m in metas:
         try:
-            # Alone, as a one-message thread in a scratch name, so nothing real is overwritten.
-            render_thread(info, root, scratch.name, [m], {m.archive_id: mails[m.archive_id]}, ())
+            # Alone, as a one-message thread in a scratch name, with its own
+            # page if that is to be written (the page, or an attachment, may
+            # be what fails); the render below writes that page again as the
+            # thread shows it.  No other real file is overwritten.
+            own_page = (m.archive_id,) if wanted is None or m.archive_id in wanted else ()
+            render_thread(info, root, scratch.name, [m], {m.archive_id: mails[m.archive_id]}, own_page)
             good.append(m)
         except Exception as exc:  # noqa: BLE001
             failed.append((m.archive_id, failure_reason(exc)))

@@ -143,6 +143,35 @@ def test_a_long_attachment_name_in_cjk_fits_in_one_file_name() -> None:
     assert len(name.encode("utf-8")) <= archive_render.MAX_NAME_BYTES
 
 
+def _thread_message(n: int, attachment: str = "") -> bytes:
+    head = (f"Message-ID: <p{n}@gmina.example.pl>\nFrom: Żaneta Łęcka <zaneta@gmina.example.pl>\n"
+            f"Subject: {'Re: ' if n > 1 else ''}Termomodernizacja szkół\nDate: Mon, {n} Jan 2024 10:00:00 +0100\n"
+            + ("References: <p1@gmina.example.pl>\n" if n > 1 else "") + "MIME-Version: 1.0\n")
+    if not attachment:
+        return (head + "Content-Type: text/plain; charset=utf-8\n\nPiszę w sprawie audytu energetycznego.\n").encode()
+    return (head + 'Content-Type: multipart/mixed; boundary="G"\n\n--G\nContent-Type: text/plain; charset=utf-8\n\n'
+            "W załączniku audyt.\n--G\nContent-Type: application/pdf\n"
+            f'Content-Disposition: attachment; filename="{attachment}"\n\nJVBERi0=\n--G--\n').encode()
+
+
+@pytest.mark.one_backend  # touches no store
+def test_a_message_whose_page_cannot_be_written_leaves_the_rest_of_its_thread_shown(tmp_path: Path) -> None:
+    info = archive.ListInfo(1, LIST, "Lista", "", "pl", "public", DOMAIN, "", tmp_path, tmp_path)
+    raws = {1: _thread_message(1), 2: _thread_message(2, "audyt.pdf"), 3: _thread_message(3)}
+    mails = {i: parse_mail(raw, "", 0.0) for i, raw in raws.items()}
+    metas = [archive.make_meta(i, info, f"H{i}", mails[i], "T", "") for i in raws]
+    # Message 2's attachment folder cannot be made: a file holds its name.
+    (tmp_path / LIST / "m").mkdir(parents=True)
+    (tmp_path / LIST / "m" / "H2").write_bytes(b"")
+    shown, parents, failed = archive.render_thread_safely(info, tmp_path, "T", metas, mails)
+    assert [m.archive_id for m in shown] == [1, 3]
+    assert [aid for aid, _ in failed] == [2]
+    assert (tmp_path / LIST / "m" / "H1.html").exists() and (tmp_path / LIST / "m" / "H3.html").exists()
+    assert not (tmp_path / LIST / "m" / "H2.html").exists()
+    page = (tmp_path / LIST / "t" / "T.html").read_text("utf-8")
+    assert "H1.html" in page and "H3.html" in page and "H2.html" not in page
+
+
 # -- threading (pure) ---------------------------------------------------------------------------------
 
 

@@ -663,7 +663,13 @@ _PRESCANS: dict[tuple[str, int], list[_Prescan]] = {}
 
 
 def _get_workers(nprocs: int) -> list[concurrent.futures.ProcessPoolExecutor]:
-    if _WORKERS and len(_WORKERS) != nprocs:
+    # A worker that died (killed for memory, say) leaves its executor broken
+    # for good: every later job would fail at once.  Its read-ahead is lost
+    # (the build reads those messages again); new workers are started.
+    broken = any(getattr(w, "_broken", False) for w in _WORKERS)
+    if _WORKERS and (len(_WORKERS) != nprocs or broken):
+        if broken:
+            log.warning("archive: a worker process died; starting new ones")
         _release_pool()
     if not _WORKERS:
         renderer().prepare()  # compiled once here, inherited by every worker
@@ -680,8 +686,31 @@ def _release_pool() -> None:
     workers = list(_WORKERS)
     _WORKERS.clear()
     _PRESCANS.clear()
+    if any(getattr(w, "_broken", False) for w in workers):
+        _stop_broken(workers)
     for worker in workers:
         worker.shutdown(wait=True, cancel_futures=True)
+
+
+def _stop_broken(workers: list[concurrent.futures.ProcessPoolExecutor]) -> None:
+    """Stop every worker when one has died, so that the pools can shut down.
+
+    A worker that dies with a job still queued for it leaves that queue's
+    feeder thread blocked writing to a pipe nobody reads, and shutdown
+    waits for the thread for ever (as in CPython gh-94777; seen here on
+    3.11 in about one run in three).  Closing the parent's reading end is
+    not enough: each worker is forked with the other pools' pipes open, so
+    the write only fails once no worker is left alive.  The executors'
+    processes and queues have no public handle.
+    """
+    for worker in workers:
+        for process in list(getattr(worker, "_processes", {}).values()):
+            with contextlib.suppress(OSError, ValueError):
+                process.kill()
+        reader = getattr(getattr(worker, "_call_queue", None), "_reader", None)
+        if reader is not None:
+            with contextlib.suppress(OSError):
+                reader.close()
 
 
 atexit.register(_release_pool)

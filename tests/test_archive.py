@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import faulthandler
 import hashlib
 import html
 import mailbox
 import os
 import re
+import signal
 import smtplib
 import sys
 import time
@@ -777,6 +779,44 @@ def test_headers_read_by_the_import_build_the_same_archive_as_headers_read_by_th
     assert trees["import"].keys() == trees["workers"].keys()
     differ = [p for p in trees["import"] if trees["import"][p] != trees["workers"][p]]
     assert not differ, differ[:5]
+
+
+@pytest.mark.one_backend
+def test_a_build_worker_killed_after_the_import_is_replaced_and_the_build_completes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    mbox = tmp_path / "watki.mbox"
+    mbox.write_bytes(_threads_mbox(700))
+    monkeypatch.setattr(archive, "PRESCAN_FROM", 1)  # read ahead whatever the size...
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # ...and the cores
+    cfg = make_config(tmp_path, store={"url": "sqlite:///{state_dir}/listserv.sqlite3"})
+
+    async def go() -> int:
+        store = await open_store(cfg)
+        try:
+            info = archive.list_info(cfg, await store.get_list(LIST))
+            assert await archive.import_mbox(store, info, mbox) == (700, 700)
+            # One worker dies with its read-ahead (as under the out-of-memory killer).
+            victim = archive._WORKERS[0]
+            for pid in list(victim._processes):  # type: ignore[attr-defined]
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while not victim._broken and time.monotonic() < deadline:  # type: ignore[attr-defined]
+                await asyncio.sleep(0.02)
+            return await archive.build_list(cfg, store, info, workers=2)
+        finally:
+            await store.close()
+
+    # Were the dead worker's pool to hang its shutdown (CPython gh-94777), this
+    # process ends with the stacks printed rather than the suite waiting for ever.
+    faulthandler.dump_traceback_later(120, exit=True)
+    try:
+        assert run(go()) == 700
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert "a worker process died" in caplog.text
+    root = cfg.archive.dir / LIST
+    pages = {p.stem for p in (root / "m").glob("*.html")}
+    assert len(pages) == 700  # every message has its page (7 reuses a Message-ID: a derived id, its own page)
 
 
 def test_an_import_that_fails_half_way_finishes_storing_the_batch_it_had_started(

@@ -1416,14 +1416,17 @@ def read_mbox(path: Path, block: int = 8 << 20) -> Iterator[tuple[bytes, float |
     The file is read in large blocks and split with one regular expression.
     """
     with open(path, "rb") as fh:
-        buf = b"\n\n" + fh.read(block)  # as if a blank line came before the file
+        first = fh.read(block)
+        if first.startswith(_BOM):  # a byte-order mark an editor put before the first "From " line
+            first = first[len(_BOM):]
+        buf = b"\n\n" + first  # as if a blank line came before the file
         start = -1  # where the current message's "From " line starts
         eof = False
         while True:
             for p in _separators(buf, start + 1 if start >= 0 else 0):
                 if start >= 0:
                     yield _message_at(buf, start, p)
-                elif p > 2:
+                elif p > 2 and buf[2:p].strip():  # text before the first "From " line (blank lines are not a message)
                     yield _unescape(_finish_bytes(buf[2:p])), None
                 start = p
             if eof:
@@ -1435,7 +1438,7 @@ def read_mbox(path: Path, block: int = 8 << 20) -> Iterator[tuple[bytes, float |
                 eof = True
                 if start < 0:
                     rest = buf[2:]
-                    if rest:
+                    if rest.strip():
                         yield _unescape(_finish_bytes(rest)), None
                     return
                 yield _message_at(buf, start, len(buf))
@@ -1445,11 +1448,18 @@ def read_mbox(path: Path, block: int = 8 << 20) -> Iterator[tuple[bytes, float |
 
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def read_messages(path: Path) -> Iterator[tuple[bytes, float | None]]:
-    """An mbox's messages; a file that does not start with a "From " line is one message (.eml)."""
+    """An mbox's messages; a file that does not start with a "From " line is one message (.eml).
+
+    A byte-order mark and blank lines before the first "From " line do
+    not make an mbox one message.
+    """
     with open(path, "rb") as fh:
-        start = fh.read(5)
-    if start == b"From ":
+        start = fh.read(64 * 1024)
+    if start.removeprefix(_BOM).lstrip(b"\r\n").startswith(b"From "):
         yield from read_mbox(path)
         return
     data = path.read_bytes()

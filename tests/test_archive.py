@@ -554,6 +554,27 @@ def write_config(tmp_path: Path, beside: Config | None = None) -> Path:
     return path
 
 
+@pytest.mark.one_backend  # touches no store
+@pytest.mark.parametrize("preface", [b"\xef\xbb\xbf", b"\n\n", b"\xef\xbb\xbf\r\n\n", b""])
+def test_an_mbox_with_a_byte_order_mark_or_blank_lines_first_is_still_an_mbox(tmp_path: Path, preface: bytes) -> None:
+    mbox = tmp_path / "z-edytora.mbox"
+    mbox.write_bytes(preface + b"".join(
+        f"From rada@gmina.example.pl Tue May 14 10:1{n}:00 2024\nMessage-ID: <rada{n}@gmina.example.pl>\n"
+        f"Subject: Posiedzenie rady nr {n}: źródła ciepła\n\nTreść {n}: ąćęłńóśźż.\n\n".encode() for n in range(3)))
+    read = list(archive.read_messages(mbox))
+    assert [raw.split(b"\n", 1)[0] for raw, _ in read] == [f"Message-ID: <rada{n}@gmina.example.pl>".encode()
+                                                           for n in range(3)]
+    assert all(when is not None for _, when in read)  # each "From " line read as one, with its date
+
+
+@pytest.mark.one_backend  # touches no store
+def test_a_file_of_blank_lines_has_no_message(tmp_path: Path) -> None:
+    for name, data in (("puste.mbox", b"\n\n\r\n"), ("puste.eml", b"")):
+        (tmp_path / name).write_bytes(data)
+        assert list(archive.read_messages(tmp_path / name)) == []
+        assert list(archive.read_mbox(tmp_path / name)) == []
+
+
 def test_cli_import_build_remove(tmp_path: Path) -> None:
     mbox = tmp_path / "stare.mbox"
     parts = []

@@ -52,6 +52,7 @@ import atexit
 import calendar
 import collections
 import concurrent.futures
+import concurrent.futures.process
 import contextlib
 import email.utils
 import gc
@@ -91,6 +92,7 @@ from listserv.archive_pages import fmt_date, iso_date, local_month, message_page
 from listserv.archive_thread import Node, is_reply_subject, normalize_subject, thread_messages, tree_order
 from listserv.archive_types import ArchiveMeta, ArchiveRow
 from listserv.config import Config
+from listserv.errors import ListservError
 from listserv.message import archiving_refused
 from listserv.rewrite import message_id_hash
 from listserv.settings import effective_settings
@@ -719,6 +721,10 @@ atexit.register(_release_pool)
 Failure = tuple[int, str]  # archive row id, why it could not be rendered
 
 
+class BuildWorkerDied(ListservError):
+    """A full build's worker process ended mid-job; the build stopped (the stored messages are kept)."""
+
+
 def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:500]
 
@@ -1069,6 +1075,11 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
             await asyncio.to_thread(render_list_home, info, scratch, months, latest)
         finally:
             await asyncio.gather(late_months, *early_months.values())
+    except concurrent.futures.process.BrokenProcessPool as exc:
+        # The scratch tree is left half-built; the archive in place is untouched.
+        raise BuildWorkerDied(
+            f"a worker process building the archive of {info.name} died (killed, perhaps for memory); "
+            f"the messages are stored: `listserv archive build {info.name}` writes the pages") from exc
     finally:
         _release_pool()
     if progress:

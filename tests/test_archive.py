@@ -802,6 +802,41 @@ def test_headers_read_by_the_import_build_the_same_archive_as_headers_read_by_th
     assert not differ, differ[:5]
 
 
+def _render_then_die(job):  # type: ignore[no-untyped-def]
+    """A worker that is killed in the middle of its first thread job (as by the out-of-memory killer)."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.one_backend
+def test_a_build_worker_killed_mid_build_ends_the_build_with_a_clear_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mbox = tmp_path / "watki.mbox"
+    mbox.write_bytes(_threads_mbox(700))
+    monkeypatch.setattr(archive, "PRESCAN_FROM", 1 << 40)  # no read-ahead: the build forks its workers
+    cfg = make_config(tmp_path, store={"url": "sqlite:///{state_dir}/listserv.sqlite3"})
+
+    async def go() -> str:
+        store = await open_store(cfg)
+        try:
+            info = archive.list_info(cfg, await store.get_list(LIST))
+            assert await archive.import_mbox(store, info, mbox) == (700, 700)
+            monkeypatch.setattr(archive, "_render_threads", _render_then_die)
+            with pytest.raises(archive.BuildWorkerDied) as died:
+                await archive.build_list(cfg, store, info, workers=2)
+            assert len(await store.archive_index(info.id)) == 700  # the messages stay stored
+            return str(died.value)
+        finally:
+            await store.close()
+
+    faulthandler.dump_traceback_later(120, exit=True)  # a hung pool shutdown fails the test instead
+    try:
+        message = run(go())
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert "died" in message and f"listserv archive build {LIST}" in message
+    assert not archive._WORKERS
+
+
 @pytest.mark.one_backend
 def test_a_build_worker_killed_after_the_import_is_replaced_and_the_build_completes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:

@@ -990,7 +990,7 @@ def own_words(text: str, limit: int) -> str:
     mail, whose texts are a few kilobytes.  A long text is taken in pieces
     cut at line starts, stopping once the words gathered fill ``limit``:
     the first ``limit`` characters of the joined words cannot change after
-    that, and the snippet needs 600 of a text's thousands.
+    that (the snippet and search text need 600 characters of a long text).
     """
     if len(text) <= 4 * limit:
         return _own_words_of(text)[:limit]

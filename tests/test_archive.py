@@ -25,6 +25,7 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from typing import Any
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -802,6 +803,16 @@ def test_headers_read_by_the_import_build_the_same_archive_as_headers_read_by_th
     assert not differ, differ[:5]
 
 
+def _run_or_die(coro: Any, seconds: float = 120) -> Any:
+    """``run(coro)``; were a dead worker's pool to hang its shutdown (CPython gh-94777), this
+    process ends with the stacks printed rather than the suite waiting for ever."""
+    faulthandler.dump_traceback_later(seconds, exit=True)
+    try:
+        return run(coro)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
 def _render_then_die(job):  # type: ignore[no-untyped-def]
     """A worker that is killed in the middle of its first thread job (as by the out-of-memory killer)."""
     os.kill(os.getpid(), signal.SIGKILL)
@@ -828,11 +839,7 @@ def test_a_build_worker_killed_mid_build_ends_the_build_with_a_clear_error(
         finally:
             await store.close()
 
-    faulthandler.dump_traceback_later(120, exit=True)  # a hung pool shutdown fails the test instead
-    try:
-        message = run(go())
-    finally:
-        faulthandler.cancel_dump_traceback_later()
+    message = _run_or_die(go())
     assert "died" in message and f"listserv archive build {LIST}" in message
     assert not archive._WORKERS
 
@@ -862,13 +869,7 @@ def test_a_build_worker_killed_after_the_import_is_replaced_and_the_build_comple
         finally:
             await store.close()
 
-    # Were the dead worker's pool to hang its shutdown (CPython gh-94777), this
-    # process ends with the stacks printed rather than the suite waiting for ever.
-    faulthandler.dump_traceback_later(120, exit=True)
-    try:
-        assert run(go()) == 700
-    finally:
-        faulthandler.cancel_dump_traceback_later()
+    assert _run_or_die(go()) == 700
     assert "a worker process died" in caplog.text
     root = cfg.archive.dir / LIST
     pages = {p.stem for p in (root / "m").glob("*.html")}

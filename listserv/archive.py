@@ -70,7 +70,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jinja2
 from markupsafe import Markup
@@ -832,6 +832,21 @@ def bulk_work() -> Iterator[None]:
         gc.unfreeze()
 
 
+_T = TypeVar("_T")
+
+
+def _settled(fut: asyncio.Future[_T]) -> asyncio.Future[_T]:
+    """``fut``, whose error is taken as seen once it ends.
+
+    When a worker dies, every job still running fails with it; the build
+    stops at the first and reports the death once.  The others' errors
+    would otherwise each print a "Future exception was never retrieved"
+    traceback under the clear error line.
+    """
+    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return fut
+
+
 def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
@@ -998,8 +1013,8 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
                         queued.update(month_lane[m] for m, f in early_months.items() if not f.done())
                         lane = min(range(lanes), key=lambda w: (queued[w], w))
                         month_lane[month] = lane
-                        early_months[month] = loop.run_in_executor(
-                            pool[lane], _render_months, _MonthJob(store.path, info, scratch, (month,)))
+                        early_months[month] = _settled(loop.run_in_executor(
+                            pool[lane], _render_months, _MonthJob(store.path, info, scratch, (month,))))
 
             # Two jobs per worker at a time, not all.  Finished rows are
             # stored META_BATCH at a time, in the background while the
@@ -1019,7 +1034,7 @@ async def build_list(config: Config, store: Store, info: ListInfo, *, workers: i
                 if job is None:
                     dry.add(lane)
                 else:
-                    running[loop.run_in_executor(pool[lane], _render_threads, job)] = lane
+                    running[_settled(loop.run_in_executor(pool[lane], _render_threads, job))] = lane
 
             async def store_rows(metas: list[ArchiveMeta], row_ids: list[int], before: asyncio.Task[None] | None) -> None:
                 if before is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import faulthandler
+import gc
 import hashlib
 import html
 import mailbox
@@ -820,7 +821,7 @@ def _render_then_die(job):  # type: ignore[no-untyped-def]
 
 @pytest.mark.one_backend
 def test_a_build_worker_killed_mid_build_ends_the_build_with_a_clear_error(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     mbox = tmp_path / "watki.mbox"
     mbox.write_bytes(_threads_mbox(700))
     monkeypatch.setattr(archive, "PRESCAN_FROM", 1 << 40)  # no read-ahead: the build forks its workers
@@ -842,6 +843,9 @@ def test_a_build_worker_killed_mid_build_ends_the_build_with_a_clear_error(
     message = _run_or_die(go())
     assert "died" in message and f"listserv archive build {LIST}" in message
     assert not archive._WORKERS
+    # The other jobs that failed with the worker add no traceback of their own under the error line.
+    gc.collect()
+    assert "never retrieved" not in caplog.text
 
 
 @pytest.mark.one_backend

@@ -699,20 +699,30 @@ def _stop_broken(workers: list[concurrent.futures.ProcessPoolExecutor]) -> None:
 
     A worker that dies with a job still queued for it leaves that queue's
     feeder thread blocked writing to a pipe nobody reads, and shutdown
-    waits for the thread for ever (as in CPython gh-94777; seen here on
-    3.11 in about one run in three).  Closing the parent's reading end is
-    not enough: each worker is forked with the other pools' pipes open, so
-    the write only fails once no worker is left alive.  The executors'
-    processes and queues have no public handle.
+    waits for the thread for ever (CPython gh-94777; seen here on 3.11 in
+    about one run in three).  Since 3.11.6 the pool's own thread closes the
+    parent's reading end, but each worker is forked with the other pools'
+    pipes open, so the write only fails once no worker is left alive.
+    The executors' processes and threads have no public handle.
     """
     for worker in workers:
-        for process in list(getattr(worker, "_processes", {}).values()):
+        for process in list((getattr(worker, "_processes", None) or {}).values()):
             with contextlib.suppress(OSError, ValueError):
                 process.kill()
-        reader = getattr(getattr(worker, "_call_queue", None), "_reader", None)
-        if reader is not None:
-            with contextlib.suppress(OSError):
-                reader.close()
+    for worker in workers:
+        # The pool's thread now sees its worker dead and closes the reading
+        # end itself; closing it here at the same moment could close the
+        # same descriptor number twice (by then, perhaps, another file's).
+        # Only where the thread is still stuck (a Python before the fix) is
+        # it closed here.
+        thread = getattr(worker, "_executor_manager_thread", None)
+        if thread is not None:
+            thread.join(timeout=5)
+        if thread is None or thread.is_alive():
+            reader = getattr(getattr(worker, "_call_queue", None), "_reader", None)
+            if reader is not None:
+                with contextlib.suppress(OSError):
+                    reader.close()
 
 
 atexit.register(_release_pool)

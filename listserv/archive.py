@@ -680,8 +680,49 @@ def _get_workers(nprocs: int) -> list[concurrent.futures.ProcessPoolExecutor]:
         # interpreter start-up per worker); elsewhere, spawn.
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         context = multiprocessing.get_context(method)
-        _WORKERS.extend(concurrent.futures.ProcessPoolExecutor(1, mp_context=context) for _ in range(nprocs))
+        _WORKERS.extend(concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=_own_pipes_only,
+                                                               initargs=(k,)) for k in range(nprocs))
+        for pool in _WORKERS:
+            pool.submit(int)  # its worker starts now, with the pipe ends it needs
+            # The worker alone writes its results.  A worker killed in the
+            # middle of sending one leaves half a result in the pipe; while
+            # any other process holds a writing end, the pool's reading
+            # thread waits for the rest for ever and the build hangs, where
+            # it should see the end of the pipe and call the pool broken.
+            _close(getattr(getattr(pool, "_result_queue", None), "_writer", None))
     return _WORKERS
+
+
+def _pipe_ends(pool: concurrent.futures.ProcessPoolExecutor) -> list[Any]:
+    """Both ends of the pipes of one pool (private to the executor; no public handle)."""
+    queues = [getattr(pool, name, None) for name in ("_call_queue", "_result_queue", "_executor_manager_thread_wakeup")]
+    return [getattr(q, end, None) for q in queues for end in ("_reader", "_writer")]
+
+
+def _close(end: Any) -> None:
+    if end is not None:
+        with contextlib.suppress(OSError):
+            end.close()
+
+
+def _own_pipes_only(own: int) -> None:
+    """In a worker just forked: close the pipe ends it inherited and does not use.
+
+    Otherwise a worker that dies leaves its pipes open in its sibling: the
+    pool's reading thread never sees the end of a half-sent result, and a
+    job still queued for it blocks a writer for ever (CPython gh-94777).
+    Of its own pool's pipes the worker keeps the end it reads jobs from and
+    the end it writes results to: when the parent process dies, the worker
+    sees the end of its job pipe and exits instead of waiting for ever.
+    Under "spawn" nothing is inherited and the list is empty.
+    """
+    for k, pool in enumerate(_WORKERS):
+        ends = _pipe_ends(pool)
+        if k == own:
+            call_reader, _, _, result_writer, _, _ = ends
+            ends = [e for e in ends if e is not call_reader and e is not result_writer]
+        for end in ends:
+            _close(end)
 
 
 def _release_pool() -> None:
@@ -695,15 +736,16 @@ def _release_pool() -> None:
 
 
 def _stop_broken(workers: list[concurrent.futures.ProcessPoolExecutor]) -> None:
-    """Stop every worker when one has died, so that the pools can shut down.
+    """Stop every worker when one has died, so that the pools shut down at once.
 
-    A worker that dies with a job still queued for it leaves that queue's
-    feeder thread blocked writing to a pipe nobody reads, and shutdown
-    waits for the thread for ever (CPython gh-94777; seen here on 3.11 in
-    about one run in three).  Since 3.11.6 the pool's own thread closes the
-    parent's reading end, but each worker is forked with the other pools'
-    pipes open, so the write only fails once no worker is left alive.
-    The executors' processes and threads have no public handle.
+    The healthy workers are killed too rather than left to finish their
+    jobs: the build starts again (or stops) anyway.  Each pool's own thread
+    then sees its worker dead, fails its jobs and closes its pipes.  In
+    Pythons released before the fix of CPython gh-94777 (July 2023) that
+    thread did not close the parent's reading end of the job queue, and a
+    job still queued blocked the queue's writer, and the shutdown, for
+    ever: there it is closed here.  The executors' processes and threads
+    have no public handle.
     """
     for worker in workers:
         for process in list((getattr(worker, "_processes", None) or {}).values()):
@@ -713,16 +755,13 @@ def _stop_broken(workers: list[concurrent.futures.ProcessPoolExecutor]) -> None:
         # The pool's thread now sees its worker dead and closes the reading
         # end itself; closing it here at the same moment could close the
         # same descriptor number twice (by then, perhaps, another file's).
-        # Only where the thread is still stuck (a Python before the fix) is
-        # it closed here.
+        # Only where the thread is still stuck (a Python without the fix)
+        # is it closed here.
         thread = getattr(worker, "_executor_manager_thread", None)
         if thread is not None:
             thread.join(timeout=5)
         if thread is None or thread.is_alive():
-            reader = getattr(getattr(worker, "_call_queue", None), "_reader", None)
-            if reader is not None:
-                with contextlib.suppress(OSError):
-                    reader.close()
+            _close(getattr(getattr(worker, "_call_queue", None), "_reader", None))
 
 
 atexit.register(_release_pool)

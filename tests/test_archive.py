@@ -12,6 +12,7 @@ names).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures.process
 import email.utils
 import faulthandler
 import gc
@@ -22,6 +23,7 @@ import os
 import re
 import signal
 import smtplib
+import struct
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -811,6 +813,28 @@ def _run_or_die(coro: Any, seconds: float = 120) -> Any:
     try:
         return run(coro)
     finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _die_half_way_through_a_result(own: int) -> None:
+    """A worker killed while it sends a large result: the pipe holds the result's length and its first bytes."""
+    writer = archive._WORKERS[own]._result_queue._writer  # type: ignore[attr-defined]
+    os.write(writer.fileno(), struct.pack("!i", 1 << 20) + b"\x80\x04")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("dying", [0, 1])  # the first forked, whose sibling is forked after; the second
+def test_a_worker_killed_while_sending_a_result_breaks_its_pool_and_its_sibling_goes_on(dying: int) -> None:
+    pools = list(archive._get_workers(2))
+    faulthandler.dump_traceback_later(120, exit=True)  # a pool waiting for the rest for ever fails here
+    try:
+        doomed = pools[dying].submit(_die_half_way_through_a_result, dying)
+        with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+            doomed.result(timeout=60)  # the end of the pipe is seen: no other process holds it open
+        assert pools[1 - dying].submit(sum, [1, 2, 3]).result(timeout=60) == 6
+        assert archive._get_workers(2)[dying] is not pools[dying]  # new workers for the next build
+    finally:
+        archive._release_pool()
         faulthandler.cancel_dump_traceback_later()
 
 

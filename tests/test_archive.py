@@ -24,6 +24,7 @@ import re
 import signal
 import smtplib
 import struct
+import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -836,6 +837,37 @@ def test_a_worker_killed_while_sending_a_result_breaks_its_pool_and_its_sibling_
     finally:
         archive._release_pool()
         faulthandler.cancel_dump_traceback_later()
+
+
+def test_build_workers_exit_when_the_process_that_started_them_is_killed(tmp_path: Path) -> None:
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs /proc to tell a running process from an ended one")
+    pid_file = tmp_path / "workers"
+    script = ("import os, sys\nfrom pathlib import Path\nfrom listserv import archive\n"
+              "pids = [pid for pool in archive._get_workers(2) for pid in pool._processes]\n"
+              "Path(sys.argv[1]).write_text(' '.join(map(str, pids)))\n"
+              "os.kill(os.getpid(), 9)\n")
+    # Not waiting for its output: a worker left running would hold the pipe.
+    subprocess.run([sys.executable, "-c", script, str(pid_file)], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    pids = [int(p) for p in pid_file.read_text().split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 30
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [pid for pid in pids if _running(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "orphaned build workers wait for jobs for ever"
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[-1][:1] != "Z"  # a zombie has ended (its new parent reaps it)
+    except FileNotFoundError:
+        return False
 
 
 def _render_then_die(job):  # type: ignore[no-untyped-def]

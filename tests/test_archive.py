@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures.process
+import contextlib
 import email.utils
 import faulthandler
 import gc
@@ -29,7 +30,6 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from typing import Any
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -807,12 +807,13 @@ def test_headers_read_by_the_import_build_the_same_archive_as_headers_read_by_th
     assert not differ, differ[:5]
 
 
-def _run_or_die(coro: Any, seconds: float = 120) -> Any:
-    """``run(coro)``; were a dead worker's pool to hang its shutdown (CPython gh-94777), this
-    process ends with the stacks printed rather than the suite waiting for ever."""
+@contextlib.contextmanager
+def _hang_fails(seconds: float = 120) -> Iterator[None]:
+    """Were a dead worker's pool to hang (a half-sent result, CPython gh-94777), this process
+    ends with the stacks printed rather than the suite waiting for ever."""
     faulthandler.dump_traceback_later(seconds, exit=True)
     try:
-        return run(coro)
+        yield
     finally:
         faulthandler.cancel_dump_traceback_later()
 
@@ -827,16 +828,15 @@ def _die_half_way_through_a_result(own: int) -> None:
 @pytest.mark.parametrize("dying", [0, 1])  # the first forked, whose sibling is forked after; the second
 def test_a_worker_killed_while_sending_a_result_breaks_its_pool_and_its_sibling_goes_on(dying: int) -> None:
     pools = list(archive._get_workers(2))
-    faulthandler.dump_traceback_later(120, exit=True)  # a pool waiting for the rest for ever fails here
-    try:
-        doomed = pools[dying].submit(_die_half_way_through_a_result, dying)
-        with pytest.raises(concurrent.futures.process.BrokenProcessPool):
-            doomed.result(timeout=60)  # the end of the pipe is seen: no other process holds it open
-        assert pools[1 - dying].submit(sum, [1, 2, 3]).result(timeout=60) == 6
-        assert archive._get_workers(2)[dying] is not pools[dying]  # new workers for the next build
-    finally:
-        archive._release_pool()
-        faulthandler.cancel_dump_traceback_later()
+    with _hang_fails():
+        try:
+            doomed = pools[dying].submit(_die_half_way_through_a_result, dying)
+            with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+                doomed.result(timeout=60)  # the end of the pipe is seen: no other process holds it open
+            assert pools[1 - dying].submit(sum, [1, 2, 3]).result(timeout=60) == 6
+            assert archive._get_workers(2)[dying] is not pools[dying]  # new workers for the next build
+        finally:
+            archive._release_pool()
 
 
 def test_build_workers_exit_when_the_process_that_started_them_is_killed(tmp_path: Path) -> None:
@@ -896,7 +896,8 @@ def test_a_build_worker_killed_mid_build_ends_the_build_with_a_clear_error(
         finally:
             await store.close()
 
-    message = _run_or_die(go())
+    with _hang_fails():
+        message = run(go())
     assert "died" in message and f"listserv archive build {LIST}" in message
     assert not archive._WORKERS
     # The other jobs that failed with the worker add no traceback of their own under the error line.
@@ -929,7 +930,8 @@ def test_a_build_worker_killed_after_the_import_is_replaced_and_the_build_comple
         finally:
             await store.close()
 
-    assert _run_or_die(go()) == 700
+    with _hang_fails():
+        assert run(go()) == 700
     assert "a worker process died" in caplog.text
     root = cfg.archive.dir / LIST
     pages = {p.stem for p in (root / "m").glob("*.html")}
